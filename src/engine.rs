@@ -1,0 +1,169 @@
+//! The engine interface: what the virtio-blk layer asks of storage.
+//!
+//! The virtio-blk layer (`crate::virtio_blk`) turns descriptor chains into [`Request`]s of byte
+//! offsets and scatter-gather buffers and hands them to an [`EngineQueue`], one per virtqueue
+//! worker thread. An engine is either the pass-through engine (`--cache none`,
+//! `crate::passthrough`) or the pmem cache engine (`crate::cache`). The engine knows nothing of
+//! virtio; the virtio layer knows nothing of segments or ksets.
+//!
+//! An [`Engine`] lives for the whole process: a vhost-user reconnect opens new queue handles on
+//! the same engine, never a new engine.
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// Size of a sector, the unit of virtio-blk offsets and of every engine alignment rule.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// One contiguous piece of a request's data buffer, in this process's address space (guest RAM
+/// mapped by the vhost-user memory table).
+///
+/// The pointer stays valid until the request that carries it has been completed (returned by
+/// [`EngineQueue::submit`] as [`Submit::Done`] or reported by [`EngineQueue::reap`]): the
+/// virtio layer keeps the guest memory mapping alive that long. The guest may change the bytes
+/// at any time, so engines copy from it once and compute checksums on their own copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataSeg {
+    pub ptr: *mut u8,
+    pub len: usize,
+}
+
+// SAFETY: a DataSeg is a plain address range; the virtio layer guarantees the mapping outlives
+// the request, whichever thread completes it.
+unsafe impl Send for DataSeg {}
+
+impl DataSeg {
+    /// Total length of a scatter-gather list.
+    pub fn total_len(segs: &[DataSeg]) -> u64 {
+        segs.iter().map(|s| s.len as u64).sum()
+    }
+}
+
+/// What a request asks for. Offsets and lengths are in bytes; the virtio layer guarantees that
+/// they are multiples of [`SECTOR_SIZE`] and that `offset + len <= capacity`.
+#[derive(Debug)]
+pub enum RequestKind {
+    /// Fill `bufs` with the bytes at `offset`.
+    Read { offset: u64, bufs: Vec<DataSeg> },
+    /// Store the bytes of `bufs` at `offset`.
+    Write { offset: u64, bufs: Vec<DataSeg> },
+    /// Make every write completed before this request durable.
+    Flush,
+    /// Make `len` bytes at `offset` read as zeroes; `may_unmap` allows deallocating them.
+    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
+    /// The guest no longer needs `len` bytes at `offset`; they may read as anything afterwards
+    /// (engines here make them read as zeroes).
+    Discard { offset: u64, len: u64 },
+}
+
+/// A request and the caller's cookie, returned with its completion.
+#[derive(Debug)]
+pub struct Request {
+    pub tag: u64,
+    pub kind: RequestKind,
+}
+
+/// Why a request failed. The virtio layer answers every one of these with `VIRTIO_BLK_S_IOERR`.
+#[derive(Debug, thiserror::Error)]
+pub enum IoError {
+    #[error("backing image I/O failed: {0}")]
+    Backing(#[source] io::Error),
+    #[error("cache media I/O failed: {0}")]
+    Media(String),
+    #[error("cached data at byte {offset} (length {len}) failed its CRC check")]
+    DataCrc { offset: u64, len: u32 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("request at byte {offset} length {len} is outside the device")]
+    OutOfRange { offset: u64, len: u64 },
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+}
+
+/// The outcome of one request.
+pub type IoResult = Result<(), IoError>;
+
+/// What [`EngineQueue::submit`] did with a request.
+#[derive(Debug)]
+pub enum Submit {
+    /// Finished on the spot.
+    Done(IoResult),
+    /// Under way; its completion will come out of [`EngineQueue::reap`].
+    Pending,
+    /// Not taken: the engine has no room now (a full cache). The caller keeps the request, stops
+    /// taking new ones from its queue, and submits it again after one of
+    /// [`EngineQueue::poll_fds`] became readable and [`EngineQueue::reap`] was called. No
+    /// request is ever failed for lack of room.
+    Busy(Request),
+}
+
+/// Errors opening or operating an engine as a whole (not a single request).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl EngineError {
+    pub fn io(context: impl Into<String>, source: io::Error) -> Self {
+        EngineError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// A block device as the virtio layer sees it. Shared by all queue workers (`&self`, interior
+/// mutability) and by every vhost-user connection of the process.
+pub trait Engine: Send + Sync {
+    /// Device size in bytes, a multiple of [`SECTOR_SIZE`].
+    fn capacity(&self) -> u64;
+
+    /// Whether writes, write-zeroes and discards are refused.
+    fn read_only(&self) -> bool;
+
+    /// How many queue handles [`Engine::open_queue`] accepts (indices `0..max_queues()`).
+    fn max_queues(&self) -> usize;
+
+    /// A handle for virtqueue `index`, used by that queue's worker thread only. At most one
+    /// handle per index is open at a time; dropping it waits for its requests to finish.
+    fn open_queue(&self, index: usize) -> Result<Box<dyn EngineQueue>, EngineError>;
+
+    /// The guest's write-cache setting (virtio-blk `writeback`). With `false`, every write is
+    /// durable when it completes; with `true`, only after a later FLUSH completes.
+    fn set_write_cache(&self, enabled: bool);
+
+    /// The current write-cache setting.
+    fn write_cache(&self) -> bool;
+
+    /// Make everything completed so far durable and release resources for process exit.
+    fn shutdown(&self) -> Result<(), EngineError>;
+}
+
+/// One worker thread's view of an engine.
+pub trait EngineQueue: Send {
+    /// Start a request.
+    fn submit(&mut self, req: Request) -> Submit;
+
+    /// File descriptors the worker adds to its event loop; when any becomes readable the worker
+    /// calls [`EngineQueue::reap`]. They cover completions, timers (such as closing an idle
+    /// kset) and "room again" after [`Submit::Busy`].
+    fn poll_fds(&self) -> Vec<RawFd>;
+
+    /// Do pending housekeeping and append the completions that are ready to `done`, as
+    /// `(tag, result)`. Never blocks.
+    fn reap(&mut self, done: &mut Vec<(u64, IoResult)>);
+
+    /// Requests submitted and not yet returned by `reap`.
+    fn in_flight(&self) -> usize;
+
+    /// Block until every submitted request has completed, appending them to `done`. Used when
+    /// a queue stops or the frontend goes away.
+    fn drain(&mut self, done: &mut Vec<(u64, IoResult)>);
+}

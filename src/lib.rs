@@ -1,0 +1,17 @@
+//! vhost-user-pcache: a vhost-user-blk backend whose storage engine is a persistent-memory
+//! write-back cache in front of a backing image (a userspace take on Linux dm-pcache).
+//!
+//! Layers, each knowing only the one below it:
+//! - [`serve`] and [`backend`]: the vhost-user socket, one daemon object per connection;
+//! - [`virtio_blk`]: descriptor chains, the config space, feature bits, status codes;
+//! - [`engine`]: the interface between virtio-blk and storage;
+//! - [`passthrough`] (`--cache none`) and [`cache`] (the dm-pcache engine): the engines;
+//! - [`backing`]: the only code that does I/O on the backing image.
+
+pub mod backend;
+pub mod backing;
+pub mod cache;
+pub mod engine;
+pub mod passthrough;
+pub mod serve;
+pub mod virtio_blk;
