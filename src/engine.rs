@@ -157,7 +157,9 @@ pub trait EngineQueue: Send {
     fn poll_fds(&self) -> Vec<RawFd>;
 
     /// Do pending housekeeping and append the completions that are ready to `done`, as
-    /// `(tag, result)`. Never blocks.
+    /// `(tag, result)`. Never blocks. The worker calls it after every batch of submissions as
+    /// well as when a poll fd fires, so an engine may answer a batch's writes `Pending` and
+    /// complete them all here behind one persistence barrier.
     fn reap(&mut self, done: &mut Vec<(u64, IoResult)>);
 
     /// Requests submitted and not yet returned by `reap`.
