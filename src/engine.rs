@@ -37,6 +37,69 @@ impl DataSeg {
     pub fn total_len(segs: &[DataSeg]) -> u64 {
         segs.iter().map(|s| s.len as u64).sum()
     }
+
+    /// The part of a scatter-gather list that covers bytes `start..start + len` of it.
+    pub fn sub_range(segs: &[DataSeg], start: u64, len: u64) -> Vec<DataSeg> {
+        let mut out = Vec::new();
+        let (mut skip, mut left) = (start, len);
+        for s in segs {
+            if left == 0 {
+                break;
+            }
+            if skip >= s.len as u64 {
+                skip -= s.len as u64;
+                continue;
+            }
+            let take = (s.len as u64 - skip).min(left);
+            // Stays inside `s`, which the caller guarantees is one valid range.
+            out.push(DataSeg {
+                ptr: s.ptr.wrapping_add(skip as usize),
+                len: take as usize,
+            });
+            left -= take;
+            skip = 0;
+        }
+        out
+    }
+
+    /// Copy the whole scatter-gather list to `dst`.
+    ///
+    /// # Safety
+    /// Every segment must be valid for reads for its length (the [`DataSeg`] contract) and
+    /// `dst` valid for writes of [`DataSeg::total_len`] bytes, not overlapping the segments.
+    pub unsafe fn gather(segs: &[DataSeg], dst: *mut u8) {
+        let mut at = 0;
+        for s in segs {
+            // SAFETY: the caller guarantees both ranges are valid and disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(s.ptr, dst.add(at), s.len) };
+            at += s.len;
+        }
+    }
+
+    /// Copy [`DataSeg::total_len`] bytes from `src` into the scatter-gather list.
+    ///
+    /// # Safety
+    /// Every segment must be valid for writes for its length (the [`DataSeg`] contract) and
+    /// `src` valid for reads of the total length, not overlapping the segments.
+    pub unsafe fn scatter(segs: &[DataSeg], src: *const u8) {
+        let mut at = 0;
+        for s in segs {
+            // SAFETY: the caller guarantees both ranges are valid and disjoint.
+            unsafe { std::ptr::copy_nonoverlapping(src.add(at), s.ptr, s.len) };
+            at += s.len;
+        }
+    }
+
+    /// Fill the scatter-gather list with zeroes.
+    ///
+    /// # Safety
+    /// Every segment must be valid for writes for its length (the [`DataSeg`] contract).
+    pub unsafe fn zero(segs: &[DataSeg]) {
+        for s in segs {
+            // SAFETY: the caller guarantees `s` is writable for `s.len` bytes.
+            unsafe { std::ptr::write_bytes(s.ptr, 0, s.len) };
+        }
+    }
 }
 
 /// What a request asks for. Offsets and lengths are in bytes; the virtio layer guarantees that

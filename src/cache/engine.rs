@@ -1,0 +1,408 @@
+//! The cache engine as a whole: opening (format or replay), the shared core the request paths
+//! work on, the background writeback and GC threads, and the [`Engine`] implementation.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+use std::thread::JoinHandle;
+
+use super::data_head::{Allocation, DataHead};
+use super::format::{self, KeyRecord, Layout};
+use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
+use super::log::{Log, LogError};
+use super::media::{self, Media, MediaOptions, Persistence};
+use super::meta::Meta;
+use super::queue::CacheQueue;
+use super::segments::{GenerationStore, SegmentMap};
+use super::stats::Stats;
+use super::{gc, replay, writeback, CachePos};
+use crate::backing::BackingImage;
+use crate::engine::{Engine, EngineError, EngineQueue};
+
+/// How to open a cache.
+#[derive(Clone, Debug)]
+pub struct CacheOptions {
+    /// The cache media: a devdax device, a file on a DAX file system, or an ordinary file.
+    pub path: PathBuf,
+    /// Size of the file to create when `path` does not exist.
+    pub create_size: Option<u64>,
+    /// Persistence mode; detected when `None`.
+    pub persistence: Option<Persistence>,
+    /// Checksum cached data (used when formatting; an existing cache keeps its setting unless
+    /// this is `Some` and differs, which is an error).
+    pub data_crc: Option<bool>,
+    /// GC threshold in percent of segments used (0..=90); `None` keeps the stored value.
+    pub gc_percent: Option<u8>,
+    /// Number of queues, which is also the number of open ksets.
+    pub queues: usize,
+    /// Reformat the media even if it holds a cache.
+    pub force_format: bool,
+}
+
+/// Errors opening a cache.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache media {path}: {source}")]
+    Media {
+        path: PathBuf,
+        #[source]
+        source: media::MediaError,
+    },
+    #[error("cache {path}: {source}")]
+    Format {
+        path: PathBuf,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error("cache {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("cache {path}: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+}
+
+/// State shared by the queues and the background threads.
+pub(crate) struct Core {
+    pub media: Arc<dyn Media>,
+    pub layout: Layout,
+    pub meta: Meta,
+    pub segments: SegmentMap,
+    pub index: Index,
+    pub log: Log,
+    pub heads: Vec<Mutex<DataHead>>,
+    pub backing: Arc<BackingImage>,
+    pub data_crc: bool,
+    pub read_only: bool,
+    pub write_cache: AtomicBool,
+    pub stats: Stats,
+    /// Set when the engine shuts down; background threads stop.
+    pub stopping: AtomicBool,
+    /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
+    pub draining: AtomicUsize,
+    /// Signalled whenever writeback moved dirty_tail.
+    progress: (Mutex<()>, Condvar),
+}
+
+impl GenerationStore for Meta {
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
+        Meta::store_gen(self, seg, gen).map_err(|e| e.to_string())
+    }
+}
+
+impl Core {
+    /// Writeback moved dirty_tail: wake `drain`.
+    pub fn writeback_progress(&self) {
+        let _g = self.progress.0.lock().unwrap();
+        self.progress.1.notify_all();
+    }
+
+    /// Write back everything acknowledged so far and wait until the backing image holds it.
+    pub fn drain(&self) -> Result<(), String> {
+        self.draining.fetch_add(1, Ordering::AcqRel);
+        let result = self.drain_inner();
+        self.draining.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    fn drain_inner(&self) -> Result<(), String> {
+        // Every completed write's key must be on the log before writeback can see it; a full
+        // log frees up as writeback and GC proceed.
+        loop {
+            match self.close_all_ksets() {
+                Ok(()) => break,
+                Err(LogError::NoSpace) => std::thread::sleep(Duration::from_millis(10)),
+                Err(e) => return Err(e.to_string()),
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                return Err("the engine is shutting down".into());
+            }
+        }
+        let target = self.log.head().seq;
+        let mut g = self.progress.0.lock().unwrap();
+        while self.meta.dirty_tail().seq < target {
+            if self.stopping.load(Ordering::Acquire) {
+                return Err("the engine is shutting down".into());
+            }
+            if self.read_only {
+                return Err("the cache is open read-only, so nothing is written back".into());
+            }
+            g = self
+                .progress
+                .1
+                .wait_timeout(g, Duration::from_millis(200))
+                .unwrap()
+                .0;
+        }
+        Ok(())
+    }
+
+    fn data_size(&self) -> u32 {
+        self.layout.data_size() as u32
+    }
+
+    /// Media offset of cache position `pos`.
+    pub fn media_offset(&self, pos: CachePos) -> u64 {
+        self.layout.segment_offset(pos.seg) + self.layout.data_start() + pos.off as u64
+    }
+
+    /// Address of `len` bytes of cached data at `pos`. Positions come from the index or the
+    /// allocator, which only hold validated ones; a bad one is a bug, not bad input.
+    pub fn data_ptr(&self, pos: CachePos, len: u32) -> *mut u8 {
+        self.media
+            .slice_ptr(self.media_offset(pos), len as u64)
+            .expect("cache position inside the media")
+    }
+
+    /// Start persisting cached data (durable after the caller's fence).
+    pub fn persist_data(&self, pos: CachePos, len: u32) {
+        if let Err(e) = self.media.persist(self.media_offset(pos), len as u64) {
+            log::error!("persisting cache data failed: {e}");
+        }
+    }
+
+    /// Data CRC of `len` bytes at `pos`, or 0 when data CRC is off.
+    pub fn crc_of(&self, pos: CachePos, len: u32) -> u32 {
+        if !self.data_crc {
+            return 0;
+        }
+        let mut buf = vec![0u8; len as usize];
+        match self.media.read(self.media_offset(pos), &mut buf) {
+            Ok(()) => format::data_crc(&buf),
+            Err(_) => 0,
+        }
+    }
+
+    /// Whether the extent a key was cut from still matches its CRC.
+    pub fn crc_matches(&self, span: &CrcSpan) -> bool {
+        self.crc_of(span.pos, span.len) == span.crc
+    }
+
+    /// Allocate cache space from queue `qid`'s data head. The returned space is pinned.
+    pub fn alloc_data(&self, qid: usize, len: u32, exact: bool) -> Result<Option<Allocation>, String> {
+        let mut head = self.heads[qid].lock().unwrap();
+        head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
+    }
+
+    /// Drop a pin taken by [`Core::alloc_data`].
+    pub fn unpin(&self, seg: u32) {
+        if let Err(e) = self.segments.put(seg, &self.meta) {
+            log::error!("cannot persist the generation of segment {seg}: {e}");
+        }
+    }
+
+    /// Give up queue `qid`'s data head (the queue is going away).
+    pub fn release_head(&self, qid: usize) {
+        let mut head = self.heads[qid].lock().unwrap();
+        if let Err(e) = head.release(&self.segments, &self.meta) {
+            log::error!("cannot release data head of queue {qid}: {e}");
+        }
+    }
+
+    /// Put a new key in the index and, under the same region lock, in the log: so the log
+    /// holds the versions of every block in index order.
+    pub fn insert_and_log(&self, rec: KeyRecord) {
+        let key = index_key(&rec, true);
+        if rec.flags & format::KEY_CLEAN == 0 {
+            self.stats
+                .dirty_bytes
+                .fetch_add(rec.len as u64, Ordering::Relaxed);
+        }
+        self.index.insert(key, &mut |_| {
+            if rec.flags & format::KEY_ZEROES == 0 {
+                self.segments.get(rec.seg);
+            }
+            self.append(rec);
+        });
+    }
+
+    /// Replace what is left of a fill's placeholder with clean keys, logged as such.
+    pub fn complete_fill(&self, ticket: FillTicket, off: u64, pos: CachePos, len: u32) {
+        let gen = self.segments.gen(pos.seg);
+        let crc = CrcSpan {
+            pos,
+            len,
+            crc: self.crc_of(pos, len),
+        };
+        let _ = off;
+        self.index.complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
+            self.segments.get(k.pos.seg);
+            self.append(KeyRecord {
+                off: k.off,
+                len: k.len,
+                flags: format::KEY_CLEAN,
+                seg: k.pos.seg,
+                seg_off: k.pos.off,
+                gen: k.gen,
+                data_crc: self.crc_of(k.pos, k.len),
+            });
+        });
+    }
+
+    fn append(&self, rec: KeyRecord) {
+        if self.log.append(rec) {
+            if let Err(e) = self.log.close_for(rec.off, &*self.media, &self.segments) {
+                log::debug!("full kset stays open for now: {e}");
+            }
+        }
+    }
+
+    pub fn close_kset_for(&self, off: u64) -> Result<(), LogError> {
+        self.log.close_for(off, &*self.media, &self.segments)
+    }
+
+    pub fn close_all_ksets(&self) -> Result<(), LogError> {
+        self.log.close_all(&*self.media, &self.segments)
+    }
+
+    pub fn close_aged_ksets(&self) -> Result<(), LogError> {
+        self.log.close_aged(&*self.media, &self.segments)
+    }
+}
+
+/// The in-memory key for an on-media key record.
+pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
+    let pos = CachePos {
+        seg: rec.seg,
+        off: rec.seg_off,
+    };
+    let kind = if rec.flags & format::KEY_ZEROES != 0 {
+        KeyKind::Zeroes
+    } else if rec.flags & format::KEY_CLEAN != 0 || !dirty {
+        KeyKind::Clean
+    } else {
+        KeyKind::Dirty
+    };
+    IndexKey {
+        off: rec.off,
+        len: rec.len,
+        kind,
+        pos,
+        gen: rec.gen,
+        crc: CrcSpan {
+            pos,
+            len: rec.len,
+            crc: rec.data_crc,
+        },
+    }
+}
+
+/// The pmem cache engine.
+pub struct CacheEngine {
+    core: Arc<Core>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl CacheEngine {
+    /// Open (formatting when new) the cache described by `opts` in front of `backing`.
+    pub fn open(opts: &CacheOptions, backing: Arc<BackingImage>) -> Result<CacheEngine, CacheError> {
+        let media = media::open_media(
+            &opts.path,
+            &MediaOptions {
+                create_size: opts.create_size,
+                persistence: opts.persistence,
+            },
+        )
+        .map_err(|source| CacheError::Media {
+            path: opts.path.clone(),
+            source,
+        })?;
+        let opened = replay::open(opts, media.clone(), &backing)?;
+        let core = Arc::new(Core {
+            media,
+            layout: opened.layout,
+            meta: opened.meta,
+            segments: opened.segments,
+            index: opened.index,
+            log: opened.log,
+            heads: (0..opts.queues.max(1)).map(|_| Mutex::default()).collect(),
+            read_only: backing.read_only(),
+            backing,
+            data_crc: opened.data_crc,
+            write_cache: AtomicBool::new(true),
+            stats: Stats::default(),
+            stopping: AtomicBool::new(false),
+            draining: AtomicUsize::new(0),
+            progress: (Mutex::new(()), Condvar::new()),
+        });
+        let mut threads = Vec::new();
+        if !core.read_only {
+            threads.push(writeback::spawn(core.clone()));
+            threads.push(gc::spawn(core.clone()));
+        }
+        Ok(CacheEngine {
+            core,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+
+    /// Write back all dirty data and wait until the backing image holds every write
+    /// acknowledged before the call.
+    pub fn drain(&self) -> Result<(), EngineError> {
+        self.core.drain().map_err(EngineError::Invalid)
+    }
+
+    /// Counters for status and metrics.
+    pub fn stats(&self) -> super::stats::StatsSnapshot {
+        self.core.stats.snapshot()
+    }
+}
+
+impl Engine for CacheEngine {
+    fn capacity(&self) -> u64 {
+        self.core.backing.size()
+    }
+
+    fn read_only(&self) -> bool {
+        self.core.read_only
+    }
+
+    fn max_queues(&self) -> usize {
+        self.core.heads.len()
+    }
+
+    fn open_queue(&self, index: usize) -> Result<Box<dyn EngineQueue>, EngineError> {
+        if index >= self.core.heads.len() {
+            return Err(EngineError::Invalid(format!(
+                "queue {index} requested, the cache was opened for {}",
+                self.core.heads.len()
+            )));
+        }
+        let q = CacheQueue::new(self.core.clone(), index).map_err(EngineError::Invalid)?;
+        Ok(Box::new(q))
+    }
+
+    fn set_write_cache(&self, enabled: bool) {
+        let was = self.core.write_cache.swap(enabled, Ordering::AcqRel);
+        if was && !enabled {
+            // Writes completed while the cache was on become durable now, as if flushed.
+            if let Err(e) = self.core.close_all_ksets() {
+                log::warn!("persisting open ksets on write-cache off: {e}");
+            }
+        }
+        log::info!("guest set write cache {}", if enabled { "on" } else { "off" });
+    }
+
+    fn write_cache(&self) -> bool {
+        self.core.write_cache.load(Ordering::Acquire)
+    }
+
+    fn shutdown(&self) -> Result<(), EngineError> {
+        self.core
+            .close_all_ksets()
+            .map_err(|e| EngineError::Invalid(format!("persisting the key log: {e}")))?;
+        self.core.stopping.store(true, Ordering::Release);
+        self.core.segments.wake();
+        self.core.log.wake_waiters();
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
+        for qid in 0..self.core.heads.len() {
+            self.core.release_head(qid);
+        }
+        Ok(())
+    }
+}

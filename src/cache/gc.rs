@@ -1,0 +1,118 @@
+//! Garbage collection: reclaim the log behind dirty_tail, FIFO, as dm-pcache does.
+//!
+//! When at least gc_percent of the segments are in use, the thread takes the kset at
+//! key_tail (which writeback has already written back: GC never passes dirty_tail), moves and
+//! persists key_tail past it, and then drops the reference each of its keys held on its data
+//! segment; a segment whose last reference goes is invalidated and freed. A LAST kset frees the
+//! log segment it ends, again only after key_tail has left it. A kset is decoded whole before
+//! anything changes, so a decode error leaves nothing half-collected: it is reported and GC
+//! stops, the cache keeps serving and writing back, and `check` can tell what is wrong.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::engine::Core;
+use super::format::{self, Kset};
+use super::meta::Tail;
+use super::CachePos;
+
+pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("pcache-gc".into())
+        .spawn(move || run(&core))
+        .expect("spawning the GC thread")
+}
+
+/// Whether enough of the cache is in use to collect.
+pub(super) fn need_gc(used: u32, total: u32, gc_percent: u8) -> bool {
+    used as u64 * 100 >= total as u64 * gc_percent as u64
+}
+
+fn run(core: &Core) {
+    while !core.stopping.load(Ordering::Acquire) {
+        match collect_one(core) {
+            Ok(true) => {}
+            Ok(false) => std::thread::sleep(Duration::from_millis(50)),
+            Err(e) => {
+                log::error!("GC stopped: {e}; the cache keeps serving but will not reclaim space. Run `check` on it after stopping the daemon.");
+                core.stats.gc_errors.fetch_add(1, Ordering::Relaxed);
+                while !core.stopping.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+}
+
+/// Collect one kset if GC is due. `Ok(false)` when there was nothing to do.
+pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
+    let total = core.segments.count();
+    if !need_gc(core.segments.used_count(), total, core.meta.gc_percent()) {
+        return Ok(false);
+    }
+    let tail = core.meta.key_tail();
+    if tail.seq >= core.meta.dirty_tail().seq {
+        return Ok(false);
+    }
+    let kset = core
+        .read_kset(tail)
+        .map_err(|e| format!("decoding the kset at key_tail {tail:?}: {e}"))?;
+    match kset {
+        Kset::Last { next_seg } => {
+            let next = Tail {
+                pos: CachePos {
+                    seg: next_seg,
+                    off: 0,
+                },
+                seq: tail.seq + 1,
+            };
+            core.meta
+                .store_key_tail(next)
+                .map_err(|e| format!("persisting key_tail: {e}"))?;
+            core.segments
+                .invalidate(tail.pos.seg, &core.meta)
+                .map_err(|e| format!("freeing log segment {}: {e}", tail.pos.seg))?;
+        }
+        Kset::Keys { keys, size } => {
+            let next = Tail {
+                pos: CachePos {
+                    seg: tail.pos.seg,
+                    off: tail.pos.off + size,
+                },
+                seq: tail.seq + 1,
+            };
+            // Only keys of the segment's current life hold a reference (replay counts the
+            // same ones), so a key older than its segment's generation is passed over.
+            let live: Vec<u32> = keys
+                .iter()
+                .filter(|k| k.flags & format::KEY_ZEROES == 0)
+                .filter(|k| core.segments.gen(k.seg) == k.gen)
+                .map(|k| k.seg)
+                .collect();
+            core.meta
+                .store_key_tail(next)
+                .map_err(|e| format!("persisting key_tail: {e}"))?;
+            for seg in live {
+                core.segments
+                    .put(seg, &core.meta)
+                    .map_err(|e| format!("freeing data segment {seg}: {e}"))?;
+            }
+        }
+    }
+    core.stats.gc_runs.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn threshold() {
+        assert!(!need_gc(6, 10, 70));
+        assert!(need_gc(7, 10, 70));
+        assert!(need_gc(0, 10, 0));
+    }
+}

@@ -1,0 +1,259 @@
+//! One worker thread's handle on the cache engine: the request paths' shared state.
+//!
+//! Writes are copied into the cache and persisted in `submit`, then all writes of a batch are
+//! made durable by one fence in `reap`, inserted into the index and logged, and completed: a
+//! write completes once its data is persisted; its key may still wait in an open kset (see
+//! `log`). Reads are served from the cache where it holds the data and from the backing image
+//! where it does not, filling the cache on the way (`read`). The 1 s kset timer and the "room
+//! again" eventfd are part of this queue's poll fds, so they run in the worker's event loop.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::engine::Core;
+use super::format::KeyRecord;
+use super::index::FillTicket;
+use super::CachePos;
+use crate::backing::BackingQueue;
+use crate::engine::{DataSeg, EngineQueue, IoError, IoResult, Request, RequestKind, Submit};
+
+/// io_uring depth of a queue's backing reads.
+const BACKING_DEPTH: u32 = 128;
+
+/// What a request path did with a request.
+pub(super) enum Outcome {
+    Done(IoResult),
+    Pending,
+    /// No room in the cache: hand the request back to the worker.
+    Busy,
+}
+
+/// A write whose data is in the cache and persisted, waiting for the batch's fence.
+pub(super) struct StagedWrite {
+    pub tag: u64,
+    /// Keys to log, each with the pin on its segment taken at allocation.
+    pub keys: Vec<KeyRecord>,
+}
+
+/// A read waiting for its backing parts.
+pub(super) struct ReadInFlight {
+    pub tag: u64,
+    pub parts: usize,
+    pub error: Option<IoError>,
+}
+
+/// One backing read of a read miss.
+pub(super) enum MissRead {
+    /// Straight into the guest's buffers; the cache is not filled.
+    Direct { read: u64 },
+    /// Into cache space at `pos`, then copied to the guest and logged as a clean key.
+    Fill {
+        read: u64,
+        ticket: FillTicket,
+        off: u64,
+        pos: CachePos,
+        len: u32,
+        guest: Vec<DataSeg>,
+    },
+}
+
+pub struct CacheQueue {
+    pub(super) core: Arc<Core>,
+    pub(super) qid: usize,
+    pub(super) backing: BackingQueue,
+    timer: TimerFd,
+    room: EventFd,
+    pub(super) staged: Vec<StagedWrite>,
+    /// Write-through writes whose keys are logged but whose kset could not be closed yet.
+    pub(super) unclosed: Vec<(u64, Vec<u64>)>,
+    pub(super) reads: HashMap<u64, ReadInFlight>,
+    pub(super) misses: HashMap<u64, MissRead>,
+    pub(super) next_id: u64,
+    pub(super) completed: Vec<(u64, IoResult)>,
+    in_flight: usize,
+    backing_done: Vec<(u64, std::io::Result<()>)>,
+}
+
+impl CacheQueue {
+    pub(super) fn new(core: Arc<Core>, qid: usize) -> Result<CacheQueue, String> {
+        let backing = BackingQueue::new(core.backing.clone(), BACKING_DEPTH)
+            .map_err(|e| format!("cannot set up backing I/O for queue {qid}: {e}"))?;
+        let mut timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
+        let tick = super::log::KSET_MAX_AGE / 2;
+        timer
+            .reset(tick, Some(tick))
+            .map_err(|e| format!("timerfd: {e}"))?;
+        let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+        core.segments
+            .add_waiter(room.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+        Ok(CacheQueue {
+            core,
+            qid,
+            backing,
+            timer,
+            room,
+            staged: Vec::new(),
+            unclosed: Vec::new(),
+            reads: HashMap::new(),
+            misses: HashMap::new(),
+            next_id: 0,
+            completed: Vec::new(),
+            in_flight: 0,
+            backing_done: Vec::new(),
+        })
+    }
+
+    pub(super) fn next_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Fence the staged writes, put their keys in the index and the log, and complete them.
+    pub(super) fn commit_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        self.core.media.fence();
+        let write_through = !self.core.write_cache.load(Ordering::Acquire);
+        for w in std::mem::take(&mut self.staged) {
+            for key in &w.keys {
+                self.core.insert_and_log(*key);
+                self.core.unpin(key.seg);
+            }
+            if write_through {
+                let offs = w.keys.iter().map(|k| k.off).collect();
+                self.unclosed.push((w.tag, offs));
+            } else {
+                self.completed.push((w.tag, Ok(())));
+            }
+        }
+        self.close_unclosed();
+    }
+
+    /// Complete write-through writes once the ksets holding their keys are persisted.
+    fn close_unclosed(&mut self) {
+        while let Some((tag, offs)) = self.unclosed.first() {
+            let closed = offs.iter().all(|&off| self.core.close_kset_for(off).is_ok());
+            if !closed {
+                return;
+            }
+            let tag = *tag;
+            self.unclosed.remove(0);
+            self.completed.push((tag, Ok(())));
+        }
+    }
+
+    fn handle_backing_completions(&mut self) {
+        let mut done = std::mem::take(&mut self.backing_done);
+        self.backing.reap(&mut done);
+        for (id, res) in done.drain(..) {
+            self.miss_done(id, res);
+        }
+        self.backing_done = done;
+    }
+}
+
+impl EngineQueue for CacheQueue {
+    fn submit(&mut self, req: Request) -> Submit {
+        let result = match req.kind {
+            RequestKind::Read { offset, ref bufs } => self.submit_read(req.tag, offset, bufs),
+            RequestKind::Write { offset, ref bufs } => self.submit_write(req.tag, offset, bufs),
+            RequestKind::Flush => self.submit_flush(),
+            RequestKind::WriteZeroes {
+                offset,
+                len,
+                may_unmap,
+            } => self.submit_zeroes(req.tag, offset, len, may_unmap),
+            RequestKind::Discard { offset, len } => self.submit_zeroes(req.tag, offset, len, true),
+        };
+        match result {
+            Outcome::Pending => {
+                self.in_flight += 1;
+                Submit::Pending
+            }
+            Outcome::Busy => Submit::Busy(req),
+            Outcome::Done(r) => Submit::Done(r),
+        }
+    }
+
+    fn poll_fds(&self) -> Vec<RawFd> {
+        vec![
+            self.backing.event_fd(),
+            self.timer.as_raw_fd(),
+            self.room.as_raw_fd(),
+        ]
+    }
+
+    fn reap(&mut self, done: &mut Vec<(u64, IoResult)>) {
+        self.commit_staged();
+        if self.timer.wait_nonblocking() {
+            if let Err(e) = self.core.close_aged_ksets() {
+                log::debug!("queue {}: aged kset not closed yet: {e}", self.qid);
+            }
+        }
+        let _ = self.room.read();
+        self.close_unclosed();
+        self.handle_backing_completions();
+        self.in_flight -= self.completed.len();
+        done.append(&mut self.completed);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    fn drain(&mut self, done: &mut Vec<(u64, IoResult)>) {
+        loop {
+            self.reap(done);
+            if self.in_flight == 0 {
+                return;
+            }
+            if !self.misses.is_empty() {
+                let mut finished = Vec::new();
+                self.backing.wait(&mut finished);
+                for (id, res) in finished {
+                    self.miss_done(id, res);
+                }
+            } else if !self.unclosed.is_empty() {
+                // Write-through writes wait for log space that writeback and GC will free.
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+impl Drop for CacheQueue {
+    fn drop(&mut self) {
+        let mut done = Vec::new();
+        self.drain(&mut done);
+        self.core.segments.remove_waiter(self.room.as_raw_fd());
+        self.core.release_head(self.qid);
+    }
+}
+
+/// Small extension so the timer can be polled without blocking.
+trait NonBlockingTimer {
+    fn wait_nonblocking(&mut self) -> bool;
+}
+
+impl NonBlockingTimer for TimerFd {
+    fn wait_nonblocking(&mut self) -> bool {
+        self.is_armed().unwrap_or(false) && poll_readable(self.as_raw_fd()) && self.wait().is_ok()
+    }
+}
+
+fn poll_readable(fd: RawFd) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `p` is a valid pollfd for the duration of the call; timeout 0 never blocks.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n == 1 && p.revents & libc::POLLIN != 0
+}

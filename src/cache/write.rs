@@ -1,0 +1,143 @@
+//! The write side of the request paths: WRITE, WRITE_ZEROES, DISCARD and FLUSH.
+//!
+//! A write is split at 4 MiB region boundaries (a key never spans index regions) and at the
+//! end of the queue's data segment. Each piece is copied from guest memory into the cache and
+//! persisted; its key waits in `staged` until the batch's fence (`CacheQueue::commit_staged`).
+//! A write that finds no room gives back everything it took and is handed back to the worker
+//! whole, to be redone when space is freed: redoing a write is harmless.
+
+use std::sync::atomic::Ordering;
+
+use super::format::{self, KeyRecord};
+use super::log::LogError;
+use super::queue::{CacheQueue, Outcome, StagedWrite};
+use super::REGION_SIZE;
+use crate::engine::{DataSeg, IoError};
+
+/// Split `offset..offset + len` at region boundaries, as `(offset, len)` pieces.
+pub(super) fn region_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
+    let end = offset + len;
+    let mut at = offset;
+    std::iter::from_fn(move || {
+        if at >= end {
+            return None;
+        }
+        let piece = (REGION_SIZE - at % REGION_SIZE).min(end - at);
+        let out = (at, piece as u32);
+        at += piece;
+        Some(out)
+    })
+}
+
+impl CacheQueue {
+    pub(super) fn submit_write(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
+        let core = self.core.clone();
+        if core.read_only {
+            return Outcome::Done(Err(IoError::ReadOnly));
+        }
+        let len = DataSeg::total_len(bufs);
+        let mut keys: Vec<KeyRecord> = Vec::new();
+        let mut copied = 0u64;
+        for (off, piece) in region_pieces(offset, len) {
+            let mut left = piece;
+            while left > 0 {
+                let alloc = match core.alloc_data(self.qid, left, false) {
+                    Ok(Some(a)) => a,
+                    Ok(None) => {
+                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                        return Outcome::Busy;
+                    }
+                    Err(e) => {
+                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        return Outcome::Done(Err(IoError::Media(e)));
+                    }
+                };
+                let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
+                let dst = core.data_ptr(alloc.pos, alloc.len);
+                // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
+                // contract); `dst` is freshly allocated cache space of `alloc.len` bytes that
+                // nothing else writes or reads as current data until its key is inserted.
+                unsafe { DataSeg::gather(&src, dst) };
+                core.persist_data(alloc.pos, alloc.len);
+                keys.push(KeyRecord {
+                    off: off + (piece - left) as u64,
+                    len: alloc.len,
+                    flags: 0,
+                    seg: alloc.pos.seg,
+                    seg_off: alloc.pos.off,
+                    gen: core.segments.gen(alloc.pos.seg),
+                    data_crc: core.crc_of(alloc.pos, alloc.len),
+                });
+                copied += alloc.len as u64;
+                left -= alloc.len;
+            }
+        }
+        core.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        self.staged.push(StagedWrite { tag, keys });
+        Outcome::Pending
+    }
+
+    /// WRITE_ZEROES and DISCARD: data-less keys that read as zeroes and reach the backing
+    /// image as zero-range or discard at writeback.
+    pub(super) fn submit_zeroes(&mut self, tag: u64, offset: u64, len: u64, unmap: bool) -> Outcome {
+        let core = self.core.clone();
+        if core.read_only {
+            return Outcome::Done(Err(IoError::ReadOnly));
+        }
+        // Earlier writes of this queue go first, so a write then a discard of the same block
+        // from one queue lands in that order.
+        self.commit_staged();
+        let flags = format::KEY_ZEROES | if unmap { format::KEY_UNMAP } else { 0 };
+        let mut offs = Vec::new();
+        for (off, piece) in region_pieces(offset, len) {
+            core.insert_and_log(KeyRecord {
+                off,
+                len: piece,
+                flags,
+                seg: 0,
+                seg_off: 0,
+                gen: 0,
+                data_crc: 0,
+            });
+            offs.push(off);
+        }
+        if core.write_cache.load(Ordering::Acquire) {
+            return Outcome::Done(Ok(()));
+        }
+        self.unclosed.push((tag, offs));
+        Outcome::Pending
+    }
+
+    /// FLUSH: every write completed before it becomes durable, by persisting every open kset.
+    pub(super) fn submit_flush(&mut self) -> Outcome {
+        self.commit_staged();
+        match self.core.close_all_ksets() {
+            Ok(()) => Outcome::Done(Ok(())),
+            Err(LogError::NoSpace) => {
+                self.core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                Outcome::Busy
+            }
+            Err(LogError::Media(e)) => Outcome::Done(Err(IoError::Media(e))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_split_at_regions() {
+        let p: Vec<_> = region_pieces(REGION_SIZE - 512, 1024 + REGION_SIZE).collect();
+        assert_eq!(
+            p,
+            vec![
+                (REGION_SIZE - 512, 512),
+                (REGION_SIZE, REGION_SIZE as u32),
+                (2 * REGION_SIZE, 512)
+            ]
+        );
+        assert_eq!(region_pieces(0, 0).count(), 0);
+    }
+}

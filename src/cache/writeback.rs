@@ -1,0 +1,196 @@
+//! Writeback: copy dirty data from the cache to the backing image, one kset at a time.
+//!
+//! The thread walks the log from dirty_tail. For each kset it writes every dirty key to the
+//! backing image straight from the cache mapping (several writes in flight), flushes the
+//! backing image, and only then advances and persists dirty_tail. So the backing image always
+//! holds a state that some prefix of the log explains, and a crash at any point only means
+//! writing some keys again. A failed write leaves dirty_tail where it is: the kset is retried
+//! with a growing pause, the data stays dirty in the cache, and guest I/O goes on.
+//!
+//! Pacing: when little of the cache is dirty, writeback pauses between ksets so it does not
+//! compete with the guest; as the dirty share grows the pauses shrink to nothing.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::engine::Core;
+use super::format::{self, Kset};
+use super::meta::Tail;
+use super::CachePos;
+use crate::backing::BackingQueue;
+use crate::engine::DataSeg;
+
+/// Longest pause between retries of a failing kset.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("pcache-writeback".into())
+        .spawn(move || run(&core))
+        .expect("spawning the writeback thread")
+}
+
+/// Pause between ksets for a given dirty share of the cache's data space.
+pub(super) fn pace(dirty_bytes: u64, capacity: u64) -> Duration {
+    let share = dirty_bytes as f64 / capacity.max(1) as f64;
+    if share < 0.1 {
+        Duration::from_millis(20)
+    } else if share < 0.4 {
+        Duration::from_millis(2)
+    } else {
+        Duration::ZERO
+    }
+}
+
+fn run(core: &Core) {
+    let mut queue = match BackingQueue::new(core.backing.clone(), 64) {
+        Ok(q) => q,
+        Err(e) => {
+            log::error!("writeback cannot start, dirty data stays in the cache: {e}");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut failing = false;
+    while !core.stopping.load(Ordering::Acquire) {
+        let tail = core.meta.dirty_tail();
+        if core.log.head().seq <= tail.seq {
+            // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when no
+            // queue is running to close them on its timer, so close aged ones here.
+            if let Err(e) = core.close_aged_ksets() {
+                log::debug!("writeback: aged kset not closed yet: {e}");
+            }
+            core.log.wait_beyond(tail.seq, Duration::from_millis(500));
+            continue;
+        }
+        match write_back_kset(core, &mut queue, tail) {
+            Ok(next) => {
+                if let Err(e) = core.meta.store_dirty_tail(next) {
+                    log::error!("writeback: cannot persist dirty_tail: {e}");
+                    sleep_unless_stopping(core, MAX_BACKOFF);
+                    continue;
+                }
+                core.writeback_progress();
+                if failing {
+                    log::info!("writeback recovered; writing dirty data back again");
+                    failing = false;
+                }
+                backoff = Duration::from_millis(100);
+                if core.draining.load(Ordering::Acquire) == 0 {
+                    let capacity = core.layout.data_size() * core.segments.count() as u64;
+                    let dirty = core.stats.dirty_bytes.load(Ordering::Relaxed);
+                    sleep_unless_stopping(core, pace(dirty, capacity));
+                }
+            }
+            Err(e) => {
+                core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
+                if !failing {
+                    log::error!("writeback failed, data stays dirty in the cache and will be retried: {e}");
+                    failing = true;
+                }
+                sleep_unless_stopping(core, backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn sleep_unless_stopping(core: &Core, d: Duration) {
+    if !d.is_zero() && !core.stopping.load(Ordering::Acquire) {
+        std::thread::sleep(d);
+    }
+}
+
+/// Write back the kset at `tail`; returns the position after it.
+fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<Tail, String> {
+    let kset = core
+        .read_kset(tail)
+        .map_err(|e| format!("reading the kset at dirty_tail {tail:?}: {e}"))?;
+    let keys = match kset {
+        Kset::Last { next_seg } => {
+            return Ok(Tail {
+                pos: CachePos {
+                    seg: next_seg,
+                    off: 0,
+                },
+                seq: tail.seq + 1,
+            })
+        }
+        Kset::Keys { keys, size } => (keys, size),
+    };
+    let (keys, size) = keys;
+    let mut bytes = 0u64;
+    let mut issued = 0u64;
+    for (i, k) in keys.iter().enumerate() {
+        if k.flags & format::KEY_CLEAN != 0 {
+            continue;
+        }
+        let id = i as u64;
+        if k.flags & format::KEY_ZEROES != 0 {
+            if k.flags & format::KEY_UNMAP != 0 {
+                queue.discard(k.off, k.len as u64, id);
+            } else {
+                queue.write_zeroes(k.off, k.len as u64, false, id);
+            }
+        } else {
+            let pos = CachePos {
+                seg: k.seg,
+                off: k.seg_off,
+            };
+            if core.data_crc && core.crc_of(pos, k.len) != k.data_crc {
+                core.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
+                return Err(format!(
+                    "dirty data for backing byte {} fails its CRC in cache segment {}; refusing to write it back",
+                    k.off, k.seg
+                ));
+            }
+            let seg = DataSeg {
+                ptr: core.data_ptr(pos, k.len),
+                len: k.len as usize,
+            };
+            queue.write(k.off, &[seg], false, id);
+        }
+        issued += 1;
+        bytes += k.len as u64;
+    }
+    let mut done = Vec::new();
+    if issued > 0 {
+        queue.wait(&mut done);
+        if let Some((id, Err(e))) = done.iter().find(|(_, r)| r.is_err()) {
+            let k = &keys[*id as usize];
+            return Err(format!(
+                "backing write of {} bytes at byte {} failed: {e}",
+                k.len, k.off
+            ));
+        }
+        done.clear();
+        queue.flush(u64::MAX);
+        queue.wait(&mut done);
+        if let Some((_, Err(e))) = done.first() {
+            return Err(format!("flushing the backing image failed: {e}"));
+        }
+    }
+    core.stats.writeback_bytes.fetch_add(bytes, Ordering::Relaxed);
+    core.stats.dirty_bytes.fetch_sub(bytes.min(core.stats.dirty_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+    Ok(Tail {
+        pos: CachePos {
+            seg: tail.pos.seg,
+            off: tail.pos.off + size,
+        },
+        seq: tail.seq + 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacing_speeds_up_as_dirt_grows() {
+        assert!(pace(0, 100) > pace(20, 100));
+        assert!(pace(20, 100) > pace(50, 100));
+        assert_eq!(pace(90, 100), Duration::ZERO);
+    }
+}
