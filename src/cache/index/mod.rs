@@ -143,7 +143,9 @@ impl Index {
         let n = capacity_bytes.div_ceil(REGION_SIZE);
         Index {
             capacity: capacity_bytes,
-            regions: (0..n).map(|_| Mutex::new(Subtree::default())).collect(),
+            regions: (0..n)
+                .map(|r| Mutex::new(Subtree::new(r << REGION_SHIFT)))
+                .collect(),
             next_ticket: AtomicU64::new(1),
             extents: AtomicUsize::new(0),
             stale_scan_at: AtomicU64::new(0),

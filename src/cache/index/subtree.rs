@@ -8,118 +8,195 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
-use crate::cache::CachePos;
+use crate::cache::{CachePos, REGION_SIZE};
 
-/// A key without its offset (the map key). 40 bytes: for a placeholder, `gen` holds the id of
-/// its fill ticket instead, as placeholders have no segment and so no generation.
+/// A key without its offset (the map key). 36 bytes with 4-byte alignment, so a B-tree slot
+/// (entry plus `u32` offset) is 40 bytes: the kind lives in the top bits of the length (an
+/// entry never exceeds its 4 MiB region), and the generation is stored as two halves. For a
+/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    len: u32,
-    kind: KeyKind,
+    len_kind: u32,
     pos: CachePos,
-    gen: u64,
+    gen: [u32; 2],
     crc: CrcSpan,
 }
 
+const KIND_SHIFT: u32 = 30;
+const LEN_MASK: u32 = (1 << KIND_SHIFT) - 1;
+const _: () = assert!(
+    REGION_SIZE <= LEN_MASK as u64,
+    "entry lengths must fit below the kind"
+);
+
 impl Entry {
-    fn of(key: &IndexKey) -> Entry {
+    fn new(len: u32, kind: KeyKind, pos: CachePos, gen: u64, crc: CrcSpan) -> Entry {
+        let kind_bits = match kind {
+            KeyKind::Dirty => 0,
+            KeyKind::Clean => 1,
+            KeyKind::Zeroes => 2,
+            KeyKind::Empty => 3,
+        };
         Entry {
-            len: key.len,
-            kind: key.kind,
-            pos: key.pos,
-            gen: key.gen,
-            crc: key.crc,
+            len_kind: (len & LEN_MASK) | kind_bits << KIND_SHIFT,
+            pos,
+            gen: [gen as u32, (gen >> 32) as u32],
+            crc,
         }
     }
 
+    fn of(key: &IndexKey) -> Entry {
+        Entry::new(key.len, key.kind, key.pos, key.gen, key.crc)
+    }
+
     fn placeholder(len: u32, ticket_id: u64) -> Entry {
-        Entry {
-            len,
-            kind: KeyKind::Empty,
-            pos: CachePos::default(),
-            gen: ticket_id,
-            crc: CrcSpan::default(),
+        let (pos, crc) = (CachePos::default(), CrcSpan::default());
+        Entry::new(len, KeyKind::Empty, pos, ticket_id, crc)
+    }
+
+    fn len(&self) -> u32 {
+        self.len_kind & LEN_MASK
+    }
+
+    fn set_len(&mut self, len: u32) {
+        self.len_kind = (self.len_kind & !LEN_MASK) | (len & LEN_MASK);
+    }
+
+    fn kind(&self) -> KeyKind {
+        match self.len_kind >> KIND_SHIFT {
+            0 => KeyKind::Dirty,
+            1 => KeyKind::Clean,
+            2 => KeyKind::Zeroes,
+            _ => KeyKind::Empty,
         }
+    }
+
+    fn gen(&self) -> u64 {
+        u64::from(self.gen[0]) | u64::from(self.gen[1]) << 32
     }
 
     fn key_at(&self, off: u64) -> IndexKey {
         IndexKey {
             off,
-            len: self.len,
-            kind: self.kind,
+            len: self.len(),
+            kind: self.kind(),
             pos: self.pos,
-            gen: self.gen,
+            gen: self.gen(),
             crc: self.crc,
         }
     }
 
+    fn end(&self, off: u64) -> u64 {
+        off + u64::from(self.len())
+    }
+
     /// The entry starting at `off` with its first `by` bytes cut away.
     fn cut_front(&self, off: u64, by: u32) -> Entry {
-        Entry::of(&trim(&self.key_at(off), off + u64::from(by), self.len - by))
+        Entry::of(&trim(
+            &self.key_at(off),
+            off + u64::from(by),
+            self.len() - by,
+        ))
     }
 
     fn is_placeholder_of(&self, ticket: &FillTicket) -> bool {
-        self.kind == KeyKind::Empty && self.gen == ticket.id
+        self.kind() == KeyKind::Empty && self.gen() == ticket.id
     }
 
     /// A data key whose segment was reused since the key was made. Placeholders and zeroes keys
     /// point at no segment and never go stale.
     fn is_stale(&self, gen_of: &dyn Fn(u32) -> u64) -> bool {
-        matches!(self.kind, KeyKind::Dirty | KeyKind::Clean) && self.gen < gen_of(self.pos.seg)
+        matches!(self.kind(), KeyKind::Dirty | KeyKind::Clean) && self.gen() < gen_of(self.pos.seg)
     }
 }
 
-/// The keys of one region, by backing offset.
-#[derive(Default)]
+/// The keys of one region, by offset inside the region. Methods take and return absolute
+/// backing offsets, which must lie inside the region.
 pub(super) struct Subtree {
-    map: BTreeMap<u64, Entry>,
+    base: u64,
+    map: BTreeMap<u32, Entry>,
     /// Entries that are not placeholders.
     extents: usize,
 }
 
 impl Subtree {
+    pub(super) fn new(base: u64) -> Subtree {
+        Subtree {
+            base,
+            map: BTreeMap::new(),
+            extents: 0,
+        }
+    }
+
     pub(super) fn extents(&self) -> usize {
         self.extents
     }
 
+    fn rel(&self, off: u64) -> u32 {
+        (off - self.base) as u32
+    }
+
+    fn abs(&self, rel: u32) -> u64 {
+        self.base + u64::from(rel)
+    }
+
+    /// Offset of the first entry starting in `[from, to)` that satisfies `pred`.
+    fn find(&self, from: u64, to: u64, pred: impl Fn(&Entry) -> bool) -> Option<u64> {
+        let found = self
+            .map
+            .range(self.rel(from)..self.rel(to))
+            .find(|(_, e)| pred(e));
+        found.map(|(&rel, _)| self.abs(rel))
+    }
+
+    fn get(&self, off: u64) -> Entry {
+        self.map[&self.rel(off)]
+    }
+
     fn put(&mut self, off: u64, entry: Entry) {
-        if entry.kind != KeyKind::Empty {
+        if entry.kind() != KeyKind::Empty {
             self.extents += 1;
         }
-        let replaced = self.map.insert(off, entry);
+        let replaced = self.map.insert(self.rel(off), entry);
         debug_assert!(replaced.is_none(), "index entries overlap at {off}");
     }
 
     fn take(&mut self, off: u64) -> Option<Entry> {
-        let entry = self.map.remove(&off)?;
-        if entry.kind != KeyKind::Empty {
+        let entry = self.map.remove(&self.rel(off))?;
+        if entry.kind() != KeyKind::Empty {
             self.extents -= 1;
         }
         Some(entry)
+    }
+
+    /// The entry starting before `off` and reaching past it, if any.
+    fn reaching_into(&self, off: u64) -> Option<u64> {
+        let (&rel, entry) = self.map.range(..self.rel(off)).next_back()?;
+        (entry.end(self.abs(rel)) > off).then(|| self.abs(rel))
     }
 
     /// Insert `key` (inside this region), cutting everything it overlaps.
     pub(super) fn insert(&mut self, key: &IndexKey) {
         let (start, end) = (key.off, key.end());
         // At most one entry starts before the key and reaches into it.
-        if let Some((&off, entry)) = self.map.range_mut(..start).next_back() {
-            let entry_end = off + u64::from(entry.len);
-            if entry_end > start {
-                let whole = *entry;
-                // overlap_head: keep the front. Also the front half of overlap_contained.
-                entry.len = (start - off) as u32;
-                // overlap_contained: the back half survives as a new entry, except that a
-                // placeholder is only truncated (its fill covers one contiguous prefix).
-                if entry_end > end && whole.kind != KeyKind::Empty {
-                    self.put(end, whole.cut_front(off, (end - off) as u32));
-                }
+        if let Some(off) = self.reaching_into(start) {
+            let whole = self.get(off);
+            let rel = self.rel(off);
+            // overlap_head: keep the front. Also the front half of overlap_contained.
+            if let Some(entry) = self.map.get_mut(&rel) {
+                entry.set_len((start - off) as u32);
+            }
+            // overlap_contained: the back half survives as a new entry, except that a
+            // placeholder is only truncated (its fill covers one contiguous prefix).
+            if whole.end(off) > end && whole.kind() != KeyKind::Empty {
+                self.put(end, whole.cut_front(off, (end - off) as u32));
             }
         }
-        while let Some((&off, _)) = self.map.range(start..end).next() {
+        while let Some(off) = self.find(start, end, |_| true) {
             let Some(entry) = self.take(off) else { break };
             // overlap_tail keeps the back; overlap_contain deletes. A placeholder whose front
             // is overwritten is deleted whole, so what remains of it is always a prefix.
-            if off + u64::from(entry.len) > end && entry.kind != KeyKind::Empty {
+            if entry.end(off) > end && entry.kind() != KeyKind::Empty {
                 self.put(end, entry.cut_front(off, (end - off) as u32));
             }
         }
@@ -137,21 +214,14 @@ impl Subtree {
         out: &mut Vec<Piece>,
     ) {
         let mut at = start;
-        let mut reaching_in = self
-            .map
-            .range(..start)
-            .next_back()
-            .filter(|(&off, entry)| off + u64::from(entry.len) > start)
-            .map(|(&off, _)| off);
+        let mut reaching_in = self.reaching_into(start);
         while at < end {
-            let next = reaching_in
-                .take()
-                .or_else(|| self.map.range(at..end).next().map(|(&off, _)| off));
+            let next = reaching_in.take().or_else(|| self.find(at, end, |_| true));
             let Some(off) = next else {
                 self.gap(at, end, tickets, out);
                 return;
             };
-            let entry = self.map[&off];
+            let entry = self.get(off);
             if entry.is_stale(gen_of) {
                 self.take(off);
                 continue;
@@ -160,9 +230,9 @@ impl Subtree {
                 self.gap(at, off, tickets, out);
                 at = off;
             }
-            let piece_end = (off + u64::from(entry.len)).min(end);
+            let piece_end = entry.end(off).min(end);
             let len = (piece_end - at) as u32;
-            let piece = match entry.kind {
+            let piece = match entry.kind() {
                 KeyKind::Dirty | KeyKind::Clean => Piece::Hit {
                     off: at,
                     len,
@@ -200,19 +270,17 @@ impl Subtree {
         on_insert: &mut dyn FnMut(&IndexKey),
     ) -> u64 {
         let (mut kept, mut filled) = (0, 0);
-        let range = ticket.off..ticket.off + u64::from(ticket.len);
-        for (&off, entry) in self.map.range_mut(range) {
+        let (from, to) = (self.rel(ticket.off), self.rel(ticket.off) + ticket.len);
+        for (&rel, entry) in self.map.range_mut(from..to) {
             if entry.is_placeholder_of(ticket) {
-                entry.kind = KeyKind::Clean;
-                entry.pos = CachePos {
+                let fragment_pos = CachePos {
                     seg: pos.seg,
-                    off: pos.off.wrapping_add((off - ticket.off) as u32),
+                    off: pos.off.wrapping_add(rel - from),
                 };
-                entry.gen = gen;
-                entry.crc = crc;
-                kept += u64::from(entry.len);
+                *entry = Entry::new(entry.len(), KeyKind::Clean, fragment_pos, gen, crc);
+                kept += u64::from(entry.len());
                 filled += 1;
-                on_insert(&entry.key_at(off));
+                on_insert(&entry.key_at(self.base + u64::from(rel)));
             }
         }
         self.extents += filled;
@@ -222,19 +290,14 @@ impl Subtree {
     /// Remove the remaining fragments of `ticket`'s placeholder.
     pub(super) fn abort_fill(&mut self, ticket: &FillTicket) {
         let (mut at, end) = (ticket.off, ticket.off + u64::from(ticket.len));
-        while let Some(off) = self
-            .map
-            .range(at..end)
-            .find(|(_, entry)| entry.is_placeholder_of(ticket))
-            .map(|(&off, _)| off)
-        {
+        while let Some(off) = self.find(at, end, |e| e.is_placeholder_of(ticket)) {
             self.take(off);
             at = off;
         }
     }
 
-    /// Remove up to `max` stale keys starting in `[from, to)`. Returns how many were removed
-    /// and where a later scan should resume.
+    /// Remove up to `max` stale keys starting in `[from, to)` (clamped to the region).
+    /// Returns how many were removed and where a later scan should resume.
     pub(super) fn remove_stale(
         &mut self,
         from: u64,
@@ -242,27 +305,23 @@ impl Subtree {
         gen_of: &dyn Fn(u32) -> u64,
         max: usize,
     ) -> (usize, u64) {
-        let (mut at, mut removed) = (from, 0);
+        let to = to.min(self.base + REGION_SIZE);
+        let (mut at, mut removed) = (from.max(self.base), 0);
         while removed < max && at < to {
-            let Some(off) = self
-                .map
-                .range(at..to)
-                .find(|(_, entry)| entry.is_stale(gen_of))
-                .map(|(&off, _)| off)
-            else {
+            let Some(off) = self.find(at, to, |e| e.is_stale(gen_of)) else {
                 return (removed, to);
             };
             self.take(off);
             removed += 1;
             at = off;
         }
-        (removed, at.max(from))
+        (removed, at)
     }
 
     pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {
-        for (&off, entry) in &self.map {
-            if entry.kind != KeyKind::Empty {
-                f(&entry.key_at(off));
+        for (&rel, entry) in &self.map {
+            if entry.kind() != KeyKind::Empty {
+                f(&entry.key_at(self.abs(rel)));
             }
         }
     }
@@ -270,6 +329,8 @@ impl Subtree {
     /// Every entry, placeholders included, for tests that check the map's shape.
     #[cfg(test)]
     pub(super) fn all_keys(&self) -> impl Iterator<Item = IndexKey> + '_ {
-        self.map.iter().map(|(&off, entry)| entry.key_at(off))
+        self.map
+            .iter()
+            .map(|(&rel, entry)| entry.key_at(self.abs(rel)))
     }
 }

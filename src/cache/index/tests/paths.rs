@@ -268,3 +268,31 @@ fn beyond_capacity_nothing_is_indexed_and_everything_misses() {
         0
     );
 }
+
+#[test]
+fn packed_entries_give_back_every_field() {
+    let index = Index::new(8 * MIB);
+    let mut keys = Vec::new();
+    for (i, kind) in [Dirty, Clean, Zeroes].into_iter().enumerate() {
+        let mut k = key(
+            i as u64 * 4 * MIB / 4,
+            4 * MIB / 4,
+            kind,
+            u32::MAX - 1,
+            1 << 31,
+        );
+        k.gen = (1 << 40) | i as u64;
+        k.crc = CrcSpan {
+            pos: CachePos { seg: 7, off: 3 },
+            len: u32::MAX,
+            crc: 0xdead_beef,
+        };
+        insert(&index, k);
+        keys.push(k);
+    }
+    // A whole-region key is the longest an entry gets.
+    let whole = key(4 * MIB, 4 * MIB, Dirty, 1, 0);
+    insert(&index, whole);
+    keys.push(whole);
+    assert_eq!(index.checked_entries(), keys);
+}
