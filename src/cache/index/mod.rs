@@ -91,6 +91,11 @@ impl FillTicket {
     pub fn len(&self) -> u32 {
         self.len
     }
+
+    /// Always false: placeholders cover at least one sector.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// One piece of a looked-up range. The pieces of one lookup are consecutive and cover the range
@@ -122,6 +127,11 @@ impl Piece {
         match self {
             Piece::Hit { len, .. } | Piece::Zeroes { len, .. } | Piece::Miss { len, .. } => *len,
         }
+    }
+
+    /// Always false: lookups produce no empty pieces.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 

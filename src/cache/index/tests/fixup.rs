@@ -183,7 +183,8 @@ fn placeholder_containing_a_write_is_truncated_not_split() {
             ..
         }]
     ));
-    drop(ticket);
+    index.abort_fill(ticket);
+    assert_eq!(shape(&index)[0], (4 * K, 4 * K, Dirty));
 }
 
 #[test]

@@ -104,6 +104,10 @@ fn lookups_and_overwrites_do_not_grow_the_index() {
         after_first_round.get_or_insert(net_bytes());
     }
     let first = after_first_round.unwrap_or_default();
-    assert!(net_bytes() <= first + 1024, "grew from {first} to {}", net_bytes());
+    assert!(
+        net_bytes() <= first + 1024,
+        "grew from {first} to {}",
+        net_bytes()
+    );
     assert_eq!(index.extent_count(), 128);
 }

@@ -183,7 +183,7 @@ fn check_lookup(
     let mut at = off * SECTOR;
     for piece in &out {
         assert_eq!(piece.off(), at, "pieces are consecutive: {out:?}");
-        assert!(piece.len() > 0 && u64::from(piece.len()) % SECTOR == 0);
+        assert!(!piece.is_empty() && u64::from(piece.len()) % SECTOR == 0);
         at += u64::from(piece.len());
         let first = piece.off() / SECTOR;
         let sectors = first..first + u64::from(piece.len()) / SECTOR;
