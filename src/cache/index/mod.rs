@@ -365,6 +365,12 @@ impl Index {
     }
 }
 
+// Queue workers share one index.
+const _: () = {
+    const fn shareable<T: Send + Sync>() {}
+    shareable::<Index>();
+};
+
 /// One past the last byte of the region holding `off`.
 fn region_end(off: u64) -> u64 {
     (off | (REGION_SIZE - 1)).saturating_add(1)
