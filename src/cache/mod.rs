@@ -19,3 +19,5 @@ pub struct CachePos {
     pub seg: u32,
     pub off: u32,
 }
+
+pub mod index;
