@@ -19,3 +19,6 @@ pub struct CachePos {
     pub seg: u32,
     pub off: u32,
 }
+
+pub mod format;
+pub mod media;
