@@ -89,7 +89,8 @@ impl RecordingMedia {
                 current[..len_usize].copy_from_slice(&img);
                 img
             }
-            None => Vec::new(),
+            // vec! of zeroes comes from calloc: no pass over a large image.
+            None => vec![0u8; alloc_len],
         };
         durable.resize(alloc_len, 0);
         let base = current.as_mut_ptr();
