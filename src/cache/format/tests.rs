@@ -669,3 +669,46 @@ proptest! {
         let _ = probe(&media);
     }
 }
+
+#[test]
+fn encodings_match_the_documented_offsets() {
+    assert_eq!(SUPERBLOCK_MAGIC, 0x752d_6568_6361_6370);
+    assert_eq!(KSET_MAGIC, 0x7465_736b_2d75_6370);
+    assert_eq!(KSET_MAX_SIZE, 5152);
+    let c = codec();
+    let k = KeyRecord {
+        off: 0x1000,
+        len: 0x200,
+        flags: KEY_CLEAN,
+        seg: 2,
+        seg_off: 0x400,
+        gen: 0x0102_0304_0506_0708,
+        data_crc: 0xAABB_CCDD,
+    };
+    let mut out = Vec::new();
+    c.encode_kset(0x1122, &[k], &mut out).unwrap();
+    assert_eq!(&out[4..6], &RecordKind::Kset.tag().to_le_bytes());
+    assert_eq!(&out[6..8], &1u16.to_le_bytes());
+    assert_eq!(&out[8..16], &0x1122u64.to_le_bytes());
+    assert_eq!(&out[16..24], b"pcu-kset");
+    assert_eq!(&out[28..32], &1u32.to_le_bytes());
+    let key = &out[32..72];
+    assert_eq!(&key[0..8], &0x1000u64.to_le_bytes());
+    assert_eq!(&key[8..12], &0x200u32.to_le_bytes());
+    assert_eq!(&key[12..16], &1u32.to_le_bytes());
+    assert_eq!(&key[16..20], &2u32.to_le_bytes());
+    assert_eq!(&key[20..24], &0x400u32.to_le_bytes());
+    assert_eq!(&key[24..32], &0x0102_0304_0506_0708u64.to_le_bytes());
+    assert_eq!(&key[32..36], &0xAABB_CCDDu32.to_le_bytes());
+    assert_eq!(&key[36..40], &[0u8; 4]);
+
+    let tail = TailPos {
+        pos: CachePos { seg: 3, off: 0x40 },
+        log_seq: 9,
+    };
+    let t = encode_record(&tail, RecordKind::DirtyTail, 5);
+    assert_eq!(&t[0..4], &record_crc(&t[4..]).to_le_bytes());
+    assert_eq!(&t[16..20], &3u32.to_le_bytes());
+    assert_eq!(&t[20..24], &0x40u32.to_le_bytes());
+    assert_eq!(&t[24..32], &9u64.to_le_bytes());
+}
