@@ -21,4 +21,5 @@ pub struct CachePos {
 }
 
 pub mod format;
+pub mod index;
 pub mod media;
