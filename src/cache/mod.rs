@@ -20,4 +20,6 @@ pub struct CachePos {
     pub off: u32,
 }
 
+pub mod format;
 pub mod index;
+pub mod media;
