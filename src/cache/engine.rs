@@ -119,7 +119,7 @@ impl Core {
         }
         let target = self.log.head().seq;
         let mut g = self.progress.0.lock().unwrap();
-        while self.meta.dirty_tail().seq < target {
+        while self.meta.dirty_tail().log_seq < target {
             if self.stopping.load(Ordering::Acquire) {
                 return Err("the engine is shutting down".into());
             }
@@ -137,12 +137,12 @@ impl Core {
     }
 
     fn data_size(&self) -> u32 {
-        self.layout.data_size() as u32
+        self.layout.data_size()
     }
 
     /// Media offset of cache position `pos`.
     pub fn media_offset(&self, pos: CachePos) -> u64 {
-        self.layout.segment_offset(pos.seg) + self.layout.data_start() + pos.off as u64
+        self.layout.media_offset(pos)
     }
 
     /// Address of `len` bytes of cached data at `pos`. Positions come from the index or the
@@ -181,6 +181,14 @@ impl Core {
     pub fn alloc_data(&self, qid: usize, len: u32, exact: bool) -> Result<Option<Allocation>, String> {
         let mut head = self.heads[qid].lock().unwrap();
         head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
+    }
+
+    /// Decode the kset at `at` (a tail position), which must carry `at.log_seq`.
+    pub fn read_kset(&self, at: format::TailPos) -> Result<format::Kset, format::FormatError> {
+        let avail = (self.layout.data_size() - at.pos.off).min(format::KSET_MAX_SIZE as u32);
+        let mut buf = vec![0u8; avail as usize];
+        self.media.read(self.media_offset(at.pos), &mut buf)?;
+        self.log.codec().decode_kset(&buf, at.log_seq)
     }
 
     /// Drop a pin taken by [`Core::alloc_data`].
@@ -319,7 +327,10 @@ impl CacheEngine {
             backing,
             data_crc: opened.data_crc,
             write_cache: AtomicBool::new(true),
-            stats: Stats::default(),
+            stats: Stats {
+                dirty_bytes: opened.dirty_bytes.into(),
+                ..Stats::default()
+            },
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
             progress: (Mutex::new(()), Condvar::new()),

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use super::engine::Core;
 use super::format::{self, Kset};
-use super::meta::Tail;
+use super::format::TailPos as Tail;
 use super::CachePos;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
@@ -53,20 +53,20 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
         return Ok(false);
     }
     let tail = core.meta.key_tail();
-    if tail.seq >= core.meta.dirty_tail().seq {
+    if tail.log_seq >= core.meta.dirty_tail().log_seq {
         return Ok(false);
     }
     let kset = core
         .read_kset(tail)
         .map_err(|e| format!("decoding the kset at key_tail {tail:?}: {e}"))?;
     match kset {
-        Kset::Last { next_seg } => {
+        Kset::Last { next_seg, .. } => {
             let next = Tail {
                 pos: CachePos {
                     seg: next_seg,
                     off: 0,
                 },
-                seq: tail.seq + 1,
+                log_seq: tail.log_seq + 1,
             };
             core.meta
                 .store_key_tail(next)
@@ -75,13 +75,13 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
                 .invalidate(tail.pos.seg, &core.meta)
                 .map_err(|e| format!("freeing log segment {}: {e}", tail.pos.seg))?;
         }
-        Kset::Keys { keys, size } => {
+        Kset::Keys { keys, .. } => {
             let next = Tail {
                 pos: CachePos {
                     seg: tail.pos.seg,
-                    off: tail.pos.off + size,
+                    off: tail.pos.off + format::kset_size(keys.len()) as u32,
                 },
-                seq: tail.seq + 1,
+                log_seq: tail.log_seq + 1,
             };
             // Only keys of the segment's current life hold a reference (replay counts the
             // same ones), so a key older than its segment's generation is passed over.

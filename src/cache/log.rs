@@ -14,7 +14,7 @@
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::format::{self, KeyRecord};
+use super::format::{self, KeyRecord, KsetCodec};
 use super::media::Media;
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
@@ -51,16 +51,18 @@ pub struct Log {
     /// Signalled after every close, for writeback waiting on new ksets.
     closed: Condvar,
     layout: format::Layout,
+    codec: KsetCodec,
 }
 
 impl Log {
     /// A log whose next kset goes at `head`; `n_ksets` is the number of queues.
-    pub fn new(layout: format::Layout, head: LogHead, n_ksets: usize) -> Log {
+    pub fn new(layout: format::Layout, codec: KsetCodec, head: LogHead, n_ksets: usize) -> Log {
         Log {
             ksets: (0..n_ksets.max(1)).map(|_| Mutex::default()).collect(),
             head: Mutex::new(head),
             closed: Condvar::new(),
             layout,
+            codec,
         }
     }
 
@@ -162,14 +164,16 @@ impl Log {
         *head
     }
 
+    /// The codec of this cache's ksets.
+    pub fn codec(&self) -> &KsetCodec {
+        &self.codec
+    }
+
     /// Wake everyone in [`Log::wait_beyond`] (shutdown).
     pub fn wake_waiters(&self) {
         self.closed.notify_all();
     }
 
-    fn media_offset(&self, pos: CachePos) -> u64 {
-        self.layout.segment_offset(pos.seg) + self.layout.data_start() + pos.off as u64
-    }
 
     /// Write one kset at the head, chaining to a new log segment first when it does not fit.
     fn write_kset(
@@ -180,8 +184,10 @@ impl Log {
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
         let mut buf = Vec::with_capacity(format::KSET_MAX_SIZE);
-        format::encode_kset(head.seq, keys, &mut buf);
-        let data_size = self.layout.data_size();
+        self.codec
+            .encode_kset(head.seq, keys, &mut buf)
+            .map_err(|e| LogError::Media(format!("encoding a kset: {e}")))?;
+        let data_size = self.layout.data_size() as u64;
         // Always leave room for the LAST kset that chains to the next segment, and for the
         // zeroed header that ends the log.
         let needed = buf.len() as u64 + format::KSET_HEADER_SIZE as u64;
@@ -189,26 +195,32 @@ impl Log {
             let next = segments
                 .alloc(SegmentKind::Log, 0)
                 .ok_or(LogError::NoSpace)?;
-            let next_start = self.media_offset(CachePos { seg: next, off: 0 });
-            write(media, next_start, &format::ZERO_KSET_HEADER)?;
-            let last = format::encode_last_kset(head.seq, next);
-            let at = self.media_offset(head.pos);
-            write(media, at, &last)?;
-            media.fence();
+            let next_start = self.layout.media_offset(CachePos { seg: next, off: 0 });
+            write(media, next_start, &format::KSET_ZERO_HEADER)?;
+            let mut last = Vec::with_capacity(format::KSET_HEADER_SIZE);
+            self.codec
+                .encode_last_kset(head.seq, next, &mut last)
+                .map_err(|e| LogError::Media(format!("encoding a LAST kset: {e}")))?;
+            write(media, self.layout.media_offset(head.pos), &last)?;
+            fence(media)?;
             *head = LogHead {
                 pos: CachePos { seg: next, off: 0 },
                 seq: head.seq + 1,
             };
             buf.clear();
-            format::encode_kset(head.seq, keys, &mut buf);
+            self.codec
+                .encode_kset(head.seq, keys, &mut buf)
+                .map_err(|e| LogError::Media(format!("encoding a kset: {e}")))?;
         }
-        let at = self.media_offset(head.pos);
+        let at = self.layout.media_offset(head.pos);
         // The zeroed header after the kset ends replay at the true end of the log even when
         // older ksets from an earlier use of this segment follow; the sequence number in every
         // header is the second line of defence.
-        write(media, at + buf.len() as u64, &format::ZERO_KSET_HEADER)?;
+        if head.pos.off as u64 + buf.len() as u64 + format::KSET_HEADER_SIZE as u64 <= data_size {
+            write(media, at + buf.len() as u64, &format::KSET_ZERO_HEADER)?;
+        }
         write(media, at, &buf)?;
-        media.fence();
+        fence(media)?;
         head.pos.off += buf.len() as u32;
         head.seq += 1;
         Ok(())
@@ -218,7 +230,10 @@ impl Log {
 fn write(media: &dyn Media, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
     media
         .write(offset, bytes)
-        .map_err(|e| LogError::Media(e.to_string()))?;
-    media.persist(offset, bytes.len() as u64);
-    Ok(())
+        .and_then(|()| media.persist(offset, bytes.len() as u64))
+        .map_err(|e| LogError::Media(e.to_string()))
+}
+
+fn fence(media: &dyn Media) -> Result<(), LogError> {
+    media.fence().map_err(|e| LogError::Media(e.to_string()))
 }

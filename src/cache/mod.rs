@@ -20,6 +20,21 @@ pub struct CachePos {
     pub off: u32,
 }
 
+mod data_head;
+pub mod driver;
+mod engine;
 pub mod format;
+mod gc;
 pub mod index;
+mod log;
 pub mod media;
+mod meta;
+mod queue;
+mod read;
+pub mod replay;
+mod segments;
+pub mod stats;
+mod write;
+mod writeback;
+
+pub use engine::{CacheEngine, CacheError, CacheOptions};

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::engine::Core;
 use super::format::{self, Kset};
-use super::meta::Tail;
+use super::format::TailPos as Tail;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
@@ -56,13 +56,13 @@ fn run(core: &Core) {
     let mut failing = false;
     while !core.stopping.load(Ordering::Acquire) {
         let tail = core.meta.dirty_tail();
-        if core.log.head().seq <= tail.seq {
+        if core.log.head().seq <= tail.log_seq {
             // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when no
             // queue is running to close them on its timer, so close aged ones here.
             if let Err(e) = core.close_aged_ksets() {
                 log::debug!("writeback: aged kset not closed yet: {e}");
             }
-            core.log.wait_beyond(tail.seq, Duration::from_millis(500));
+            core.log.wait_beyond(tail.log_seq, Duration::from_millis(500));
             continue;
         }
         match write_back_kset(core, &mut queue, tail) {
@@ -79,7 +79,7 @@ fn run(core: &Core) {
                 }
                 backoff = Duration::from_millis(100);
                 if core.draining.load(Ordering::Acquire) == 0 {
-                    let capacity = core.layout.data_size() * core.segments.count() as u64;
+                    let capacity = core.layout.data_size() as u64 * core.segments.count() as u64;
                     let dirty = core.stats.dirty_bytes.load(Ordering::Relaxed);
                     sleep_unless_stopping(core, pace(dirty, capacity));
                 }
@@ -109,18 +109,18 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
         .read_kset(tail)
         .map_err(|e| format!("reading the kset at dirty_tail {tail:?}: {e}"))?;
     let keys = match kset {
-        Kset::Last { next_seg } => {
+        Kset::Last { next_seg, .. } => {
             return Ok(Tail {
                 pos: CachePos {
                     seg: next_seg,
                     off: 0,
                 },
-                seq: tail.seq + 1,
+                log_seq: tail.log_seq + 1,
             })
         }
-        Kset::Keys { keys, size } => (keys, size),
+        Kset::Keys { keys, .. } => keys,
     };
-    let (keys, size) = keys;
+    let size = format::kset_size(keys.len()) as u32;
     let mut bytes = 0u64;
     let mut issued = 0u64;
     for (i, k) in keys.iter().enumerate() {
@@ -179,7 +179,7 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
             seg: tail.pos.seg,
             off: tail.pos.off + size,
         },
-        seq: tail.seq + 1,
+        log_seq: tail.log_seq + 1,
     })
 }
 

@@ -12,8 +12,11 @@ pub const KEY_SIZE: usize = 40;
 pub const KEY_CLEAN: u32 = 1 << 0;
 /// Key flag: the extent reads as zeroes and has no data in the cache (write-zeroes, discard).
 pub const KEY_ZEROES: u32 = 1 << 1;
+/// Key flag, only with [`KEY_ZEROES`]: the guest allowed deallocating the extent (DISCARD, or
+/// WRITE_ZEROES with unmap), so writeback may punch a hole instead of writing zeroes.
+pub const KEY_UNMAP: u32 = 1 << 2;
 /// Key flags this build understands.
-pub const KEY_KNOWN_FLAGS: u32 = KEY_CLEAN | KEY_ZEROES;
+pub const KEY_KNOWN_FLAGS: u32 = KEY_CLEAN | KEY_ZEROES | KEY_UNMAP;
 
 /// A key as stored in a kset.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,6 +96,9 @@ impl KeyRecord {
                     self.off, self.len
                 ))
             }
+        }
+        if self.flags & KEY_UNMAP != 0 && !self.is_zeroes() {
+            return Err("the unmap flag on a key with data".into());
         }
         if self.is_zeroes() {
             if self.seg != 0 || self.seg_off != 0 || self.data_crc != 0 {

@@ -26,7 +26,7 @@ pub use cache_info::{
     MAX_GC_PERCENT,
 };
 pub use init::{format, open_metadata, probe, FormatOptions, OpenedCache};
-pub use key::{KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_ZEROES};
+pub use key::{KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
 pub use kset::{
     kset_size, Kset, KsetCodec, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC, KSET_MAX_KEYS,
     KSET_MAX_SIZE, KSET_ZERO_HEADER,

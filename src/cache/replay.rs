@@ -1,0 +1,262 @@
+//! Opening a cache: format a new media, or load the metadata of an existing one and replay the
+//! key log to rebuild the index, the segment references and the log head.
+//!
+//! Replay walks from key_tail, kset by kset, following LAST ksets to the next log segment, and
+//! stops at the first position that does not hold the kset with the next sequence number: that
+//! is where the next kset goes. Keys behind dirty_tail have been written back and are clean;
+//! keys from dirty_tail on are dirty unless flagged clean. A key whose generation is older than
+//! its segment's belongs to an earlier life of that segment and is skipped. Every on-media
+//! value is bounds-checked by the format layer before use; anything impossible is reported as
+//! corruption, with what and where, never a panic.
+
+use std::sync::Arc;
+
+use super::data_head::LOG_RESERVE;
+use super::engine::{index_key, CacheError, CacheOptions};
+use super::format::{self, BackingFingerprint, FormatOptions, Kset, KsetCodec, Layout, TailPos};
+use super::index::Index;
+use super::log::{Log, LogHead};
+use super::media::Media;
+use super::meta::Meta;
+use super::segments::{SegmentKind, SegmentMap};
+use super::CachePos;
+use crate::backing::BackingImage;
+
+/// Everything [`open`] rebuilt.
+pub(super) struct Opened {
+    pub layout: Layout,
+    pub meta: Meta,
+    pub segments: SegmentMap,
+    pub index: Index,
+    pub log: Log,
+    pub data_crc: bool,
+    pub dirty_bytes: u64,
+}
+
+/// What the log walk found (also used by offline inspection).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub ksets: u64,
+    pub keys: u64,
+    pub dirty_keys: u64,
+    pub dirty_bytes: u64,
+    pub stale_keys: u64,
+    pub log_segments: u32,
+}
+
+/// The fingerprint that ties a cache to its backing image: its size, and for a regular file
+/// its device and inode, for a block device its device number.
+pub fn fingerprint(backing: &BackingImage) -> BackingFingerprint {
+    let ident = backing.identity();
+    let mut id = [0u8; 32];
+    id[..8].copy_from_slice(&ident.dev.to_le_bytes());
+    id[8..16].copy_from_slice(&ident.ino.to_le_bytes());
+    id[16] = ident.is_block_device as u8;
+    BackingFingerprint {
+        size: backing.size(),
+        id,
+    }
+}
+
+/// Smallest number of segments that lets `queues` workers make progress: a data head each,
+/// the log reserve, and two segments for data to move through.
+pub fn min_segments(queues: usize) -> u32 {
+    queues as u32 + LOG_RESERVE + 2
+}
+
+pub(super) fn open(
+    opts: &CacheOptions,
+    media: Arc<dyn Media>,
+    backing: &BackingImage,
+) -> Result<Opened, CacheError> {
+    let path = opts.path.clone();
+    let fmt_err = |source| CacheError::Format {
+        path: path.clone(),
+        source,
+    };
+    let fp = fingerprint(backing);
+    let existing = format::probe(&*media).map_err(fmt_err)?;
+    if existing.is_none() || opts.force_format {
+        let layout = Layout::new(media.len()).map_err(fmt_err)?;
+        check_size(&layout, opts, &path)?;
+        let mut f = FormatOptions::new(fp);
+        f.data_crc = opts.data_crc.unwrap_or(false);
+        if let Some(p) = opts.gc_percent {
+            f.gc_percent = p;
+        }
+        log::info!("formatting cache {}", path.display());
+        format::format(&*media, &layout, &f).map_err(fmt_err)?;
+    }
+    let opened = format::open_metadata(&*media, &fp).map_err(fmt_err)?;
+    let layout = opened.layout;
+    check_size(&layout, opts, &path)?;
+    let info = opened.cache_info.value;
+    if let Some(want) = opts.data_crc {
+        if want != info.data_crc {
+            return Err(CacheError::Invalid {
+                path,
+                reason: format!(
+                    "the cache was formatted with data CRC {}, and that cannot change; format it again to change it",
+                    if info.data_crc { "on" } else { "off" }
+                ),
+            });
+        }
+    }
+    let load_tail = |t| {
+        format::load_tail(&*media, &layout, t)
+            .map(|v| v.value)
+            .map_err(fmt_err)
+    };
+    let key_tail = load_tail(format::Tail::Key)?;
+    let dirty_tail = load_tail(format::Tail::Dirty)?;
+    let mut gens = Vec::with_capacity(layout.n_segments() as usize);
+    for seg in 0..layout.n_segments() {
+        gens.push(format::load_generation(&*media, &layout, seg).map_err(fmt_err)?);
+    }
+    let meta = Meta::new(media.clone(), layout, info, key_tail, dirty_tail);
+    if let Some(p) = opts.gc_percent {
+        meta.set_gc_percent(p).map_err(fmt_err)?;
+    }
+    let segments = SegmentMap::new(&gens);
+    let index = Index::new(backing.size());
+    let codec = KsetCodec::new(layout, backing.size(), opened.superblock.cache_id);
+    let (head, report) = walk(
+        &*media, &layout, &codec, &segments, Some(&index), key_tail, dirty_tail,
+    )
+    .map_err(|reason| CacheError::Corrupt {
+        path: path.clone(),
+        reason,
+    })?;
+    log::info!(
+        "cache {}: replayed {} ksets, {} keys ({} dirty, {} bytes), {} stale; {} of {} segments in use",
+        path.display(),
+        report.ksets,
+        report.keys,
+        report.dirty_keys,
+        report.dirty_bytes,
+        report.stale_keys,
+        segments.used_count(),
+        segments.count()
+    );
+    meta.set_init_done().map_err(fmt_err)?;
+    let log = Log::new(layout, codec, head, opts.queues);
+    Ok(Opened {
+        layout,
+        meta,
+        segments,
+        index,
+        log,
+        data_crc: info.data_crc,
+        dirty_bytes: report.dirty_bytes,
+    })
+}
+
+fn check_size(layout: &Layout, opts: &CacheOptions, path: &std::path::Path) -> Result<(), CacheError> {
+    let need = min_segments(opts.queues);
+    if layout.n_segments() < need {
+        return Err(CacheError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!(
+                "{} segments of 16 MiB are too few for {} queues: at least {need} are needed ({} bytes of cache)",
+                layout.n_segments(),
+                opts.queues,
+                Layout::media_len_for(need)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Walk the log from `key_tail`, marking log segments used and, when `index` is given,
+/// inserting keys and taking segment references. Returns the head and what was seen.
+pub fn walk(
+    media: &dyn Media,
+    layout: &Layout,
+    codec: &KsetCodec,
+    segments: &SegmentMap,
+    index: Option<&Index>,
+    key_tail: TailPos,
+    dirty_tail: TailPos,
+) -> Result<(LogHead, ReplayReport), String> {
+    let mut report = ReplayReport::default();
+    let mut pos = key_tail.pos;
+    let mut seq = key_tail.log_seq;
+    let mut dirty = false;
+    let mut buf = vec![0u8; format::KSET_MAX_SIZE];
+    segments.mark_used(pos.seg, SegmentKind::Log);
+    report.log_segments = 1;
+    let mut data_segs = Vec::new();
+    loop {
+        if pos == dirty_tail.pos && seq == dirty_tail.log_seq {
+            dirty = true;
+        }
+        let avail = (layout.data_size() - pos.off).min(format::KSET_MAX_SIZE as u32) as usize;
+        let bytes = &mut buf[..avail];
+        media
+            .read(layout.media_offset(pos), bytes)
+            .map_err(|e| format!("reading the kset at {}:{}: {e}", pos.seg, pos.off))?;
+        let kset = match codec.decode_kset(bytes, seq) {
+            Ok(k) => k,
+            Err(e) if e.is_end_of_log() => break,
+            Err(e) => return Err(format!("kset at segment {} offset {}: {e}", pos.seg, pos.off)),
+        };
+        report.ksets += 1;
+        match kset {
+            Kset::Last { next_seg, .. } => {
+                if segments.kind(next_seg) != SegmentKind::Free {
+                    return Err(format!(
+                        "LAST kset {seq} at segment {} links to segment {next_seg}, which the log already uses",
+                        pos.seg
+                    ));
+                }
+                segments.mark_used(next_seg, SegmentKind::Log);
+                report.log_segments += 1;
+                pos = CachePos { seg: next_seg, off: 0 };
+            }
+            Kset::Keys { ref keys, .. } => {
+                for k in keys {
+                    report.keys += 1;
+                    let key_dirty = dirty && !k.is_clean();
+                    if !k.is_zeroes() {
+                        if k.gen != segments.gen(k.seg) {
+                            report.stale_keys += 1;
+                            continue;
+                        }
+                        segments.get(k.seg);
+                        data_segs.push(k.seg);
+                    }
+                    if key_dirty {
+                        report.dirty_keys += 1;
+                        report.dirty_bytes += k.len as u64;
+                    }
+                    if let Some(index) = index {
+                        index.insert(index_key(k, key_dirty), &mut |_| {});
+                    }
+                }
+                pos.off += kset.encoded_len() as u32;
+            }
+        }
+        seq += 1;
+    }
+    if pos == dirty_tail.pos && seq == dirty_tail.log_seq {
+        dirty = true;
+    }
+    if !dirty {
+        return Err(format!(
+            "dirty_tail ({}:{} kset {}) is not on the log from key_tail ({}:{} kset {}) to its end ({}:{} kset {seq})",
+            dirty_tail.pos.seg, dirty_tail.pos.off, dirty_tail.log_seq,
+            key_tail.pos.seg, key_tail.pos.off, key_tail.log_seq,
+            pos.seg, pos.off
+        ));
+    }
+    for seg in data_segs {
+        match segments.kind(seg) {
+            SegmentKind::Log => {
+                return Err(format!("a live key points into log segment {seg}"));
+            }
+            SegmentKind::Free => segments.mark_used(seg, SegmentKind::Data),
+            SegmentKind::Data => {}
+        }
+    }
+    Ok((LogHead { pos, seq }, report))
+}
