@@ -11,7 +11,10 @@ mod error;
 mod image;
 #[cfg(test)]
 mod image_tests;
+mod job;
 mod queue;
+#[cfg(test)]
+mod queue_tests;
 mod rmw;
 mod sys;
 #[cfg(test)]
