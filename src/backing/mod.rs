@@ -6,6 +6,8 @@
 //! memory do not meet [`BackingImage::alignment`] go through aligned bounce buffers; those whose
 //! offset or length is unaligned become read-modify-write cycles, serialised per block.
 
+#[cfg(test)]
+mod blockdev_tests;
 mod bounce;
 mod error;
 mod image;
