@@ -314,6 +314,16 @@ impl CacheEngine {
             path: opts.path.clone(),
             source,
         })?;
+        Self::open_with_media(opts, media, backing)
+    }
+
+    /// Open a cache on an already opened media (tests use a recording media; `opts.path` is
+    /// only used in messages).
+    pub fn open_with_media(
+        opts: &CacheOptions,
+        media: Arc<dyn Media>,
+        backing: Arc<BackingImage>,
+    ) -> Result<CacheEngine, CacheError> {
         let opened = replay::open(opts, media.clone(), &backing)?;
         let core = Arc::new(Core {
             media,
@@ -354,6 +364,18 @@ impl CacheEngine {
     /// acknowledged before the call.
     pub fn drain(&self) -> Result<(), EngineError> {
         self.core.drain().map_err(EngineError::Invalid)
+    }
+
+    /// Stop the background threads without persisting anything, as if the process died here
+    /// (the media keeps what was persisted so far).
+    #[cfg(test)]
+    pub(crate) fn shutdown_for_crash_test(&self) {
+        self.core.stopping.store(true, Ordering::Release);
+        self.core.segments.wake();
+        self.core.log.wake_waiters();
+        for t in self.threads.lock().unwrap().drain(..) {
+            let _ = t.join();
+        }
     }
 
     /// Counters for status and metrics.

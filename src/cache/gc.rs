@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::data_head::LOG_RESERVE;
 use super::engine::Core;
 use super::format::{self, Kset};
 use super::format::TailPos as Tail;
@@ -25,9 +26,11 @@ pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
         .expect("spawning the GC thread")
 }
 
-/// Whether enough of the cache is in use to collect.
+/// Whether to collect: enough of the cache is in use, or so little is free that data
+/// allocation has stopped (whatever gc_percent says, a cache that cannot take writes must
+/// reclaim what writeback has made clean).
 pub(super) fn need_gc(used: u32, total: u32, gc_percent: u8) -> bool {
-    used as u64 * 100 >= total as u64 * gc_percent as u64
+    used as u64 * 100 >= total as u64 * gc_percent as u64 || total - used <= LOG_RESERVE + 1
 }
 
 fn run(core: &Core) {
@@ -114,5 +117,7 @@ mod tests {
         assert!(!need_gc(6, 10, 70));
         assert!(need_gc(7, 10, 70));
         assert!(need_gc(0, 10, 0));
+        assert!(!need_gc(2, 10, 90));
+        assert!(need_gc(7, 10, 90), "only the log reserve and one more are free");
     }
 }

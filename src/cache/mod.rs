@@ -38,3 +38,6 @@ mod write;
 mod writeback;
 
 pub use engine::{CacheEngine, CacheError, CacheOptions};
+
+#[cfg(test)]
+mod tests;

@@ -118,7 +118,15 @@ impl CacheQueue {
         if self.staged.is_empty() {
             return;
         }
-        self.core.media.fence();
+        if let Err(e) = self.core.media.fence() {
+            log::error!("cache media fence failed; failing {} writes: {e}", self.staged.len());
+            for w in std::mem::take(&mut self.staged) {
+                w.keys.iter().for_each(|k| self.core.unpin(k.seg));
+                self.completed
+                    .push((w.tag, Err(IoError::Media(e.to_string()))));
+            }
+            return;
+        }
         let write_through = !self.core.write_cache.load(Ordering::Acquire);
         for w in std::mem::take(&mut self.staged) {
             for key in &w.keys {

@@ -161,8 +161,14 @@ impl CacheQueue {
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
                     core.persist_data(pos, len);
-                    core.media.fence();
-                    core.complete_fill(ticket, off, pos, len);
+                    match core.media.fence() {
+                        Ok(()) => core.complete_fill(ticket, off, pos, len),
+                        // The guest got its data; only the cache fill is given up.
+                        Err(e) => {
+                            log::warn!("cache media fence failed, not caching a read: {e}");
+                            core.index.abort_fill(ticket);
+                        }
+                    }
                     core.unpin(pos.seg);
                     (read, None)
                 }

@@ -123,37 +123,49 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
     let size = format::kset_size(keys.len()) as u32;
     let mut bytes = 0u64;
     let mut issued = 0u64;
-    for (i, k) in keys.iter().enumerate() {
-        if k.flags & format::KEY_CLEAN != 0 {
-            continue;
-        }
-        let id = i as u64;
-        if k.flags & format::KEY_ZEROES != 0 {
-            if k.flags & format::KEY_UNMAP != 0 {
-                queue.discard(k.off, k.len as u64, id);
-            } else {
-                queue.write_zeroes(k.off, k.len as u64, false, id);
-            }
-        } else {
+    for k in keys.iter().filter(|k| !k.is_clean()) {
+        bytes += k.len as u64;
+        if !k.is_zeroes() && core.data_crc {
             let pos = CachePos {
                 seg: k.seg,
                 off: k.seg_off,
             };
-            if core.data_crc && core.crc_of(pos, k.len) != k.data_crc {
+            if core.crc_of(pos, k.len) != k.data_crc {
                 core.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
                 return Err(format!(
                     "dirty data for backing byte {} fails its CRC in cache segment {}; refusing to write it back",
                     k.off, k.seg
                 ));
             }
-            let seg = DataSeg {
-                ptr: core.data_ptr(pos, k.len),
-                len: k.len as usize,
+        }
+    }
+    // Writes of one kset run concurrently, so only the newest version of each byte in the
+    // kset is written: the backing image then ends up as if the keys had been applied in log
+    // order.
+    for (i, off, len) in visible_parts(&keys) {
+        let k = &keys[i];
+        if k.is_clean() {
+            continue;
+        }
+        let id = i as u64;
+        if k.is_zeroes() {
+            if k.flags & format::KEY_UNMAP != 0 {
+                queue.discard(off, len as u64, id);
+            } else {
+                queue.write_zeroes(off, len as u64, false, id);
+            }
+        } else {
+            let pos = CachePos {
+                seg: k.seg,
+                off: k.seg_off + (off - k.off) as u32,
             };
-            queue.write(k.off, &[seg], false, id);
+            let seg = DataSeg {
+                ptr: core.data_ptr(pos, len),
+                len: len as usize,
+            };
+            queue.write(off, &[seg], false, id);
         }
         issued += 1;
-        bytes += k.len as u64;
     }
     let mut done = Vec::new();
     if issued > 0 {
@@ -183,9 +195,59 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
     })
 }
 
+/// The parts of each key that no later key of the same kset overwrites, as
+/// `(key index, offset, length)`.
+pub(super) fn visible_parts(keys: &[format::KeyRecord]) -> Vec<(usize, u64, u32)> {
+    let mut out = Vec::new();
+    for (i, k) in keys.iter().enumerate() {
+        let mut parts = vec![(k.off, k.off + k.len as u64)];
+        for later in &keys[i + 1..] {
+            let (ls, le) = (later.off, later.off + later.len as u64);
+            parts = parts
+                .into_iter()
+                .flat_map(|(s, e)| {
+                    if le <= s || ls >= e {
+                        vec![(s, e)]
+                    } else {
+                        [(s, ls.max(s)), (le.min(e), e)]
+                            .into_iter()
+                            .filter(|(a, b)| a < b)
+                            .collect()
+                    }
+                })
+                .collect();
+        }
+        out.extend(parts.into_iter().map(|(s, e)| (i, s, (e - s) as u32)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(off: u64, len: u32) -> format::KeyRecord {
+        format::KeyRecord {
+            off,
+            len,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn later_keys_hide_earlier_ones() {
+        let keys = [key(0, 8192), key(1024, 1024), key(4096, 8192), key(20480, 512)];
+        assert_eq!(
+            visible_parts(&keys),
+            vec![
+                (0, 0, 1024),
+                (0, 2048, 2048),
+                (1, 1024, 1024),
+                (2, 4096, 8192),
+                (3, 20480, 512)
+            ]
+        );
+    }
 
     #[test]
     fn pacing_speeds_up_as_dirt_grows() {
