@@ -64,8 +64,8 @@ enum BackendKind {
 impl BackendKind {
     fn from_env() -> Self {
         match std::env::var("VMTEST_BACKEND").as_deref() {
-            Ok("qemu-storage-daemon") => BackendKind::QemuStorageDaemon,
-            Ok("") | Ok("vhost-user-pcache") | Err(_) => BackendKind::Daemon,
+            Ok("qemu-storage-daemon") | Ok("") | Err(_) => BackendKind::QemuStorageDaemon,
+            Ok("vhost-user-pcache") => BackendKind::Daemon,
             Ok(other) => {
                 panic!(
                     "VMTEST_BACKEND must be vhost-user-pcache or qemu-storage-daemon, not {other}"

@@ -15,7 +15,9 @@
 #   --queues    virtio-blk queues to request, and to expect in the guest (2)
 #
 # Environment: VMM_ACCEL=tcg (default) or kvm. TCG works everywhere; KVM is
-# much faster where nested virtualisation works.
+# much faster where (nested) virtualisation works. VMM_CPU overrides the CPU
+# model (default qemu64 under TCG, host under KVM). VMTEST_TIMEOUT sets the
+# default for --timeout.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -53,8 +55,8 @@ log=${log:-$guest/console.log}
 
 accel=${VMM_ACCEL:-tcg}
 case "$accel" in
-    tcg) cpu=qemu64 ;;
-    kvm) cpu=host ;;
+    tcg) cpu=${VMM_CPU:-qemu64} ;;
+    kvm) cpu=${VMM_CPU:-host} ;;
     *) echo "run-guest: VMM_ACCEL must be tcg or kvm, not $accel" >&2; exit 2 ;;
 esac
 
