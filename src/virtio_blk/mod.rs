@@ -1,1 +1,10 @@
-//! TODO
+//! The virtio-blk device: feature bits, the config space, the request codec and the per-queue
+//! worker that connects virtqueues to an engine.
+
+pub mod config;
+pub mod features;
+pub mod queue_worker;
+pub mod request;
+
+pub use config::DeviceInfo;
+pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
