@@ -8,3 +8,6 @@ pub mod request;
 
 pub use config::DeviceInfo;
 pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
+
+#[cfg(test)]
+mod request_tests;
