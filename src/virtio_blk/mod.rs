@@ -10,4 +10,6 @@ pub use config::DeviceInfo;
 pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
 
 #[cfg(test)]
+mod queue_worker_tests;
+#[cfg(test)]
 mod request_tests;
