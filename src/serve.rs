@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
-use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryMmap;
 
 use crate::backend::BlkBackend;
@@ -175,7 +175,10 @@ fn serve_connection(
     let ended = daemon.wait();
     *lock(connection) = None;
     match ended {
-        Ok(()) => info!("frontend disconnected"),
+        Ok(())
+        | Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("frontend disconnected"),
         Err(e) => warn!("connection ended with an error: {e}"),
     }
 
