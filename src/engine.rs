@@ -50,7 +50,11 @@ pub enum RequestKind {
     /// Make every write completed before this request durable.
     Flush,
     /// Make `len` bytes at `offset` read as zeroes; `may_unmap` allows deallocating them.
-    WriteZeroes { offset: u64, len: u64, may_unmap: bool },
+    WriteZeroes {
+        offset: u64,
+        len: u64,
+        may_unmap: bool,
+    },
     /// The guest no longer needs `len` bytes at `offset`; they may read as anything afterwards
     /// (engines here make them read as zeroes).
     Discard { offset: u64, len: u64 },

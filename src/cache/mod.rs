@@ -19,3 +19,7 @@ pub struct CachePos {
     pub seg: u32,
     pub off: u32,
 }
+
+pub mod format;
+pub mod index;
+pub mod media;

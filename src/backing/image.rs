@@ -1,0 +1,389 @@
+//! Opening a backing image and synchronous I/O on it (offline tools, writeback, tests).
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::bounce::{align_down, align_up, next_zero_chunk_end, AlignedBuf, ZERO_CHUNK};
+use super::error::BackingError;
+use super::rmw::RangeLocks;
+use super::sys;
+use crate::engine::SECTOR_SIZE;
+
+/// How to open a backing image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingOptions {
+    pub read_only: bool,
+    /// Bypass the host page cache (O_DIRECT). Falls back to buffered I/O, with a warning, where
+    /// the file system cannot do direct I/O.
+    pub direct: bool,
+}
+
+impl Default for BackingOptions {
+    fn default() -> Self {
+        BackingOptions {
+            read_only: false,
+            direct: true,
+        }
+    }
+}
+
+/// What a cache records to recognise its backing image later. For a regular file `dev` and
+/// `ino` are the file system device and inode; for a block device `dev` is the device number
+/// itself and `ino` is 0 (device nodes get new inodes on every boot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackingIdentity {
+    pub size: u64,
+    pub is_block_device: bool,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// An open backing image: a raw image file or a block device.
+pub struct BackingImage {
+    path: PathBuf,
+    file: File,
+    size: u64,
+    read_only: bool,
+    direct: bool,
+    alignment: usize,
+    identity: BackingIdentity,
+    pub(crate) rmw_locks: RangeLocks,
+}
+
+/// Alignments tried, smallest first, when the file system does not report its own.
+const PROBE_ALIGNMENTS: [usize; 4] = [512, 1024, 2048, 4096];
+
+impl BackingImage {
+    pub fn open(path: &Path, opts: &BackingOptions) -> Result<Arc<BackingImage>, BackingError> {
+        let open_err = |source| BackingError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(open_err)?;
+        let is_block_device = meta.file_type().is_block_device();
+        if !is_block_device && !meta.file_type().is_file() {
+            return Err(BackingError::NotFileOrBlockDevice {
+                path: path.to_owned(),
+            });
+        }
+
+        let mut direct = opts.direct;
+        let file = match open_file(path, opts.read_only, direct) {
+            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
+                warn_buffered(path, "the file system refuses O_DIRECT");
+                direct = false;
+                open_file(path, opts.read_only, false)
+            }
+            other => other,
+        }
+        .map_err(open_err)?;
+
+        let size = if is_block_device {
+            sys::block_device_size(&file).map_err(|source| BackingError::Query {
+                path: path.to_owned(),
+                what: "the size",
+                source,
+            })?
+        } else {
+            meta.len()
+        };
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(BackingError::BadSize {
+                path: path.to_owned(),
+                size,
+            });
+        }
+
+        let mut alignment = SECTOR_SIZE as usize;
+        if is_block_device {
+            alignment = sys::block_device_logical_block_size(&file).map_err(|source| {
+                BackingError::Query {
+                    path: path.to_owned(),
+                    what: "the logical block size",
+                    source,
+                }
+            })?;
+        }
+        let mut file = file;
+        if direct {
+            let found = if is_block_device {
+                probe_direct(&file, alignment, size).map(|()| Some(alignment))
+            } else {
+                find_file_alignment(&file, size)
+            }
+            .map_err(open_err)?;
+            match found {
+                Some(a) if size % a as u64 == 0 => alignment = a,
+                Some(a) => {
+                    warn_buffered(
+                        path,
+                        &format!("its size is not a multiple of the {a}-byte direct I/O alignment"),
+                    );
+                    direct = false;
+                }
+                None => {
+                    warn_buffered(path, "direct I/O fails on it");
+                    direct = false;
+                }
+            }
+            if !direct {
+                file = open_file(path, opts.read_only, false).map_err(open_err)?;
+            }
+        }
+
+        let identity = BackingIdentity {
+            size,
+            is_block_device,
+            dev: if is_block_device {
+                meta.rdev()
+            } else {
+                meta.dev()
+            },
+            ino: if is_block_device { 0 } else { meta.ino() },
+        };
+        log::info!(
+            "backing image {}: {size} bytes, {}, alignment {alignment}{}",
+            path.display(),
+            if direct { "direct I/O" } else { "buffered I/O" },
+            if opts.read_only { ", read-only" } else { "" }
+        );
+        Ok(Arc::new(BackingImage {
+            path: path.to_owned(),
+            file,
+            size,
+            read_only: opts.read_only,
+            direct,
+            alignment,
+            identity,
+            rmw_locks: RangeLocks::default(),
+        }))
+    }
+
+    /// Create a sparse image file of `size` bytes. Never overwrites anything.
+    pub fn create_sparse(path: &Path, size: u64) -> Result<(), BackingError> {
+        if size == 0 || size % SECTOR_SIZE != 0 {
+            return Err(BackingError::BadSize {
+                path: path.to_owned(),
+                size,
+            });
+        }
+        let create_err = |source| BackingError::Create {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => BackingError::AlreadyExists {
+                    path: path.to_owned(),
+                },
+                _ => create_err(e),
+            })?;
+        file.set_len(size).map_err(create_err)?;
+        file.sync_all().map_err(create_err)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether I/O bypasses the host page cache (false after the buffered fallback).
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn identity(&self) -> BackingIdentity {
+        self.identity.clone()
+    }
+
+    /// Alignment of offsets, lengths and memory for zero-copy I/O: the direct I/O alignment
+    /// (the device's logical block size, or what the file system reports or accepts), or the
+    /// sector size in buffered mode, where any alignment is zero-copy.
+    pub fn alignment(&self) -> usize {
+        self.alignment
+    }
+
+    /// The alignment requests must meet to go to the kernel as they are.
+    pub(crate) fn io_align(&self) -> usize {
+        if self.direct {
+            self.alignment
+        } else {
+            1
+        }
+    }
+
+    pub(crate) fn raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
+    }
+
+    pub(crate) fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{len} bytes at offset {offset} reach beyond the end of backing image {} ({} bytes)",
+                    self.path.display(),
+                    self.size
+                ),
+            )),
+        }
+    }
+
+    pub(crate) fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("backing image {} is open read-only", self.path.display()),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let align = self.io_align();
+        let (start, end) = (
+            align_down(offset, align),
+            align_up(offset + buf.len() as u64, align),
+        );
+        if start == offset && end == offset + buf.len() as u64 && aligned_mem(buf, align) {
+            return self.file.read_exact_at(buf, offset);
+        }
+        let mut bounce = AlignedBuf::zeroed((end - start) as usize, align);
+        self.file.read_exact_at(bounce.as_mut_slice(), start)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
+        Ok(())
+    }
+
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let align = self.io_align();
+        let (start, end) = (
+            align_down(offset, align),
+            align_up(offset + buf.len() as u64, align),
+        );
+        if start == offset && end == offset + buf.len() as u64 {
+            if aligned_mem(buf, align) {
+                return self.file.write_all_at(buf, offset);
+            }
+            let mut bounce = AlignedBuf::zeroed(buf.len(), align);
+            bounce.as_mut_slice().copy_from_slice(buf);
+            return self.file.write_all_at(bounce.as_slice(), offset);
+        }
+        self.rmw_locks.lock_blocking(start, end);
+        let result = (|| {
+            let mut bounce = AlignedBuf::zeroed((end - start) as usize, align);
+            self.file.read_exact_at(bounce.as_mut_slice(), start)?;
+            let skip = (offset - start) as usize;
+            bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
+            self.file.write_all_at(bounce.as_slice(), start)
+        })();
+        self.rmw_locks.unlock(start, end);
+        result
+    }
+
+    /// Make every completed write durable (fdatasync; on a block device, a cache flush).
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        for &mode in sys::zeroing_modes(may_unmap) {
+            match sys::fallocate(&self.file, mode, offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.raw_os_error().is_some_and(sys::fallocate_unsupported) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let zeroes = AlignedBuf::zeroed(ZERO_CHUNK, self.alignment.max(self.io_align()));
+        let (mut cursor, end) = (offset, offset + len);
+        while cursor < end {
+            let next = next_zero_chunk_end(cursor, end, self.io_align());
+            self.write_at(cursor, &zeroes.as_slice()[..(next - cursor) as usize])?;
+            cursor = next;
+        }
+        Ok(())
+    }
+
+    /// Tell the image `len` bytes at `offset` are unused; they read as zeroes afterwards.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.write_zeroes(offset, len, true)
+    }
+}
+
+fn aligned_mem(buf: &[u8], align: usize) -> bool {
+    (buf.as_ptr() as usize) % align == 0
+}
+
+fn warn_buffered(path: &Path, why: &str) {
+    log::warn!(
+        "backing image {}: {why}; falling back to buffered I/O through the host page cache",
+        path.display()
+    );
+}
+
+fn open_file(path: &Path, read_only: bool, direct: bool) -> io::Result<File> {
+    let mut flags = libc::O_CLOEXEC;
+    if direct {
+        flags |= libc::O_DIRECT;
+    }
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(flags)
+        .open(path)
+}
+
+/// One direct read of `align` bytes at offset `align` into memory aligned to exactly `align`
+/// (or at offset 0 for a tiny image), so a looser alignment than needed shows up as EINVAL.
+fn probe_direct(file: &File, align: usize, size: u64) -> io::Result<()> {
+    let offset = if size >= 2 * align as u64 { align } else { 0 };
+    let mut buf = AlignedBuf::zeroed(2 * align, 2 * align);
+    let target = &mut buf.as_mut_slice()[align..];
+    file.read_exact_at(target, offset as u64)
+}
+
+/// The direct I/O alignment of a regular file: what statx reports if it works, else the
+/// smallest alignment a probe read accepts. `None` when direct I/O does not work at all.
+fn find_file_alignment(file: &File, size: u64) -> io::Result<Option<usize>> {
+    let candidates: Vec<usize> = match sys::statx_dio_alignment(file) {
+        Some(a) => std::iter::once(a.max(SECTOR_SIZE as usize))
+            .chain(PROBE_ALIGNMENTS)
+            .collect(),
+        None => PROBE_ALIGNMENTS.to_vec(),
+    };
+    for align in candidates {
+        if size < align as u64 {
+            break;
+        }
+        match probe_direct(file, align, size) {
+            Ok(()) => return Ok(Some(align)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,321 @@
+//! One thread's asynchronous path to a backing image: an io_uring plus an eventfd doorbell.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use io_uring::IoUring;
+
+use super::bounce::{AlignedBuf, ZERO_CHUNK};
+use super::error::BackingError;
+use super::image::BackingImage;
+use super::job::{plan_read, plan_write, Job, Step, WriteSrc};
+use super::sys::{self, EventFd};
+use crate::engine::DataSeg;
+
+/// Most operations one queue keeps in its ring; more requests wait inside the queue.
+const MAX_DEPTH: u32 = 4096;
+
+/// Submits requests to one backing image through an io_uring. Not shared between threads:
+/// each worker opens its own. Every request completes exactly once, through `reap` or `wait`,
+/// with the caller's `user_data`.
+pub struct BackingQueue {
+    image: Arc<BackingImage>,
+    ring: IoUring,
+    doorbell: Arc<EventFd>,
+    depth: usize,
+    /// Jobs by slot; a slot number is the io_uring user_data of the job's current operation.
+    slots: Vec<Option<Job>>,
+    free_slots: Vec<usize>,
+    live_jobs: usize,
+    /// Operations in the ring (pushed and not yet completed).
+    ring_ops: usize,
+    /// Jobs whose next operation has yet to enter the ring.
+    runnable: VecDeque<usize>,
+    /// Jobs waiting for a read-modify-write range another cycle holds.
+    blocked: Vec<usize>,
+    /// Completions not yet handed out.
+    ready: Vec<(u64, io::Result<()>)>,
+    /// Source for zero-filling fallbacks; allocated on first use.
+    zeroes: Option<AlignedBuf>,
+}
+
+impl BackingQueue {
+    pub fn new(image: Arc<BackingImage>, depth: u32) -> Result<BackingQueue, BackingError> {
+        let ring_err = |source| BackingError::Ring {
+            path: image.path().to_owned(),
+            source,
+        };
+        let depth = depth.clamp(1, MAX_DEPTH);
+        let ring = IoUring::new(depth.next_power_of_two()).map_err(ring_err)?;
+        let doorbell = Arc::new(EventFd::new().map_err(ring_err)?);
+        ring.submitter()
+            .register_eventfd(doorbell.raw())
+            .map_err(ring_err)?;
+        image.rmw_locks.register_waiter(Arc::downgrade(&doorbell));
+        Ok(BackingQueue {
+            image,
+            ring,
+            doorbell,
+            depth: depth as usize,
+            slots: Vec::new(),
+            free_slots: Vec::new(),
+            live_jobs: 0,
+            ring_ops: 0,
+            runnable: VecDeque::new(),
+            blocked: Vec::new(),
+            ready: Vec::new(),
+            zeroes: None,
+        })
+    }
+
+    pub fn image(&self) -> &Arc<BackingImage> {
+        &self.image
+    }
+
+    /// Readable when completions are ready for `reap`.
+    pub fn event_fd(&self) -> RawFd {
+        self.doorbell.raw()
+    }
+
+    pub fn read(&mut self, offset: u64, bufs: &[DataSeg], user_data: u64) {
+        let len = DataSeg::total_len(bufs);
+        if let Err(e) = self.image.check_range(offset, len) {
+            return self.finish_now(user_data, Err(e));
+        }
+        if len == 0 {
+            return self.finish_now(user_data, Ok(()));
+        }
+        let phase = plan_read(&self.image, offset, bufs);
+        self.start(Job::new(user_data, phase));
+    }
+
+    /// With `dsync` the write is durable when it completes (RWF_DSYNC).
+    pub fn write(&mut self, offset: u64, bufs: &[DataSeg], dsync: bool, user_data: u64) {
+        let len = DataSeg::total_len(bufs);
+        let checked = self
+            .image
+            .check_writable()
+            .and_then(|()| self.image.check_range(offset, len));
+        if let Err(e) = checked {
+            return self.finish_now(user_data, Err(e));
+        }
+        if len == 0 {
+            return self.finish_now(user_data, Ok(()));
+        }
+        let phase = plan_write(
+            &self.image,
+            offset,
+            len,
+            WriteSrc::Segs(bufs.to_vec()),
+            dsync,
+        );
+        self.start(Job::new(user_data, phase));
+    }
+
+    /// fdatasync: makes every write completed before it durable.
+    pub fn flush(&mut self, user_data: u64) {
+        self.start(Job::new(user_data, super::job::Phase::Fsync));
+    }
+
+    pub fn write_zeroes(&mut self, offset: u64, len: u64, may_unmap: bool, user_data: u64) {
+        self.zeroing(offset, len, may_unmap, false, user_data);
+    }
+
+    /// Like `write_zeroes`, and durable on completion (an fdatasync follows).
+    pub fn write_zeroes_dsync(&mut self, offset: u64, len: u64, may_unmap: bool, user_data: u64) {
+        self.zeroing(offset, len, may_unmap, true, user_data);
+    }
+
+    /// The range reads as zeroes afterwards (a hole punch where possible).
+    pub fn discard(&mut self, offset: u64, len: u64, user_data: u64) {
+        self.zeroing(offset, len, true, false, user_data);
+    }
+
+    /// Like `discard`, and durable on completion (an fdatasync follows).
+    pub fn discard_dsync(&mut self, offset: u64, len: u64, user_data: u64) {
+        self.zeroing(offset, len, true, true, user_data);
+    }
+
+    /// Append ready completions to `out` without blocking.
+    pub fn reap(&mut self, out: &mut Vec<(u64, io::Result<()>)>) {
+        // Clear first: a completion posted after the drain below rings the doorbell again.
+        self.doorbell.clear();
+        self.process_completions();
+        self.pump();
+        out.append(&mut self.ready);
+    }
+
+    /// Block until every request submitted so far has completed, appending the completions.
+    pub fn wait(&mut self, out: &mut Vec<(u64, io::Result<()>)>) {
+        loop {
+            self.reap(out);
+            if self.live_jobs == 0 {
+                return;
+            }
+            if self.ring_ops > 0 {
+                match self.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(e) if is_transient(&e) => {}
+                    Err(e) => {
+                        log::error!("io_uring wait on {}: {e}", self.image.path().display());
+                        self.doorbell.wait_readable();
+                    }
+                }
+            } else {
+                // Only jobs blocked on another queue's read-modify-write (whose release rings
+                // our doorbell) or a stalled submission (which rang it already) remain.
+                self.doorbell.wait_readable();
+            }
+        }
+    }
+
+    /// Requests submitted and not yet handed out by `reap` or `wait`.
+    pub fn in_flight(&self) -> usize {
+        self.live_jobs + self.ready.len()
+    }
+
+    fn zeroing(&mut self, offset: u64, len: u64, may_unmap: bool, durable: bool, user_data: u64) {
+        let checked = self
+            .image
+            .check_writable()
+            .and_then(|()| self.image.check_range(offset, len));
+        if let Err(e) = checked {
+            return self.finish_now(user_data, Err(e));
+        }
+        if len == 0 {
+            return self.finish_now(user_data, Ok(()));
+        }
+        let align = self.image.alignment().max(4096);
+        let zeroes = self
+            .zeroes
+            .get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK, align))
+            .as_ptr();
+        let modes = sys::zeroing_modes(may_unmap);
+        self.start(Job::zeroing(user_data, offset, len, modes, zeroes, durable));
+    }
+
+    fn finish_now(&mut self, user_data: u64, result: io::Result<()>) {
+        self.ready.push((user_data, result));
+        self.doorbell.signal();
+    }
+
+    fn start(&mut self, job: Job) {
+        let slot = match self.free_slots.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(job);
+                slot
+            }
+            None => {
+                self.slots.push(Some(job));
+                self.slots.len() - 1
+            }
+        };
+        self.live_jobs += 1;
+        self.runnable.push_back(slot);
+        self.pump();
+    }
+
+    /// Move runnable jobs into the ring, up to `depth` operations, and submit.
+    fn pump(&mut self) {
+        for slot in self.blocked.drain(..).rev() {
+            self.runnable.push_front(slot);
+        }
+        let fd = self.image.raw_fd();
+        while self.ring_ops < self.depth {
+            let Some(slot) = self.runnable.pop_front() else {
+                break;
+            };
+            let job = self.slots[slot]
+                .as_mut()
+                .expect("runnable slot holds a job");
+            if let Some((start, end)) = job.wants_lock() {
+                if !self.image.rmw_locks.try_lock(start, end) {
+                    self.blocked.push(slot);
+                    continue;
+                }
+                job.locked = Some((start, end));
+            }
+            let sqe = job.sqe(fd).user_data(slot as u64);
+            // SAFETY: the buffers the entry points at (caller segments, the job's bounce
+            // buffer, the queue's zero buffer, the job's iovec array) stay alive and unmoved
+            // until its completion is reaped: the job stays in its slot until then, and Drop
+            // waits for every operation in the ring.
+            if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                self.runnable.push_front(slot);
+                break;
+            }
+            self.ring_ops += 1;
+        }
+        self.submit_ring();
+    }
+
+    fn submit_ring(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    if !is_transient(&e) {
+                        log::error!("io_uring submit on {}: {e}", self.image.path().display());
+                    }
+                    // The entries stay in the submission queue; ring the doorbell so the
+                    // caller comes back to `reap`, which submits them again.
+                    self.doorbell.signal();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn process_completions(&mut self) {
+        let done: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
+        for (slot, res) in done {
+            let slot = slot as usize;
+            self.ring_ops -= 1;
+            let job = self.slots[slot]
+                .as_mut()
+                .expect("completion for a live job");
+            match job.complete(res, &self.image) {
+                Step::Again => self.runnable.push_back(slot),
+                Step::Finished(result) => {
+                    job.release_lock(&self.image);
+                    self.ready.push((job.user_data, result));
+                    self.slots[slot] = None;
+                    self.free_slots.push(slot);
+                    self.live_jobs -= 1;
+                }
+            }
+        }
+    }
+}
+
+fn is_transient(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
+    )
+}
+
+impl Drop for BackingQueue {
+    fn drop(&mut self) {
+        // The kernel may still read or write memory this queue owns: wait for it.
+        let mut lost = Vec::new();
+        self.wait(&mut lost);
+        if !lost.is_empty() {
+            log::debug!(
+                "backing queue for {} dropped with {} unreaped completions",
+                self.image.path().display(),
+                lost.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! One region's ordered map and the dm-pcache overlap rules.
+//!
+//! Entries never overlap and never leave their region. Every change is driven by one cursor
+//! re-searching the map after each mutation (as dm-pcache re-searches its RB-tree), so no
+//! operation allocates beyond the map's own nodes and the caller's output vector.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
+use crate::cache::{CachePos, REGION_SIZE};
+
+/// A key without its offset (the map key). 36 bytes with 4-byte alignment, so a B-tree slot
+/// (entry plus `u32` offset) is 40 bytes: the kind lives in the top bits of the length (an
+/// entry never exceeds its 4 MiB region), and the generation is stored as two halves. For a
+/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    len_kind: u32,
+    pos: CachePos,
+    gen: [u32; 2],
+    crc: CrcSpan,
+}
+
+const KIND_SHIFT: u32 = 30;
+const LEN_MASK: u32 = (1 << KIND_SHIFT) - 1;
+const _: () = assert!(
+    REGION_SIZE <= LEN_MASK as u64,
+    "entry lengths must fit below the kind"
+);
+
+impl Entry {
+    fn new(len: u32, kind: KeyKind, pos: CachePos, gen: u64, crc: CrcSpan) -> Entry {
+        let kind_bits = match kind {
+            KeyKind::Dirty => 0,
+            KeyKind::Clean => 1,
+            KeyKind::Zeroes => 2,
+            KeyKind::Empty => 3,
+        };
+        Entry {
+            len_kind: (len & LEN_MASK) | kind_bits << KIND_SHIFT,
+            pos,
+            gen: [gen as u32, (gen >> 32) as u32],
+            crc,
+        }
+    }
+
+    fn of(key: &IndexKey) -> Entry {
+        Entry::new(key.len, key.kind, key.pos, key.gen, key.crc)
+    }
+
+    fn placeholder(len: u32, ticket_id: u64) -> Entry {
+        let (pos, crc) = (CachePos::default(), CrcSpan::default());
+        Entry::new(len, KeyKind::Empty, pos, ticket_id, crc)
+    }
+
+    fn len(&self) -> u32 {
+        self.len_kind & LEN_MASK
+    }
+
+    fn set_len(&mut self, len: u32) {
+        self.len_kind = (self.len_kind & !LEN_MASK) | (len & LEN_MASK);
+    }
+
+    fn kind(&self) -> KeyKind {
+        match self.len_kind >> KIND_SHIFT {
+            0 => KeyKind::Dirty,
+            1 => KeyKind::Clean,
+            2 => KeyKind::Zeroes,
+            _ => KeyKind::Empty,
+        }
+    }
+
+    fn gen(&self) -> u64 {
+        u64::from(self.gen[0]) | u64::from(self.gen[1]) << 32
+    }
+
+    fn key_at(&self, off: u64) -> IndexKey {
+        IndexKey {
+            off,
+            len: self.len(),
+            kind: self.kind(),
+            pos: self.pos,
+            gen: self.gen(),
+            crc: self.crc,
+        }
+    }
+
+    fn end(&self, off: u64) -> u64 {
+        off + u64::from(self.len())
+    }
+
+    /// The entry starting at `off` with its first `by` bytes cut away.
+    fn cut_front(&self, off: u64, by: u32) -> Entry {
+        Entry::of(&trim(
+            &self.key_at(off),
+            off + u64::from(by),
+            self.len() - by,
+        ))
+    }
+
+    fn is_placeholder_of(&self, ticket: &FillTicket) -> bool {
+        self.kind() == KeyKind::Empty && self.gen() == ticket.id
+    }
+
+    /// A data key whose segment was reused since the key was made. Placeholders and zeroes keys
+    /// point at no segment and never go stale.
+    fn is_stale(&self, gen_of: &dyn Fn(u32) -> u64) -> bool {
+        matches!(self.kind(), KeyKind::Dirty | KeyKind::Clean) && self.gen() < gen_of(self.pos.seg)
+    }
+}
+
+/// The keys of one region, by offset inside the region. Methods take and return absolute
+/// backing offsets, which must lie inside the region.
+pub(super) struct Subtree {
+    base: u64,
+    map: BTreeMap<u32, Entry>,
+    /// Entries that are not placeholders.
+    extents: usize,
+}
+
+impl Subtree {
+    pub(super) fn new(base: u64) -> Subtree {
+        Subtree {
+            base,
+            map: BTreeMap::new(),
+            extents: 0,
+        }
+    }
+
+    pub(super) fn extents(&self) -> usize {
+        self.extents
+    }
+
+    fn rel(&self, off: u64) -> u32 {
+        (off - self.base) as u32
+    }
+
+    fn abs(&self, rel: u32) -> u64 {
+        self.base + u64::from(rel)
+    }
+
+    /// Offset of the first entry starting in `[from, to)` that satisfies `pred`.
+    fn find(&self, from: u64, to: u64, pred: impl Fn(&Entry) -> bool) -> Option<u64> {
+        let found = self
+            .map
+            .range(self.rel(from)..self.rel(to))
+            .find(|(_, e)| pred(e));
+        found.map(|(&rel, _)| self.abs(rel))
+    }
+
+    fn get(&self, off: u64) -> Entry {
+        self.map[&self.rel(off)]
+    }
+
+    fn put(&mut self, off: u64, entry: Entry) {
+        if entry.kind() != KeyKind::Empty {
+            self.extents += 1;
+        }
+        let replaced = self.map.insert(self.rel(off), entry);
+        debug_assert!(replaced.is_none(), "index entries overlap at {off}");
+    }
+
+    fn take(&mut self, off: u64) -> Option<Entry> {
+        let entry = self.map.remove(&self.rel(off))?;
+        if entry.kind() != KeyKind::Empty {
+            self.extents -= 1;
+        }
+        Some(entry)
+    }
+
+    /// The entry starting before `off` and reaching past it, if any.
+    fn reaching_into(&self, off: u64) -> Option<u64> {
+        let (&rel, entry) = self.map.range(..self.rel(off)).next_back()?;
+        (entry.end(self.abs(rel)) > off).then(|| self.abs(rel))
+    }
+
+    /// Insert `key` (inside this region), cutting everything it overlaps.
+    pub(super) fn insert(&mut self, key: &IndexKey) {
+        let (start, end) = (key.off, key.end());
+        // At most one entry starts before the key and reaches into it.
+        if let Some(off) = self.reaching_into(start) {
+            let whole = self.get(off);
+            let rel = self.rel(off);
+            // overlap_head: keep the front. Also the front half of overlap_contained.
+            if let Some(entry) = self.map.get_mut(&rel) {
+                entry.set_len((start - off) as u32);
+            }
+            // overlap_contained: the back half survives as a new entry, except that a
+            // placeholder is only truncated (its fill covers one contiguous prefix).
+            if whole.end(off) > end && whole.kind() != KeyKind::Empty {
+                self.put(end, whole.cut_front(off, (end - off) as u32));
+            }
+        }
+        while let Some(off) = self.find(start, end, |_| true) {
+            let Some(entry) = self.take(off) else { break };
+            // overlap_tail keeps the back; overlap_contain deletes. A placeholder whose front
+            // is overwritten is deleted whole, so what remains of it is always a prefix.
+            if entry.end(off) > end && entry.kind() != KeyKind::Empty {
+                self.put(end, entry.cut_front(off, (end - off) as u32));
+            }
+        }
+        self.put(start, Entry::of(key));
+    }
+
+    /// Append the pieces of `[start, end)` (inside this region) to `out`. With `tickets`, each
+    /// gap gets a placeholder whose ticket id is drawn from it.
+    pub(super) fn lookup(
+        &mut self,
+        start: u64,
+        end: u64,
+        tickets: Option<&AtomicU64>,
+        gen_of: &dyn Fn(u32) -> u64,
+        out: &mut Vec<Piece>,
+    ) {
+        let mut at = start;
+        let mut reaching_in = self.reaching_into(start);
+        while at < end {
+            let next = reaching_in.take().or_else(|| self.find(at, end, |_| true));
+            let Some(off) = next else {
+                self.gap(at, end, tickets, out);
+                return;
+            };
+            let entry = self.get(off);
+            if entry.is_stale(gen_of) {
+                self.take(off);
+                continue;
+            }
+            if off > at {
+                self.gap(at, off, tickets, out);
+                at = off;
+            }
+            let piece_end = entry.end(off).min(end);
+            let len = (piece_end - at) as u32;
+            let piece = match entry.kind() {
+                KeyKind::Dirty | KeyKind::Clean => Piece::Hit {
+                    off: at,
+                    len,
+                    key: trim(&entry.key_at(off), at, len),
+                },
+                KeyKind::Zeroes => Piece::Zeroes { off: at, len },
+                KeyKind::Empty => Piece::Miss {
+                    off: at,
+                    len,
+                    ticket: None,
+                },
+            };
+            push_piece(out, piece);
+            at = piece_end;
+        }
+    }
+
+    fn gap(&mut self, off: u64, end: u64, tickets: Option<&AtomicU64>, out: &mut Vec<Piece>) {
+        let len = (end - off) as u32;
+        let ticket = tickets.map(|next| {
+            let id = next.fetch_add(1, Ordering::Relaxed);
+            self.put(off, Entry::placeholder(len, id));
+            FillTicket { id, off, len }
+        });
+        push_piece(out, Piece::Miss { off, len, ticket });
+    }
+
+    /// Turn the remaining fragments of `ticket`'s placeholder into clean keys.
+    pub(super) fn complete_fill(
+        &mut self,
+        ticket: &FillTicket,
+        pos: CachePos,
+        gen: u64,
+        crc: CrcSpan,
+        on_insert: &mut dyn FnMut(&IndexKey),
+    ) -> u64 {
+        let (mut kept, mut filled) = (0, 0);
+        let (from, to) = (self.rel(ticket.off), self.rel(ticket.off) + ticket.len);
+        for (&rel, entry) in self.map.range_mut(from..to) {
+            if entry.is_placeholder_of(ticket) {
+                let fragment_pos = CachePos {
+                    seg: pos.seg,
+                    off: pos.off.wrapping_add(rel - from),
+                };
+                *entry = Entry::new(entry.len(), KeyKind::Clean, fragment_pos, gen, crc);
+                kept += u64::from(entry.len());
+                filled += 1;
+                on_insert(&entry.key_at(self.base + u64::from(rel)));
+            }
+        }
+        self.extents += filled;
+        kept
+    }
+
+    /// Remove the remaining fragments of `ticket`'s placeholder.
+    pub(super) fn abort_fill(&mut self, ticket: &FillTicket) {
+        let (mut at, end) = (ticket.off, ticket.off + u64::from(ticket.len));
+        while let Some(off) = self.find(at, end, |e| e.is_placeholder_of(ticket)) {
+            self.take(off);
+            at = off;
+        }
+    }
+
+    /// Remove up to `max` stale keys starting in `[from, to)` (clamped to the region).
+    /// Returns how many were removed and where a later scan should resume.
+    pub(super) fn remove_stale(
+        &mut self,
+        from: u64,
+        to: u64,
+        gen_of: &dyn Fn(u32) -> u64,
+        max: usize,
+    ) -> (usize, u64) {
+        let to = to.min(self.base + REGION_SIZE);
+        let (mut at, mut removed) = (from.max(self.base), 0);
+        while removed < max && at < to {
+            let Some(off) = self.find(at, to, |e| e.is_stale(gen_of)) else {
+                return (removed, to);
+            };
+            self.take(off);
+            removed += 1;
+            at = off;
+        }
+        (removed, at)
+    }
+
+    pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {
+        for (&rel, entry) in &self.map {
+            if entry.kind() != KeyKind::Empty {
+                f(&entry.key_at(self.abs(rel)));
+            }
+        }
+    }
+
+    /// Every entry, placeholders included, for tests that check the map's shape.
+    #[cfg(test)]
+    pub(super) fn all_keys(&self) -> impl Iterator<Item = IndexKey> + '_ {
+        self.map
+            .iter()
+            .map(|(&rel, entry)| entry.key_at(self.abs(rel)))
+    }
+}

@@ -1,0 +1,301 @@
+//! [`MappedMedia`]: a shared mapping of a devdax device, a DAX file or an ordinary file.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::cpu_flush::{self, FlushInsn};
+use super::{check_range, msync, Media, MediaError, MediaOptions, Persistence};
+
+/// A cache media backed by a `MAP_SHARED` mapping of a file or device.
+pub struct MappedMedia {
+    base: *mut u8,
+    len: u64,
+    persistence: Persistence,
+    flush: FlushInsn,
+    path: PathBuf,
+    _file: File,
+}
+
+// SAFETY: the mapping is shared memory owned by this object until drop; every method either
+// reads/writes caller-chosen disjoint ranges (the documented contract) or only reads the
+// immutable fields.
+unsafe impl Send for MappedMedia {}
+// SAFETY: as above; no method mutates the object itself.
+unsafe impl Sync for MappedMedia {}
+
+/// What kind of object the path names.
+enum Target {
+    DevDax { size: u64 },
+    File { size: u64 },
+}
+
+impl MappedMedia {
+    /// Open and map `path`. See [`super::open_media`].
+    pub fn open(path: &Path, opts: &MediaOptions) -> Result<Self, MediaError> {
+        let io_err = |what: &'static str| {
+            move |source: io::Error| MediaError::Io {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let unsupported = |reason: String| MediaError::Unsupported {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let (file, target) = open_target(path, opts.create_size)?;
+        let size = match target {
+            Target::DevDax { size } | Target::File { size } => size,
+        };
+        if size == 0 {
+            return Err(unsupported("the media is empty".into()));
+        }
+        let len = usize::try_from(size).map_err(|_| unsupported("media too large".into()))?;
+        let is_devdax = matches!(target, Target::DevDax { .. });
+
+        let (base, persistence) = match (opts.persistence, is_devdax) {
+            (Some(Persistence::Msync), true) => {
+                return Err(unsupported(
+                    "device DAX has no page cache to msync; use pmem".into(),
+                ))
+            }
+            (Some(Persistence::Volatile), _) => {
+                log::warn!(
+                    "{}: volatile persistence requested: cache contents will not survive a \
+                     power loss or kernel crash",
+                    path.display()
+                );
+                (
+                    map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                    Persistence::Volatile,
+                )
+            }
+            (Some(Persistence::Msync), false) => (
+                map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                Persistence::Msync,
+            ),
+            (_, true) => {
+                if !cpu_flush::SUPPORTED {
+                    return Err(unsupported("pmem mode is not supported on this CPU".into()));
+                }
+                (
+                    map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                    Persistence::Pmem,
+                )
+            }
+            (forced, false) => match map(&file, len, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
+                Ok(base) if cpu_flush::SUPPORTED => (base, Persistence::Pmem),
+                Ok(base) => {
+                    unmap(base, len);
+                    return Err(unsupported("pmem mode is not supported on this CPU".into()));
+                }
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                    if forced == Some(Persistence::Pmem) {
+                        return Err(unsupported(
+                            "pmem persistence requested, but the file is not on a DAX \
+                                 filesystem (MAP_SYNC refused); use msync"
+                                .into(),
+                        ));
+                    }
+                    (
+                        map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                        Persistence::Msync,
+                    )
+                }
+                Err(e) => return Err(io_err("mmap")(e)),
+            },
+        };
+        let flush = cpu_flush::detect();
+        log::info!(
+            "{}: mapped {} bytes, persistence {}{}",
+            path.display(),
+            size,
+            persistence,
+            if persistence == Persistence::Pmem {
+                format!(" ({flush:?})")
+            } else {
+                String::new()
+            }
+        );
+        Ok(MappedMedia {
+            base,
+            len: size,
+            persistence,
+            flush,
+            path: path.to_path_buf(),
+            _file: file,
+        })
+    }
+
+    /// The path this media was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn map_end(&self) -> usize {
+        let page = msync::page_size();
+        (self.base as usize + self.len as usize + page - 1) & !(page - 1)
+    }
+}
+
+fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target), MediaError> {
+    let io_err = |what: &'static str, source: io::Error| MediaError::Io {
+        path: path.to_path_buf(),
+        what,
+        source,
+    };
+    let exists = path.exists();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create_size.is_some() && !exists)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| io_err("open", e))?;
+    let meta = file.metadata().map_err(|e| io_err("stat", e))?;
+    if meta.file_type().is_char_device() {
+        let rdev = meta.rdev();
+        // SAFETY: major/minor are pure arithmetic on the device number.
+        #[allow(unused_unsafe)]
+        let (major, minor) = unsafe { (libc::major(rdev), libc::minor(rdev)) };
+        let sys = format!("/sys/dev/char/{major}:{minor}/size");
+        let text = std::fs::read_to_string(&sys).map_err(|e| io_err("read device DAX size", e))?;
+        let size = text
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| MediaError::Unsupported {
+                path: path.to_path_buf(),
+                reason: format!("{sys} holds {:?}, not a size", text.trim()),
+            })?;
+        return Ok((file, Target::DevDax { size }));
+    }
+    if !meta.file_type().is_file() {
+        return Err(MediaError::Unsupported {
+            path: path.to_path_buf(),
+            reason: "not a regular file or a device DAX character device".into(),
+        });
+    }
+    let mut size = meta.len();
+    if size == 0 {
+        if let Some(want) = create_size {
+            file.set_len(want).map_err(|e| io_err("set size", e))?;
+            size = want;
+        }
+    } else if let Some(want) = create_size {
+        if want != size {
+            log::warn!(
+                "{}: existing file of {size} bytes kept; requested size {want} ignored",
+                path.display()
+            );
+        }
+    }
+    Ok((file, Target::File { size }))
+}
+
+fn map(file: &File, len: usize, flags: libc::c_int) -> io::Result<*mut u8> {
+    // SAFETY: a fresh mapping at a kernel-chosen address; it aliases nothing in this process.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(p.cast())
+    }
+}
+
+fn unmap(base: *mut u8, len: usize) {
+    // SAFETY: base/len describe a mapping made by `map` that nothing references any more.
+    unsafe { libc::munmap(base.cast(), len) };
+}
+
+impl Drop for MappedMedia {
+    fn drop(&mut self) {
+        unmap(self.base, self.len as usize);
+    }
+}
+
+impl Media for MappedMedia {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn persistence(&self) -> Persistence {
+        self.persistence
+    }
+
+    fn persist(&self, offset: u64, len: u64) -> Result<(), MediaError> {
+        check_range(offset, len, self.len)?;
+        let start = self.base as usize + offset as usize;
+        match self.persistence {
+            // SAFETY: the range was bounds-checked against the live mapping.
+            Persistence::Pmem => unsafe {
+                cpu_flush::write_back(self.flush, start as *const u8, len as usize)
+            },
+            Persistence::Msync => msync::record(start, start + len as usize),
+            Persistence::Volatile => {}
+        }
+        Ok(())
+    }
+
+    fn fence(&self) -> Result<(), MediaError> {
+        match self.persistence {
+            Persistence::Pmem => cpu_flush::store_fence(),
+            Persistence::Msync => {
+                let base = self.base as usize;
+                for (s, e) in msync::take_merged(base, self.map_end()) {
+                    // SAFETY: [s, e) is page-aligned and inside this live mapping.
+                    let rc = unsafe { libc::msync(s as *mut libc::c_void, e - s, libc::MS_SYNC) };
+                    if rc != 0 {
+                        return Err(MediaError::Msync {
+                            offset: (s - base) as u64,
+                            len: (e - s) as u64,
+                            source: io::Error::last_os_error(),
+                        });
+                    }
+                }
+            }
+            Persistence::Volatile => {}
+        }
+        Ok(())
+    }
+
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        check_range(offset, buf.len() as u64, self.len)?;
+        // SAFETY: bounds-checked; the caller guarantees no concurrent write to these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.base.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
+        };
+        Ok(())
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
+        check_range(offset, data.len() as u64, self.len)?;
+        // SAFETY: bounds-checked; the caller guarantees no concurrent access to these bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())
+        };
+        Ok(())
+    }
+
+    fn slice_ptr(&self, offset: u64, len: u64) -> Result<*mut u8, MediaError> {
+        check_range(offset, len, self.len)?;
+        // SAFETY: offset is within the mapping (checked above).
+        Ok(unsafe { self.base.add(offset as usize) })
+    }
+}
