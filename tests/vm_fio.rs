@@ -14,10 +14,11 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
+mod common;
+
 const DISK_SIZE: u64 = 256 << 20;
 const QUEUES: u32 = 2;
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
-const STOP_GRACE: Duration = Duration::from_secs(30);
 
 fn vmm_tests_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
@@ -64,8 +65,8 @@ enum BackendKind {
 impl BackendKind {
     fn from_env() -> Self {
         match std::env::var("VMTEST_BACKEND").as_deref() {
-            Ok("qemu-storage-daemon") | Ok("") | Err(_) => BackendKind::QemuStorageDaemon,
-            Ok("vhost-user-pcache") => BackendKind::Daemon,
+            Ok("") | Ok("vhost-user-pcache") | Err(_) => BackendKind::Daemon,
+            Ok("qemu-storage-daemon") => BackendKind::QemuStorageDaemon,
             Ok(other) => {
                 panic!(
                     "VMTEST_BACKEND must be vhost-user-pcache or qemu-storage-daemon, not {other}"
@@ -76,125 +77,135 @@ impl BackendKind {
 }
 
 /// One running backend process serving `image` on `socket`.
-struct Backend {
-    child: Child,
-    stderr_path: PathBuf,
+enum Backend {
+    /// This project's daemon; its stderr goes straight to the test's stderr.
+    Daemon(common::Daemon),
+    QemuStorageDaemon(Qsd),
 }
 
 impl Backend {
-    fn start(kind: &BackendKind, socket: &Path, image: &Path, stderr_path: &Path) -> Self {
-        let _ = fs::remove_file(socket);
-        let mut cmd = match kind {
+    fn start(kind: &BackendKind, socket: &Path, image: &Path, log: &Path) -> Self {
+        match kind {
             BackendKind::Daemon => {
-                let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"));
-                cmd.arg("serve")
-                    .arg("--socket")
-                    .arg(socket)
-                    .arg("--backing")
-                    .arg(image)
-                    .arg("--create-backing")
-                    .arg(format!("{}M", DISK_SIZE >> 20))
-                    .arg("--queues")
-                    .arg(QUEUES.to_string())
-                    .env(
-                        "RUST_LOG",
-                        std::env::var("RUST_LOG").unwrap_or("info".into()),
-                    );
-                cmd
+                let image = image.to_str().expect("utf-8 image path");
+                let size = format!("{}M", DISK_SIZE >> 20);
+                let queues = QUEUES.to_string();
+                Backend::Daemon(common::Daemon::start(
+                    socket,
+                    &[
+                        "--backing",
+                        image,
+                        "--create-backing",
+                        &size,
+                        "--queues",
+                        &queues,
+                    ],
+                ))
             }
             BackendKind::QemuStorageDaemon => {
-                if !image.exists() {
-                    File::create(image)
-                        .and_then(|f| f.set_len(DISK_SIZE))
-                        .expect("create backing image");
-                }
-                let mut cmd = Command::new("qemu-storage-daemon");
-                cmd.arg("--blockdev")
-                    .arg(format!(
-                        "driver=file,node-name=f,filename={}",
-                        image.display()
-                    ))
-                    .arg("--export")
-                    .arg(format!(
-                        "type=vhost-user-blk,id=e0,node-name=f,addr.type=unix,addr.path={},\
-                         writable=on,num-queues={QUEUES}",
-                        socket.display()
-                    ));
-                cmd
+                Backend::QemuStorageDaemon(Qsd::start(socket, image, log))
             }
-        };
-        let stderr = File::options()
-            .create(true)
-            .append(true)
-            .open(stderr_path)
-            .expect("open backend log");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(stderr.try_clone().expect("dup backend log"))
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn backend");
-        let mut backend = Backend {
-            child,
-            stderr_path: stderr_path.to_owned(),
-        };
-        backend.wait_for_socket(socket);
-        backend
+        }
     }
 
-    fn wait_for_socket(&mut self, socket: &Path) {
+    fn stop(self) -> ExitStatus {
+        match self {
+            Backend::Daemon(daemon) => daemon.terminate(),
+            Backend::QemuStorageDaemon(qsd) => qsd.stop(),
+        }
+    }
+
+    /// What to show about the backend when a guest fails.
+    fn describe_log(&self) -> String {
+        match self {
+            Backend::Daemon(_) => "(the daemon's stderr is printed above, as it ran)".into(),
+            Backend::QemuStorageDaemon(qsd) => tail(&qsd.log, 40),
+        }
+    }
+}
+
+/// `qemu-storage-daemon` exporting `image` as vhost-user-blk: the reference
+/// backend, for telling harness problems from daemon problems.
+struct Qsd {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Qsd {
+    fn start(socket: &Path, image: &Path, log: &Path) -> Self {
+        let _ = fs::remove_file(socket);
+        if !image.exists() {
+            File::create(image)
+                .and_then(|f| f.set_len(DISK_SIZE))
+                .expect("create backing image");
+        }
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open qemu-storage-daemon log");
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=f,filename={}",
+                image.display()
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=f,addr.type=unix,addr.path={},\
+                 writable=on,num-queues={QUEUES}",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().expect("dup qemu-storage-daemon log"))
+            .stderr(out)
+            .spawn()
+            .expect("spawn qemu-storage-daemon (run vmm-tests/install-deps.sh)");
+        let mut qsd = Qsd {
+            child,
+            log: log.to_owned(),
+        };
         let deadline = Instant::now() + SOCKET_WAIT;
         while !socket.exists() {
-            if let Some(status) = self.child.try_wait().expect("poll backend") {
+            if let Some(status) = qsd.child.try_wait().expect("poll qemu-storage-daemon") {
                 panic!(
-                    "backend exited ({status}) before listening\n{}",
-                    tail(&self.stderr_path, 40)
+                    "qemu-storage-daemon exited ({status}) before listening\n{}",
+                    tail(log, 40)
                 );
             }
             assert!(
                 Instant::now() < deadline,
-                "backend did not create {} within {SOCKET_WAIT:?}\n{}",
-                socket.display(),
-                tail(&self.stderr_path, 40)
+                "qemu-storage-daemon did not listen within {SOCKET_WAIT:?}\n{}",
+                tail(log, 40)
             );
             sleep(Duration::from_millis(50));
         }
+        qsd
     }
 
-    /// SIGTERM, then wait; a backend that ignores SIGTERM is killed and
-    /// reported as a failure.
     fn stop(mut self) -> ExitStatus {
         let pid = libc::pid_t::try_from(self.child.id()).expect("pid fits pid_t");
         // SAFETY: kill(2) only sends a signal; `pid` is our own child, which
         // has not been reaped yet, so the pid cannot have been reused.
         let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
-        assert_eq!(
-            rc,
-            0,
-            "SIGTERM to backend: {}",
-            std::io::Error::last_os_error()
-        );
-        let deadline = Instant::now() + STOP_GRACE;
+        assert_eq!(rc, 0, "SIGTERM: {}", std::io::Error::last_os_error());
+        let deadline = Instant::now() + SOCKET_WAIT;
         loop {
-            if let Some(status) = self.child.try_wait().expect("poll backend") {
+            if let Some(status) = self.child.try_wait().expect("poll qemu-storage-daemon") {
                 return status;
             }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                panic!(
-                    "backend ignored SIGTERM for {STOP_GRACE:?}\n{}",
-                    tail(&self.stderr_path, 40)
-                );
-            }
+            assert!(
+                Instant::now() < deadline,
+                "qemu-storage-daemon ignored SIGTERM"
+            );
             sleep(Duration::from_millis(50));
         }
     }
 }
 
-impl Drop for Backend {
+impl Drop for Qsd {
     fn drop(&mut self) {
-        // Only reached on a failing path: stop() consumes the backend.
+        // Reaps a failed test's process; after stop() this is a no-op.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -244,7 +255,7 @@ fn boot_guest(guest: &Path, socket: &Path, mode: &str, console: &Path, backend: 
         output.status,
         String::from_utf8_lossy(&output.stderr),
         tail(console, 60),
-        tail(&backend.stderr_path, 40),
+        backend.describe_log(),
     );
 }
 
@@ -261,7 +272,7 @@ fn guest_fio_verifies_data_across_daemon_restart() {
         .expect("temp dir");
     let socket = dir.path().join("vhost.sock");
     let image = dir.path().join("backing.img");
-    let backend_log = dir.path().join("backend.log");
+    let backend_log = dir.path().join("qemu-storage-daemon.log");
 
     // On failure the panic leaves the temp dir behind for inspection.
     let dir = dir.keep();
@@ -276,7 +287,7 @@ fn guest_fio_verifies_data_across_daemon_restart() {
         &backend,
     );
     let status = backend.stop();
-    println!("vm_fio: backend stopped after SIGTERM: {status}");
+    assert!(status.success(), "backend exit after SIGTERM: {status}");
 
     let backend = Backend::start(&kind, &socket, &image, &backend_log);
     boot_guest(
@@ -286,7 +297,8 @@ fn guest_fio_verifies_data_across_daemon_restart() {
         &dir.join("console-verify.log"),
         &backend,
     );
-    backend.stop();
+    let status = backend.stop();
+    assert!(status.success(), "backend exit after SIGTERM: {status}");
 
     fs::remove_dir_all(&dir).expect("remove temp dir");
 }
