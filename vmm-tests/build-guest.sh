@@ -29,10 +29,14 @@ if [[ -z "$kernel" ]]; then
     kernel=$(ls /boot/vmlinuz-*-cloud-amd64 2>/dev/null | sort -V | tail -n1 || true)
 fi
 if [[ -z "$kernel" || ! -r "$kernel" ]]; then
-    echo "build-guest: no readable /boot/vmlinuz-*-cloud-amd64; run vmm-tests/install-deps.sh" >&2
+    echo "build-guest: no readable kernel (${kernel:-/boot/vmlinuz-*-cloud-amd64}); run vmm-tests/install-deps.sh" >&2
     exit 1
 fi
 kver=${kernel#*/vmlinuz-}
+if [[ ! -f /lib/modules/$kver/modules.dep ]]; then
+    echo "build-guest: no modules for $kver in /lib/modules; run vmm-tests/install-deps.sh" >&2
+    exit 1
+fi
 
 # The module files to insmod, in load order. modprobe resolves the
 # dependencies and already orders them; "builtin" lines are compiled in.

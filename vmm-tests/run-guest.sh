@@ -63,12 +63,14 @@ esac
 # The guest's RAM must be shared memory: the backend maps it to reach the
 # virtqueues and the I/O buffers.
 mem=512M
+# The guest's virtio-blk driver uses at most one queue per vCPU.
+cpus=$(( queues > 2 ? queues : 2 ))
 : >"$log"
 start=$(date +%s)
 set +e
 timeout --kill-after=10 "$timeout_secs" \
     qemu-system-x86_64 \
-    -machine q35 -accel "$accel" -cpu "$cpu" -smp 2 -m "$mem" \
+    -machine q35 -accel "$accel" -cpu "$cpu" -smp "$cpus" -m "$mem" \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
     -nodefaults -display none -monitor none -serial "file:$log" -no-reboot \
     -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz" \
