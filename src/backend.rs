@@ -1,1 +1,241 @@
-//! TODO
+//! The `VhostUserBackend` implementation: one object per vhost-user connection, holding the
+//! per-queue workers. It takes `&self` everywhere (each queue worker has its own lock), so the
+//! vring threads run in parallel instead of taking turns on one backend lock.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use log::{debug, info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::engine::Engine;
+use crate::virtio_blk::config::parse_config_write;
+use crate::virtio_blk::features::{
+    device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
+};
+use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, QueueWorker, Vring};
+
+/// The epoll handler type of a daemon running this backend.
+pub type EpollHandler = VringEpollHandler<Arc<BlkBackend>>;
+
+pub struct BlkBackend {
+    engine: Arc<dyn Engine>,
+    info: Arc<DeviceInfo>,
+    max_queue_size: usize,
+    mem: GuestMemAtomic,
+    acked_features: AtomicU64,
+    /// Set once the connection is over: no queue is (re)started after that.
+    closed: AtomicBool,
+    workers: Vec<Mutex<QueueWorker>>,
+    /// Each vring thread's event loop, to add the engine's poll fds to. Weak: the handlers own
+    /// the backend.
+    epoll_handlers: Mutex<Vec<Weak<EpollHandler>>>,
+}
+
+impl BlkBackend {
+    /// A backend for one connection. `mem` must be the same `GuestMemoryAtomic` given to the
+    /// connection's `VhostUserDaemon`, and new for every connection.
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        info: DeviceInfo,
+        max_queue_size: usize,
+        mem: GuestMemAtomic,
+    ) -> Self {
+        let info = Arc::new(info);
+        let workers = (0..usize::from(info.num_queues))
+            .map(|i| Mutex::new(QueueWorker::new(i, engine.clone(), info.clone())))
+            .collect();
+        BlkBackend {
+            engine,
+            info,
+            max_queue_size,
+            mem,
+            acked_features: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            workers,
+            epoll_handlers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Hands over the daemon's epoll handlers (one per vring thread) once it exists.
+    pub fn set_epoll_handlers(&self, handlers: &[Arc<EpollHandler>]) {
+        *lock(&self.epoll_handlers) = handlers.iter().map(Arc::downgrade).collect();
+    }
+
+    /// Ends the connection's I/O: no new requests are taken, every request in flight is
+    /// finished and every engine queue closed.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        for index in 0..self.workers.len() {
+            self.stop_queue(index);
+        }
+    }
+
+    fn stop_queue(&self, index: usize) {
+        let handler = lock(&self.epoll_handlers)
+            .get(index)
+            .and_then(Weak::upgrade);
+        let data_base = self.poll_fd_data_base();
+        lock(&self.workers[index]).stop(|fds| {
+            if let Some(handler) = &handler {
+                for (k, &fd) in fds.iter().enumerate() {
+                    let _ = handler.unregister_listener(fd, EventSet::IN, data_base + k as u64);
+                }
+            }
+        });
+    }
+
+    /// Event ids `0..num_queues` are vrings and `num_queues` is the framework's own, so the
+    /// engine's poll fds start above it.
+    fn poll_fd_data_base(&self) -> u64 {
+        u64::from(self.info.num_queues) + 1
+    }
+
+    fn register_poll_fds(&self, thread: usize, fds: &[RawFd]) -> io::Result<()> {
+        let handler = lock(&self.epoll_handlers)
+            .get(thread)
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| io::Error::other("no event loop for this vring thread"))?;
+        for (k, &fd) in fds.iter().enumerate() {
+            handler.register_listener(fd, EventSet::IN, self.poll_fd_data_base() + k as u64)?;
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A worker that panicked left plain data behind; keep serving the other queues.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.info.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        device_features(self.info.read_only)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+        info!("frontend acknowledged features {features:#x}");
+        // Without FLUSH the driver can never ask for durability, so every write must be durable
+        // on completion; without CONFIG_WCE the driver cannot change the default.
+        if !has_feature(features, F_FLUSH) {
+            self.engine.set_write_cache(false);
+        } else if !has_feature(features, F_CONFIG_WCE) {
+            self.engine.set_write_cache(true);
+        }
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        debug!("EVENT_IDX {}", if enabled { "on" } else { "off" });
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.info
+            .config_slice(self.engine.write_cache(), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        let writeback = parse_config_write(offset, buf).map_err(|e| {
+            warn!("refusing config write: {e}");
+            io::Error::new(io::ErrorKind::InvalidInput, e)
+        })?;
+        info!(
+            "guest set the write cache to {}",
+            if writeback {
+                "write-back"
+            } else {
+                "write-through"
+            }
+        );
+        self.engine.set_write_cache(writeback);
+        Ok(())
+    }
+
+    fn update_memory(&self, _mem: GuestMemAtomic) -> io::Result<()> {
+        // The shared GuestMemoryAtomic already holds the new table; each batch takes a fresh
+        // snapshot and in-flight requests keep their own.
+        debug!("guest memory table updated");
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.info.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("cannot create a vring thread exit event: {e}");
+                None
+            }
+        }
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let index = queue_index as usize;
+        if index >= self.workers.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("no queue {queue_index}"),
+            ));
+        }
+        self.stop_queue(index);
+        debug!("queue {queue_index} stopped by the frontend");
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let Some(worker) = self.workers.get(thread_id) else {
+            return Err(io::Error::other(format!(
+                "no worker for thread {thread_id}"
+            )));
+        };
+        let mut worker = lock(worker);
+        // With one queue per thread, event 0 is this thread's vring; ids above num_queues are
+        // the engine's poll fds.
+        if device_event == 0 {
+            let vring = vrings
+                .first()
+                .ok_or_else(|| io::Error::other("vring thread without a vring"))?;
+            let new_fds = worker
+                .start(vring)
+                .map_err(|e| io::Error::other(format!("queue {thread_id}: {e}")))?;
+            if let Some(fds) = new_fds {
+                self.register_poll_fds(thread_id, &fds)?;
+            }
+        }
+        worker.process(&self.mem)
+    }
+}

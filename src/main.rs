@@ -1,1 +1,295 @@
-fn main() {}
+//! vhost-user-pcache: the command line. Parses flags, opens the backing image, chooses the
+//! engine and hands both to the serve loop.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use log::{error, info};
+
+use vhost_user_pcache::backing::{BackingImage, BackingOptions};
+use vhost_user_pcache::engine::{Engine, SECTOR_SIZE};
+use vhost_user_pcache::passthrough::PassthroughEngine;
+use vhost_user_pcache::serve::{self, ServeConfig};
+
+/// Backing image used when `--backing` is not given, in the current directory.
+const DEFAULT_BACKING: &str = "vhost-user-pcache.img";
+/// Size of the default backing image when it has to be created.
+const DEFAULT_BACKING_SIZE: u64 = 4 << 30;
+
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve a block device to one vhost-user-blk frontend (QEMU, Cloud Hypervisor, libblkio)
+    /// at a time, until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// vhost-user socket to listen on
+    #[arg(
+        long,
+        value_name = "PATH",
+        long_help = "Unix socket the daemon listens on for the vhost-user frontend (QEMU \
+                     `-chardev socket,path=PATH`, Cloud Hypervisor `--disk vhost_user=true,socket=PATH`). \
+                     An existing file at PATH is replaced. The socket stays open across frontend \
+                     reconnects."
+    )]
+    socket: PathBuf,
+
+    /// Backing image [default: ./vhost-user-pcache.img]
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        long_help = "Raw image file or block device holding the disk's data. Without this flag \
+                     the daemon uses vhost-user-pcache.img in the current directory and creates \
+                     it as a 4 GiB sparse file if it is missing."
+    )]
+    backing: Option<PathBuf>,
+
+    /// Create the backing image with this size if it does not exist
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        long_help = "If the backing image does not exist, create it as a sparse file of SIZE \
+                     bytes. SIZE accepts the suffixes K, M, G and T (powers of 1024) and must be \
+                     a multiple of 512. An existing image is used as it is."
+    )]
+    create_backing: Option<u64>,
+
+    /// Number of virtqueues
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        long_help = "Number of virtqueues offered to the guest, each served by its own thread \
+                     (1 to 64). The frontend may use fewer; QEMU's num-queues must not exceed it."
+    )]
+    queues: u16,
+
+    /// Largest virtqueue size accepted
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        long_help = "Largest virtqueue size a frontend may configure (a power of two up to \
+                     32768). QEMU's queue-size property must be at most this."
+    )]
+    queue_size: u16,
+
+    /// Refuse writes
+    #[arg(
+        long,
+        long_help = "Offer a read-only disk (VIRTIO_BLK_F_RO) and open the backing image \
+                     read-only. Writes, write-zeroes and discards fail with an I/O error."
+    )]
+    read_only: bool,
+
+    /// Serial number reported to the guest [default: backing image file name]
+    #[arg(
+        long,
+        value_name = "ID",
+        long_help = "Serial number answered to VIRTIO_BLK_T_GET_ID (visible in the guest as \
+                     /sys/block/vdX/serial), at most 20 bytes; longer values are cut. Defaults \
+                     to the backing image's file name."
+    )]
+    serial: Option<String>,
+
+    /// Cache mode [default: none]
+    #[arg(
+        long,
+        value_enum,
+        value_name = "MODE",
+        long_help = "Storage engine in front of the backing image. `none` passes every request \
+                     straight to the backing image. Leaving the flag out also means `none`."
+    )]
+    cache: Option<CacheMode>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CacheMode {
+    /// Pass requests straight to the backing image
+    None,
+}
+
+impl ServeArgs {
+    fn backing_path(&self) -> PathBuf {
+        self.backing
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BACKING))
+    }
+
+    /// Size to create a missing backing image with, if it may be created at all.
+    fn create_size(&self) -> Option<u64> {
+        match (&self.backing, self.create_backing) {
+            (_, Some(size)) => Some(size),
+            (None, None) => Some(DEFAULT_BACKING_SIZE),
+            (Some(_), None) => None,
+        }
+    }
+}
+
+impl From<&ServeArgs> for ServeConfig {
+    fn from(args: &ServeArgs) -> Self {
+        let serial = args.serial.clone().unwrap_or_else(|| {
+            args.backing_path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        ServeConfig {
+            socket: args.socket.clone(),
+            num_queues: args.queues,
+            max_queue_size: args.queue_size,
+            serial,
+        }
+    }
+}
+
+/// Parses a byte count with an optional K/M/G/T suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix(['b', 'B']).unwrap_or(t);
+    let t = t.strip_suffix(['i']).unwrap_or(t);
+    let (digits, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 512, 64M or 10G"))?;
+    let bytes = n
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if bytes == 0 || bytes % SECTOR_SIZE != 0 {
+        return Err(format!("{text:?} is not a positive multiple of 512 bytes"));
+    }
+    Ok(bytes)
+}
+
+fn prepare_backing(path: &Path, create_size: Option<u64>) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let Some(size) = create_size else {
+        bail!(
+            "backing image {} does not exist (use --create-backing SIZE to create it)",
+            path.display()
+        );
+    };
+    BackingImage::create_sparse(path, size)
+        .with_context(|| format!("creating backing image {}", path.display()))?;
+    info!(
+        "created sparse backing image {} of {size} bytes",
+        path.display()
+    );
+    Ok(())
+}
+
+/// The one place that decides which engine serves the device.
+fn build_engine(args: &ServeArgs, image: Arc<BackingImage>) -> Result<Arc<dyn Engine>> {
+    match args.cache.unwrap_or(CacheMode::None) {
+        CacheMode::None => Ok(Arc::new(PassthroughEngine::new(
+            image,
+            usize::from(args.queues),
+        ))),
+    }
+}
+
+fn serve(args: &ServeArgs) -> Result<()> {
+    let path = args.backing_path();
+    prepare_backing(&path, args.create_size())?;
+    let options = BackingOptions {
+        read_only: args.read_only,
+        direct: true,
+    };
+    let image = BackingImage::open(&path, &options)
+        .with_context(|| format!("opening backing image {}", path.display()))?;
+    info!(
+        "backing image {} ({} bytes{})",
+        path.display(),
+        image.size(),
+        if args.read_only { ", read-only" } else { "" }
+    );
+    let engine = build_engine(args, image)?;
+    let config = ServeConfig::from(args);
+    serve::run(&config, engine).with_context(|| format!("serving on {}", args.socket.display()))
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let result = match &cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_accept_binary_suffixes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64m"), Ok(64 << 20));
+        assert_eq!(parse_size("10G"), Ok(10 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+    }
+
+    #[test]
+    fn sizes_reject_garbage_and_partial_sectors() {
+        for bad in ["", "G", "12X", "100", "0", "-1M", "99999999999999T"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn serial_defaults_to_the_image_file_name() {
+        let cli = Cli::parse_from([
+            "vhost-user-pcache",
+            "serve",
+            "--socket",
+            "/run/x.sock",
+            "--backing",
+            "/images/vm1-disk.img",
+        ]);
+        let Command::Serve(args) = &cli.command;
+        let config = ServeConfig::from(args);
+        assert_eq!(config.serial, "vm1-disk.img");
+        assert_eq!(config.num_queues, 4);
+        assert_eq!(config.max_queue_size, 1024);
+        assert_eq!(args.create_size(), None);
+    }
+
+    #[test]
+    fn default_backing_may_be_created() {
+        let cli = Cli::parse_from(["vhost-user-pcache", "serve", "--socket", "s"]);
+        let Command::Serve(args) = &cli.command;
+        assert_eq!(args.backing_path(), PathBuf::from(DEFAULT_BACKING));
+        assert_eq!(args.create_size(), Some(DEFAULT_BACKING_SIZE));
+        assert_eq!(ServeConfig::from(args).serial, DEFAULT_BACKING);
+    }
+}

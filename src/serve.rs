@@ -1,1 +1,214 @@
-//! TODO
+//! The serve loop: one vhost-user socket, one frontend connection at a time, one engine for the
+//! life of the process.
+//!
+//! The listener is created once, so a reconnecting frontend never finds the socket missing.
+//! Every connection gets a new backend, a new `GuestMemoryAtomic` and a new `VhostUserDaemon`:
+//! the daemon cannot be reused (its owner flag is never reset) and a reused memory map makes a
+//! second frontend's memory regions overlap stale ones.
+
+mod shutdown;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use log::{info, warn};
+use vhost::vhost_user::{Error as VhostUserError, Listener};
+use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vm_memory::GuestMemoryMmap;
+
+use crate::backend::BlkBackend;
+use crate::engine::{Engine, EngineError};
+use crate::virtio_blk::{DeviceInfo, GuestMemAtomic};
+pub use shutdown::ShutdownSignal;
+
+/// Most queues a vhost-user-backend daemon can run (one bit per queue in a u64 mask).
+pub const MAX_QUEUES: u16 = 64;
+/// Largest virtqueue size virtio allows for split rings.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Everything the serve loop needs besides the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Path of the vhost-user unix socket to listen on (replaced if it exists).
+    pub socket: PathBuf,
+    /// Virtqueues offered, each served by its own thread.
+    pub num_queues: u16,
+    /// Largest queue size a frontend may configure.
+    pub max_queue_size: u16,
+    /// GET_ID answer, truncated to 20 bytes.
+    pub serial: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: PathBuf,
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    #[error("vhost-user daemon failed: {0}")]
+    Daemon(String),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error("engine shutdown failed: {0}")]
+    EngineShutdown(#[source] EngineError),
+}
+
+impl ServeConfig {
+    fn validate(&self, engine: &dyn Engine) -> Result<(), Error> {
+        if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
+            return Err(Error::Config(format!(
+                "{} queues requested; 1 to {MAX_QUEUES} are possible",
+                self.num_queues
+            )));
+        }
+        if usize::from(self.num_queues) > engine.max_queues() {
+            return Err(Error::Config(format!(
+                "{} queues requested but the engine was opened for {}",
+                self.num_queues,
+                engine.max_queues()
+            )));
+        }
+        if !self.max_queue_size.is_power_of_two() || self.max_queue_size > MAX_QUEUE_SIZE {
+            return Err(Error::Config(format!(
+                "queue size {} is not a power of two up to {MAX_QUEUE_SIZE}",
+                self.max_queue_size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Serves `engine` on the configured socket until SIGINT or SIGTERM, then finishes the
+/// requests in flight and shuts the engine down (which flushes it).
+pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
+    config.validate(engine.as_ref())?;
+    let signal = ShutdownSignal::install().map_err(Error::Signals)?;
+    let info = DeviceInfo::new(
+        engine.capacity(),
+        engine.read_only(),
+        config.num_queues,
+        &config.serial,
+    );
+    let mut listener = Listener::new(&config.socket, true).map_err(|source| Error::Listen {
+        path: config.socket.clone(),
+        source,
+    })?;
+    info!(
+        "listening on {}: {} bytes{}, {} queues of up to {} entries, serial {:?}, write cache {}",
+        config.socket.display(),
+        info.capacity,
+        if info.read_only { " read-only" } else { "" },
+        info.num_queues,
+        config.max_queue_size,
+        config.serial,
+        if engine.write_cache() { "on" } else { "off" },
+    );
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    spawn_signal_watcher(signal.fd(), stopping.clone(), connection.clone())?;
+
+    let mut result = Ok(());
+    loop {
+        use std::os::fd::AsRawFd;
+        // Accept only when a frontend is waiting, so a signal can end an idle daemon.
+        match shutdown::poll_readable(&[signal.fd(), listener.as_raw_fd()], -1) {
+            Some(1) => {}
+            _ => break,
+        }
+        if let Err(e) = serve_connection(
+            config,
+            &engine,
+            &info,
+            &mut listener,
+            &stopping,
+            &connection,
+        ) {
+            result = Err(e);
+            break;
+        }
+        if stopping.load(Ordering::Acquire) || signal.requested() {
+            break;
+        }
+    }
+
+    info!("shutting down: flushing the engine");
+    let shutdown = engine.shutdown().map_err(Error::EngineShutdown);
+    result.and(shutdown)?;
+    info!("shutdown complete");
+    Ok(())
+}
+
+fn serve_connection(
+    config: &ServeConfig,
+    engine: &Arc<dyn Engine>,
+    info: &DeviceInfo,
+    listener: &mut Listener,
+    stopping: &AtomicBool,
+    connection: &Mutex<Option<ShutdownHandle>>,
+) -> Result<(), Error> {
+    let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
+    let backend = Arc::new(BlkBackend::new(
+        engine.clone(),
+        info.clone(),
+        usize::from(config.max_queue_size),
+        mem.clone(),
+    ));
+    let mut daemon = VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)
+        .map_err(|e| Error::Daemon(e.to_string()))?;
+    let handlers = daemon.get_epoll_handlers();
+    backend.set_epoll_handlers(&handlers);
+
+    daemon
+        .start(listener)
+        .map_err(|e| Error::Daemon(format!("accepting a connection: {e}")))?;
+    info!("frontend connected");
+    *lock(connection) = daemon.shutdown_handle();
+    if stopping.load(Ordering::Acquire) {
+        daemon.request_shutdown();
+    }
+    let ended = daemon.wait();
+    *lock(connection) = None;
+    match ended {
+        Ok(())
+        | Err(DaemonError::HandleRequest(
+            VhostUserError::Disconnected | VhostUserError::PartialMessage,
+        )) => info!("frontend disconnected"),
+        Err(e) => warn!("connection ended with an error: {e}"),
+    }
+
+    for handler in &handlers {
+        handler.send_exit_event();
+    }
+    backend.close();
+    info!("requests of the connection finished");
+    Ok(())
+}
+
+fn spawn_signal_watcher(
+    signal_fd: std::os::fd::RawFd,
+    stopping: Arc<AtomicBool>,
+    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("signal-watcher".to_string())
+        .spawn(move || {
+            shutdown::poll_readable(&[signal_fd], -1);
+            info!("stop requested by signal");
+            stopping.store(true, Ordering::Release);
+            if let Some(handle) = lock(&connection).as_ref() {
+                handle.shutdown();
+            }
+        })
+        .map(|_| ())
+        .map_err(Error::Signals)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

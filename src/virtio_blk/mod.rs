@@ -1,1 +1,15 @@
-//! TODO
+//! The virtio-blk device: feature bits, the config space, the request codec and the per-queue
+//! worker that connects virtqueues to an engine.
+
+pub mod config;
+pub mod features;
+pub mod queue_worker;
+pub mod request;
+
+pub use config::DeviceInfo;
+pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
+
+#[cfg(test)]
+mod queue_worker_tests;
+#[cfg(test)]
+mod request_tests;

@@ -1,0 +1,330 @@
+//! One virtqueue's worker state: pops descriptor chains, submits them to the engine queue it
+//! owns, and completes them in the used ring when the engine reports them.
+//!
+//! The worker runs on the vring's own thread (vhost-user-backend calls it from `handle_event`)
+//! and, when the frontend stops the ring or goes away, on the thread that drains it. The backend
+//! keeps each worker behind its own mutex, so queues never wait on one another.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use log::{debug, error, warn};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+
+use super::config::DeviceInfo;
+use super::features::{STATUS_IOERR, STATUS_OK};
+use super::request::{decode, Action, Decoded};
+use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
+
+/// Guest memory as mapped from the vhost-user memory table (no dirty-page bitmap).
+pub type GuestMem = GuestMemoryMmap<()>;
+/// The per-connection, hot-swappable view of guest memory.
+pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
+/// The vring type the backend uses.
+pub type Vring = VringRwLock<GuestMemAtomic>;
+
+/// A request the engine holds. `mem` keeps the guest mapping its buffers point into alive
+/// until completion, even if the frontend replaces the memory table meanwhile.
+struct InFlight {
+    head: u16,
+    status_addr: GuestAddress,
+    used_len: u32,
+    mem: Arc<GuestMem>,
+}
+
+pub struct QueueWorker {
+    index: usize,
+    engine: Arc<dyn Engine>,
+    info: Arc<DeviceInfo>,
+    vring: Option<Vring>,
+    queue: Option<Box<dyn EngineQueue>>,
+    in_flight: HashMap<u64, InFlight>,
+    /// The request the engine answered `Busy`: resubmitted before any new chain is popped.
+    stalled: Option<Request>,
+    next_tag: u64,
+    done: Vec<(u64, IoResult)>,
+}
+
+fn queue_error(e: virtio_queue::Error) -> io::Error {
+    io::Error::other(format!("virtqueue: {e}"))
+}
+
+impl QueueWorker {
+    pub fn new(index: usize, engine: Arc<dyn Engine>, info: Arc<DeviceInfo>) -> Self {
+        QueueWorker {
+            index,
+            engine,
+            info,
+            vring: None,
+            queue: None,
+            in_flight: HashMap::new(),
+            stalled: None,
+            next_tag: 0,
+            done: Vec::new(),
+        }
+    }
+
+    /// Opens the engine queue when the ring starts. Returns the engine's poll fds when it was
+    /// just opened, so the caller adds them to this thread's event loop.
+    pub fn start(&mut self, vring: &Vring) -> Result<Option<Vec<RawFd>>, EngineError> {
+        self.vring = Some(vring.clone());
+        if self.queue.is_some() {
+            return Ok(None);
+        }
+        let queue = self.engine.open_queue(self.index)?;
+        let fds = queue.poll_fds();
+        debug!("queue {}: started, engine poll fds {fds:?}", self.index);
+        self.queue = Some(queue);
+        Ok(Some(fds))
+    }
+
+    /// Handles a kick or an engine event: completes what the engine finished, then takes new
+    /// chains until the ring is empty or the engine is full.
+    pub fn process(&mut self, mem: &GuestMemAtomic) -> io::Result<()> {
+        let (Some(vring), Some(mut queue)) = (self.vring.clone(), self.queue.take()) else {
+            return Ok(());
+        };
+        let result = self.process_with(&vring, queue.as_mut(), mem);
+        self.queue = Some(queue);
+        result
+    }
+
+    fn process_with(
+        &mut self,
+        vring: &Vring,
+        queue: &mut dyn EngineQueue,
+        mem: &GuestMemAtomic,
+    ) -> io::Result<()> {
+        loop {
+            let ready = vring.get_ref().get_queue().ready();
+            if ready {
+                vring.disable_notification().map_err(queue_error)?;
+            }
+            let mut completed = self.reap(vring, queue);
+            completed |= self.resubmit_stalled(vring, queue);
+            if ready && self.stalled.is_none() {
+                // One snapshot per batch: a memory-table update between batches is picked up.
+                let snapshot = mem.memory().into_inner();
+                while self.stalled.is_none() {
+                    let chain = vring
+                        .get_mut()
+                        .get_queue_mut()
+                        .pop_descriptor_chain(snapshot.clone());
+                    let Some(chain) = chain else { break };
+                    let decoded = decode(chain, &self.info);
+                    completed |= self.dispatch(vring, queue, decoded, &snapshot);
+                }
+                completed |= self.reap(vring, queue);
+            }
+            if completed && vring.needs_notification().map_err(queue_error)? {
+                vring.signal_used_queue()?;
+            }
+            // While stalled, notifications stay off: an engine poll fd wakes this worker.
+            if !ready || self.stalled.is_some() {
+                return Ok(());
+            }
+            // Re-check after re-enabling: chains that arrived meanwhile sent no kick.
+            if !vring.enable_notification().map_err(queue_error)? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Submits a decoded chain or answers it. Returns whether something was completed.
+    fn dispatch(
+        &mut self,
+        vring: &Vring,
+        queue: &mut dyn EngineQueue,
+        decoded: Decoded,
+        snapshot: &Arc<GuestMem>,
+    ) -> bool {
+        let Decoded {
+            head,
+            status_addr,
+            action,
+        } = decoded;
+        match (action, status_addr) {
+            (Action::Submit { kind, used_len }, Some(status_addr)) => {
+                let tag = self.next_tag;
+                self.next_tag = self.next_tag.wrapping_add(1);
+                self.in_flight.insert(
+                    tag,
+                    InFlight {
+                        head,
+                        status_addr,
+                        used_len,
+                        mem: snapshot.clone(),
+                    },
+                );
+                self.submit(vring, queue, Request { tag, kind })
+            }
+            (Action::Answer { status, used_len }, Some(status_addr)) => {
+                write_status(snapshot, status_addr, status);
+                add_used(vring, head, used_len);
+                true
+            }
+            _ => {
+                add_used(vring, head, 0);
+                true
+            }
+        }
+    }
+
+    fn submit(&mut self, vring: &Vring, queue: &mut dyn EngineQueue, req: Request) -> bool {
+        let tag = req.tag;
+        match queue.submit(req) {
+            Submit::Done(result) => self.complete(vring, tag, result),
+            Submit::Pending => false,
+            Submit::Busy(req) => {
+                debug!(
+                    "queue {}: engine busy, holding request {}",
+                    self.index, req.tag
+                );
+                self.stalled = Some(req);
+                false
+            }
+        }
+    }
+
+    fn resubmit_stalled(&mut self, vring: &Vring, queue: &mut dyn EngineQueue) -> bool {
+        let Some(req) = self.stalled.take() else {
+            return false;
+        };
+        let tag = req.tag;
+        match queue.submit(req) {
+            Submit::Done(result) => self.complete(vring, tag, result),
+            Submit::Pending => false,
+            Submit::Busy(req) => {
+                self.stalled = Some(req);
+                false
+            }
+        }
+    }
+
+    fn reap(&mut self, vring: &Vring, queue: &mut dyn EngineQueue) -> bool {
+        queue.reap(&mut self.done);
+        self.complete_done(vring)
+    }
+
+    fn complete_done(&mut self, vring: &Vring) -> bool {
+        let mut done = std::mem::take(&mut self.done);
+        let mut completed = false;
+        for (tag, result) in done.drain(..) {
+            completed |= self.complete(vring, tag, result);
+        }
+        self.done = done;
+        completed
+    }
+
+    fn complete(&mut self, vring: &Vring, tag: u64, result: IoResult) -> bool {
+        let Some(req) = self.in_flight.remove(&tag) else {
+            error!(
+                "queue {}: engine completed unknown request {tag}",
+                self.index
+            );
+            return false;
+        };
+        let (status, used_len) = match result {
+            Ok(()) => (STATUS_OK, req.used_len),
+            Err(e) => {
+                warn!("queue {}: request failed: {e}", self.index);
+                (STATUS_IOERR, 1)
+            }
+        };
+        write_status(&req.mem, req.status_addr, status);
+        add_used(vring, req.head, used_len);
+        true
+    }
+
+    /// Stops the ring: finishes every request the engine holds (and a stalled one), completes
+    /// them in the used ring, then closes the engine queue. `unregister` gets the engine's poll
+    /// fds while they are still open.
+    pub fn stop(&mut self, unregister: impl FnOnce(&[RawFd])) {
+        let Some(mut queue) = self.queue.take() else {
+            return;
+        };
+        let vring = self.vring.clone();
+        loop {
+            queue.drain(&mut self.done);
+            if let Some(vring) = &vring {
+                self.complete_done(vring);
+            }
+            let Some(req) = self.stalled.take() else {
+                break;
+            };
+            let tag = req.tag;
+            match queue.submit(req) {
+                Submit::Done(result) => self.done.push((tag, result)),
+                Submit::Pending => {}
+                Submit::Busy(req) => {
+                    self.stalled = Some(req);
+                    wait_readable(&queue.poll_fds());
+                    queue.reap(&mut self.done);
+                }
+            }
+        }
+        if !self.in_flight.is_empty() {
+            error!(
+                "queue {}: engine drained with {} requests unreported",
+                self.index,
+                self.in_flight.len()
+            );
+            let tags: Vec<u64> = self.in_flight.keys().copied().collect();
+            if let Some(vring) = &vring {
+                for tag in tags {
+                    self.complete(vring, tag, Err(crate::engine::IoError::ShuttingDown));
+                }
+            }
+            self.in_flight.clear();
+        }
+        if let Some(vring) = &vring {
+            if let Err(e) = vring.signal_used_queue() {
+                debug!("queue {}: signal after drain: {e}", self.index);
+            }
+        }
+        unregister(&queue.poll_fds());
+        drop(queue);
+        debug!("queue {}: stopped", self.index);
+    }
+
+    /// Requests the engine holds for this queue.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
+    if let Err(e) = mem.write_obj(status, addr) {
+        warn!("cannot write status byte at {:#x}: {e}", addr.0);
+    }
+}
+
+fn add_used(vring: &Vring, head: u16, len: u32) {
+    if let Err(e) = vring.add_used(head, len) {
+        warn!("cannot return descriptor chain {head} to the used ring: {e}");
+    }
+}
+
+/// Blocks until one of `fds` is readable (or a second has passed), for the rare drain that must
+/// wait for the engine to make room.
+fn wait_readable(fds: &[RawFd]) {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    if pollfds.is_empty() {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        return;
+    }
+    // SAFETY: `pollfds` is a valid array of `pollfds.len()` initialised pollfd structs that
+    // outlives the call.
+    unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000) };
+}

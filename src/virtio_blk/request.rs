@@ -1,0 +1,415 @@
+//! The request codec: turns one descriptor chain into an engine request, or into an immediate
+//! answer for requests that need no engine (GET_ID, errors, unsupported types).
+//!
+//! Descriptor boundaries are arbitrary, so the chain is handled as two byte streams: the
+//! readable part (header, then OUT data or discard segments) and the writable part (IN data,
+//! then the status byte last). Nothing the guest puts in a chain makes this code panic or touch
+//! the image: bad requests get IOERR or UNSUPP, and a chain without a usable status byte is
+//! completed with used length 0.
+
+use std::ops::Deref;
+
+use log::{debug, warn};
+use virtio_queue::DescriptorChain;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::config::DeviceInfo;
+use super::features::*;
+use crate::engine::{DataSeg, RequestKind, SECTOR_SIZE};
+
+/// What to do with one descriptor chain.
+#[derive(Debug)]
+pub struct Decoded {
+    pub head: u16,
+    /// Guest address of the status byte; `None` when the chain has none the device may write.
+    pub status_addr: Option<GuestAddress>,
+    pub action: Action,
+}
+
+#[derive(Debug)]
+pub enum Action {
+    /// Hand to the engine; on success the used length is `used_len`, on failure 1.
+    Submit { kind: RequestKind, used_len: u32 },
+    /// Already answered: write `status`, report `used_len`.
+    Answer { status: u8, used_len: u32 },
+    /// No usable status byte: return the chain with used length 0.
+    Discard,
+}
+
+/// Why a chain is refused. Logged at debug level: a guest can produce these at will.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("descriptor at {addr:#x} length {len} is outside guest memory")]
+    BadDescriptor { addr: u64, len: u32 },
+    #[error("a readable descriptor follows a writable one")]
+    ReadableAfterWritable,
+    #[error("chain has {0} readable bytes, less than a request header")]
+    ShortHeader(u64),
+    #[error("chain has no writable status byte")]
+    NoStatus,
+    #[error("data goes the wrong direction for request type {0}")]
+    WrongDirection(u32),
+    #[error("data length {0} is not a multiple of the sector size")]
+    Misaligned(u64),
+    #[error("sector {sector} plus {len} bytes is outside the device")]
+    OutOfRange { sector: u64, len: u64 },
+    #[error("the device is read-only")]
+    ReadOnly,
+    #[error("{count} discard/write-zeroes segments ({bytes} bytes) where 1..={max} are allowed")]
+    BadSegmentCount { count: u64, bytes: u64, max: u32 },
+    #[error("segment of {0} sectors exceeds the advertised maximum")]
+    SegmentTooLong(u32),
+    #[error("unsupported flags {0:#x}")]
+    UnsupportedFlags(u32),
+    #[error("unsupported request type {0}")]
+    UnsupportedType(u32),
+}
+
+impl DecodeError {
+    fn status(&self) -> u8 {
+        match self {
+            DecodeError::UnsupportedFlags(_) | DecodeError::UnsupportedType(_) => STATUS_UNSUPP,
+            _ => STATUS_IOERR,
+        }
+    }
+}
+
+/// An ordered list of guest byte ranges, part of one chain.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ranges(Vec<(GuestAddress, u64)>);
+
+impl Ranges {
+    fn total(&self) -> u64 {
+        self.0.iter().map(|r| r.1).sum()
+    }
+
+    /// The first `n` bytes and the rest.
+    fn split_at(&self, mut n: u64) -> (Ranges, Ranges) {
+        let mut head = Vec::new();
+        let mut tail = Vec::new();
+        for &(addr, len) in &self.0 {
+            if n >= len {
+                head.push((addr, len));
+                n -= len;
+            } else if n > 0 {
+                head.push((addr, n));
+                tail.push((addr.unchecked_add(n), len - n));
+                n = 0;
+            } else {
+                tail.push((addr, len));
+            }
+        }
+        (Ranges(head), Ranges(tail))
+    }
+
+    /// Copies the first `buf.len()` bytes out of guest memory.
+    fn read<M: GuestMemoryBackend>(&self, mem: &M, buf: &mut [u8]) -> Result<(), ()> {
+        let mut done = 0;
+        for &(addr, len) in &self.0 {
+            if done == buf.len() {
+                break;
+            }
+            let n = (len as usize).min(buf.len() - done);
+            mem.read_slice(&mut buf[done..done + n], addr)
+                .map_err(|_| ())?;
+            done += n;
+        }
+        if done == buf.len() {
+            Ok(())
+        } else {
+            Err(())
+        }
+    }
+
+    /// Copies `buf` into the start of the ranges (which must be at least as long).
+    fn write<M: GuestMemoryBackend>(&self, mem: &M, buf: &[u8]) -> Result<(), ()> {
+        let mut done = 0;
+        for &(addr, len) in &self.0 {
+            if done == buf.len() {
+                break;
+            }
+            let n = (len as usize).min(buf.len() - done);
+            mem.write_slice(&buf[done..done + n], addr)
+                .map_err(|_| ())?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Host addresses of the ranges, split where guest memory regions end: the zero-copy
+    /// buffers handed to the engine.
+    fn data_segs<M: GuestMemoryBackend>(&self, mem: &M) -> Result<Vec<DataSeg>, DecodeError> {
+        let mut segs = Vec::with_capacity(self.0.len());
+        for &(addr, len) in &self.0 {
+            let bad = DecodeError::BadDescriptor {
+                addr: addr.raw_value(),
+                len: len as u32,
+            };
+            for slice in mem.get_slices(addr, len as usize) {
+                let slice = slice.map_err(|_| bad.clone())?;
+                segs.push(DataSeg {
+                    ptr: slice.ptr_guard_mut().as_ptr(),
+                    len: slice.len(),
+                });
+            }
+        }
+        Ok(segs)
+    }
+}
+
+/// The readable and writable halves of a chain, checked against guest memory.
+struct SplitChain {
+    readable: Ranges,
+    writable: Ranges,
+}
+
+fn split_chain<M, G>(chain: DescriptorChain<M>) -> Result<SplitChain, DecodeError>
+where
+    M: Deref<Target = G> + Clone,
+    G: GuestMemoryBackend,
+{
+    let mem = chain.memory();
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    let mut error = None;
+    for desc in chain.clone() {
+        if desc.len() == 0 {
+            continue;
+        }
+        if !mem.check_range(desc.addr(), desc.len() as usize) {
+            error.get_or_insert(DecodeError::BadDescriptor {
+                addr: desc.addr().raw_value(),
+                len: desc.len(),
+            });
+            continue;
+        }
+        if desc.is_write_only() {
+            writable.push((desc.addr(), u64::from(desc.len())));
+        } else {
+            if !writable.is_empty() {
+                error.get_or_insert(DecodeError::ReadableAfterWritable);
+            }
+            readable.push((desc.addr(), u64::from(desc.len())));
+        }
+    }
+    match error {
+        Some(e) => Err(e),
+        None => Ok(SplitChain {
+            readable: Ranges(readable),
+            writable: Ranges(writable),
+        }),
+    }
+}
+
+/// Decodes one chain. GET_ID is answered here (it only writes the serial into the chain).
+pub fn decode<M, G>(chain: DescriptorChain<M>, info: &DeviceInfo) -> Decoded
+where
+    M: Deref<Target = G> + Clone,
+    G: GuestMemoryBackend,
+{
+    let head = chain.head_index();
+    let mem_owner = chain.clone();
+    let mem = mem_owner.memory();
+
+    // Find the status byte first: without it nothing can be answered.
+    let (split, early_error) = match split_chain(chain.clone()) {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e)),
+    };
+    let status_addr = status_address(&chain, mem);
+    let Some(status_addr) = status_addr else {
+        warn!("descriptor chain {head} has no writable status byte; returning it unanswered");
+        return Decoded {
+            head,
+            status_addr: None,
+            action: Action::Discard,
+        };
+    };
+    let answer = |e: DecodeError| {
+        debug!("refusing descriptor chain {head}: {e}");
+        Decoded {
+            head,
+            status_addr: Some(status_addr),
+            action: Action::Answer {
+                status: e.status(),
+                used_len: 1,
+            },
+        }
+    };
+    if let Some(e) = early_error {
+        return answer(e);
+    }
+    let split = split.expect("split is Some when there is no error");
+    match decode_request(&split, mem, info) {
+        Ok(action) => Decoded {
+            head,
+            status_addr: Some(status_addr),
+            action,
+        },
+        Err(e) => answer(e),
+    }
+}
+
+/// The last writable byte of the chain, if the chain's last descriptor is writable and inside
+/// guest memory.
+fn status_address<M, G>(chain: &DescriptorChain<M>, mem: &G) -> Option<GuestAddress>
+where
+    M: Deref<Target = G> + Clone,
+    G: GuestMemoryBackend,
+{
+    let last = chain.clone().filter(|d| d.len() > 0).last()?;
+    if !last.is_write_only() {
+        return None;
+    }
+    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    mem.check_range(addr, 1).then_some(addr)
+}
+
+fn decode_request<G: GuestMemoryBackend>(
+    split: &SplitChain,
+    mem: &G,
+    info: &DeviceInfo,
+) -> Result<Action, DecodeError> {
+    let readable_len = split.readable.total();
+    if readable_len < REQUEST_HEADER_LEN as u64 {
+        return Err(DecodeError::ShortHeader(readable_len));
+    }
+    let (header_ranges, payload) = split.readable.split_at(REQUEST_HEADER_LEN as u64);
+    let mut header = [0u8; REQUEST_HEADER_LEN];
+    header_ranges
+        .read(mem, &mut header)
+        .map_err(|_| DecodeError::ShortHeader(readable_len))?;
+    let request_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
+    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
+    let (data_out, _status) = split.writable.split_at(split.writable.total() - 1);
+
+    let only_status_writable = || {
+        if data_out.total() == 0 {
+            Ok(())
+        } else {
+            Err(DecodeError::WrongDirection(request_type))
+        }
+    };
+    let only_header_readable = || {
+        if payload.total() == 0 {
+            Ok(())
+        } else {
+            Err(DecodeError::WrongDirection(request_type))
+        }
+    };
+    let writable_device = || {
+        if info.read_only {
+            Err(DecodeError::ReadOnly)
+        } else {
+            Ok(())
+        }
+    };
+
+    match request_type {
+        VIRTIO_BLK_T_IN => {
+            only_header_readable()?;
+            let len = data_out.total();
+            let offset = byte_range(sector, len, info)?;
+            let used_len = u32::try_from(len + 1).map_err(|_| DecodeError::Misaligned(len))?;
+            let bufs = data_out.data_segs(mem)?;
+            Ok(Action::Submit {
+                kind: RequestKind::Read { offset, bufs },
+                used_len,
+            })
+        }
+        VIRTIO_BLK_T_OUT => {
+            only_status_writable()?;
+            writable_device()?;
+            let len = payload.total();
+            let offset = byte_range(sector, len, info)?;
+            let bufs = payload.data_segs(mem)?;
+            Ok(Action::Submit {
+                kind: RequestKind::Write { offset, bufs },
+                used_len: 1,
+            })
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            only_status_writable()?;
+            only_header_readable()?;
+            Ok(Action::Submit {
+                kind: RequestKind::Flush,
+                used_len: 1,
+            })
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            only_header_readable()?;
+            let n = (data_out.total() as usize).min(info.serial.len());
+            data_out
+                .write(mem, &info.serial[..n])
+                .map_err(|_| DecodeError::NoStatus)?;
+            Ok(Action::Answer {
+                status: STATUS_OK,
+                used_len: n as u32 + 1,
+            })
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            only_status_writable()?;
+            writable_device()?;
+            let discard = request_type == VIRTIO_BLK_T_DISCARD;
+            let (max_seg, max_sectors) = if discard {
+                (info.max_discard_seg, info.max_discard_sectors)
+            } else {
+                (info.max_write_zeroes_seg, info.max_write_zeroes_sectors)
+            };
+            let bytes = payload.total();
+            let count = bytes / DISCARD_SEGMENT_LEN as u64;
+            if bytes % DISCARD_SEGMENT_LEN as u64 != 0 || count == 0 || count > u64::from(max_seg) {
+                return Err(DecodeError::BadSegmentCount {
+                    count,
+                    bytes,
+                    max: max_seg,
+                });
+            }
+            // One segment per request is advertised, so `count` is 1 here.
+            let mut seg = [0u8; DISCARD_SEGMENT_LEN];
+            payload
+                .read(mem, &mut seg)
+                .map_err(|_| DecodeError::ShortHeader(bytes))?;
+            let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+            let num_sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
+                return Err(DecodeError::UnsupportedFlags(flags));
+            }
+            if num_sectors > max_sectors {
+                return Err(DecodeError::SegmentTooLong(num_sectors));
+            }
+            let len = u64::from(num_sectors) * SECTOR_SIZE;
+            let offset = byte_range(seg_sector, len, info)?;
+            let kind = if discard {
+                RequestKind::Discard { offset, len }
+            } else {
+                RequestKind::WriteZeroes {
+                    offset,
+                    len,
+                    may_unmap: unmap,
+                }
+            };
+            Ok(Action::Submit { kind, used_len: 1 })
+        }
+        other => Err(DecodeError::UnsupportedType(other)),
+    }
+}
+
+/// Byte offset of `sector`, after checking that `len` bytes from it are sector-aligned and
+/// inside the device.
+fn byte_range(sector: u64, len: u64, info: &DeviceInfo) -> Result<u64, DecodeError> {
+    if len % SECTOR_SIZE != 0 {
+        return Err(DecodeError::Misaligned(len));
+    }
+    let out_of_range = DecodeError::OutOfRange { sector, len };
+    let offset = sector
+        .checked_mul(SECTOR_SIZE)
+        .ok_or(out_of_range.clone())?;
+    let end = offset.checked_add(len).ok_or(out_of_range.clone())?;
+    if end > info.capacity {
+        return Err(out_of_range);
+    }
+    Ok(offset)
+}
