@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use log::{error, info};
 
 use vhost_user_pcache::backing::{BackingImage, BackingOptions};
+use vhost_user_pcache::cache::format::{Layout, MAX_GC_PERCENT};
+use vhost_user_pcache::cache::media::Persistence;
+use vhost_user_pcache::cache::replay::min_segments;
+use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::engine::{Engine, SECTOR_SIZE};
 use vhost_user_pcache::passthrough::PassthroughEngine;
 use vhost_user_pcache::serve::{self, ServeConfig};
@@ -18,6 +22,8 @@ use vhost_user_pcache::serve::{self, ServeConfig};
 const DEFAULT_BACKING: &str = "vhost-user-pcache.img";
 /// Size of the default backing image when it has to be created.
 const DEFAULT_BACKING_SIZE: u64 = 4 << 30;
+/// Largest cache file created by default (smaller when the image is smaller).
+const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
 
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
@@ -105,21 +111,92 @@ struct ServeArgs {
     )]
     serial: Option<String>,
 
-    /// Cache mode [default: none]
+    /// Cache media, or `none` [default: IMAGE.pcache]
     #[arg(
         long,
-        value_enum,
-        value_name = "MODE",
-        long_help = "Storage engine in front of the backing image. `none` passes every request \
-                     straight to the backing image. Leaving the flag out also means `none`."
+        value_name = "PATH|none",
+        value_parser = parse_cache,
+        long_help = "Persistent-memory cache in front of the backing image: a devdax device \
+                     (/dev/daxX.Y), a file on a DAX file system (mapped with MAP_SYNC), or an \
+                     ordinary file (persisted with msync; weaker than pmem but crash-safe). A new \
+                     or unformatted media is formatted; an existing cache is replayed and must \
+                     belong to this backing image. Without the flag the cache is IMAGE.pcache \
+                     beside the backing image, created if missing. `none` serves the backing \
+                     image directly, without a cache."
     )]
-    cache: Option<CacheMode>,
+    cache: Option<CacheArg>,
+
+    /// Size of a cache file to create [default: 1G, or the image size if smaller]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        long_help = "Size of the cache file when it has to be created (suffixes K, M, G, T). It is \
+                     used in whole 16 MiB segments; a cache needs at least queues + 4 segments, \
+                     and is made that large if SIZE is smaller. Ignored for an existing cache or \
+                     a devdax device."
+    )]
+    cache_size: Option<u64>,
+
+    /// How cache writes are made durable: pmem, msync or volatile [default: detected]
+    #[arg(
+        long,
+        value_name = "MODE",
+        long_help = "pmem: CPU cache-line write-back and store fence from userspace; needs a \
+                     devdax device or a DAX file mapped with MAP_SYNC. msync: msync of the \
+                     written pages, for ordinary files. volatile: nothing is persisted, so a \
+                     crash of the host or the daemon loses the cache (and the data only it \
+                     holds); only for tests, never detected. The default is pmem where the \
+                     mapping allows it and msync otherwise."
+    )]
+    persistence: Option<Persistence>,
+
+    /// Checksum cached data (when the cache is formatted)
+    #[arg(
+        long,
+        long_help = "Format a new cache with a CRC32C of every cached extent, verified on every \
+                     read hit and before writeback: corruption of the cache media becomes an I/O \
+                     error instead of wrong data. Costs a CRC computation per write and per read \
+                     hit. An existing cache keeps the setting it was formatted with; giving this \
+                     flag for a cache formatted without it is an error."
+    )]
+    data_crc: bool,
+
+    /// GC threshold in percent of segments in use (0-90) [default: the cache's, 70 when new]
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = clap::value_parser!(u8).range(0..=MAX_GC_PERCENT as i64),
+        long_help = "Garbage collection reclaims clean, written-back log space once this share of \
+                     the cache's segments is in use (and always when the cache is nearly full). \
+                     Stored in the cache, so it stays until changed."
+    )]
+    gc_percent: Option<u8>,
+
+    /// Write all dirty data back before exiting
+    #[arg(
+        long,
+        long_help = "On SIGINT or SIGTERM, write every dirty extent back to the backing image and \
+                     flush it before exiting, so the image alone holds the disk (for example \
+                     before detaching the cache). Without it, dirty data stays safely in the \
+                     cache and is written back after the next start."
+    )]
+    drain_on_exit: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum CacheMode {
-    /// Pass requests straight to the backing image
+/// `--cache`: a cache media path or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CacheArg {
     None,
+    Media(PathBuf),
+}
+
+fn parse_cache(text: &str) -> Result<CacheArg, String> {
+    match text {
+        "" => Err("an empty cache path".into()),
+        "none" => Ok(CacheArg::None),
+        path => Ok(CacheArg::Media(PathBuf::from(path))),
+    }
 }
 
 impl ServeArgs {
@@ -200,14 +277,51 @@ fn prepare_backing(path: &Path, create_size: Option<u64>) -> Result<()> {
     Ok(())
 }
 
+/// Where the cache media is: `--cache`, or IMAGE.pcache beside the backing image.
+fn cache_path(args: &ServeArgs) -> Option<PathBuf> {
+    match &args.cache {
+        Some(CacheArg::None) => None,
+        Some(CacheArg::Media(p)) => Some(p.clone()),
+        None => {
+            let mut p = args.backing_path().into_os_string();
+            p.push(".pcache");
+            Some(PathBuf::from(p))
+        }
+    }
+}
+
+/// Size of a cache file to create: `--cache-size` or the default, in whole segments, and at
+/// least the minimum for the queue count.
+fn cache_create_size(args: &ServeArgs, image_size: u64) -> u64 {
+    let wanted = args
+        .cache_size
+        .unwrap_or_else(|| DEFAULT_CACHE_SIZE.min(image_size));
+    let segments = u32::try_from(wanted / SEGMENT_SIZE)
+        .unwrap_or(u32::MAX)
+        .max(min_segments(usize::from(args.queues)));
+    Layout::media_len_for(segments)
+}
+
 /// The one place that decides which engine serves the device.
 fn build_engine(args: &ServeArgs, image: Arc<BackingImage>) -> Result<Arc<dyn Engine>> {
-    match args.cache.unwrap_or(CacheMode::None) {
-        CacheMode::None => Ok(Arc::new(PassthroughEngine::new(
-            image,
-            usize::from(args.queues),
-        ))),
-    }
+    let queues = usize::from(args.queues);
+    let Some(path) = cache_path(args) else {
+        info!("no cache: requests go straight to the backing image");
+        return Ok(Arc::new(PassthroughEngine::new(image, queues)));
+    };
+    let opts = CacheOptions {
+        create_size: Some(cache_create_size(args, image.size())),
+        persistence: args.persistence,
+        data_crc: args.data_crc.then_some(true),
+        gc_percent: args.gc_percent,
+        queues,
+        force_format: false,
+        drain_on_shutdown: args.drain_on_exit,
+        path,
+    };
+    let engine = CacheEngine::open(&opts, image)
+        .with_context(|| format!("opening cache {}", opts.path.display()))?;
+    Ok(Arc::new(engine))
 }
 
 fn serve(args: &ServeArgs) -> Result<()> {

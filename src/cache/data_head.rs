@@ -73,10 +73,6 @@ impl DataHead {
         }
         Ok(())
     }
-
-    pub fn segment(&self) -> Option<u32> {
-        self.seg
-    }
 }
 
 #[cfg(test)]
@@ -94,23 +90,42 @@ mod tests {
     fn fills_a_segment_then_moves_on() {
         let map = SegmentMap::new(&[0; 4]);
         let mut head = DataHead::default();
-        let a = head.alloc(4096, false, 8192, &map, &NoStore).unwrap().unwrap();
+        let a = head
+            .alloc(4096, false, 8192, &map, &NoStore)
+            .unwrap()
+            .unwrap();
         assert_eq!((a.pos.off, a.len), (0, 4096));
-        let b = head.alloc(8192, false, 8192, &map, &NoStore).unwrap().unwrap();
+        let b = head
+            .alloc(8192, false, 8192, &map, &NoStore)
+            .unwrap()
+            .unwrap();
         assert_eq!((b.pos.seg, b.pos.off, b.len), (a.pos.seg, 4096, 4096));
         // head ref + two pins
         assert_eq!(map.refs(a.pos.seg), 3);
-        let c = head.alloc(512, true, 8192, &map, &NoStore).unwrap().unwrap();
+        let c = head
+            .alloc(512, true, 8192, &map, &NoStore)
+            .unwrap()
+            .unwrap();
         assert_ne!(c.pos.seg, a.pos.seg);
-        assert_eq!(map.refs(a.pos.seg), 2, "the old head's reference was dropped");
+        assert_eq!(
+            map.refs(a.pos.seg),
+            2,
+            "the old head's reference was dropped"
+        );
     }
 
     #[test]
     fn exact_allocation_skips_a_short_remainder() {
         let map = SegmentMap::new(&[0; 4]);
         let mut head = DataHead::default();
-        let a = head.alloc(6144, true, 8192, &map, &NoStore).unwrap().unwrap();
-        let b = head.alloc(4096, true, 8192, &map, &NoStore).unwrap().unwrap();
+        let a = head
+            .alloc(6144, true, 8192, &map, &NoStore)
+            .unwrap()
+            .unwrap();
+        let b = head
+            .alloc(4096, true, 8192, &map, &NoStore)
+            .unwrap()
+            .unwrap();
         assert_ne!(a.pos.seg, b.pos.seg);
         assert_eq!(b.pos.off, 0);
     }
@@ -119,7 +134,13 @@ mod tests {
     fn stops_at_the_log_reserve() {
         let map = SegmentMap::new(&[0; 3]);
         let mut head = DataHead::default();
-        assert!(head.alloc(8192, false, 8192, &map, &NoStore).unwrap().is_some());
-        assert!(head.alloc(512, false, 8192, &map, &NoStore).unwrap().is_none());
+        assert!(head
+            .alloc(8192, false, 8192, &map, &NoStore)
+            .unwrap()
+            .is_some());
+        assert!(head
+            .alloc(512, false, 8192, &map, &NoStore)
+            .unwrap()
+            .is_none());
     }
 }

@@ -72,7 +72,12 @@ impl Driver {
         self.run(q, RequestKind::Write { offset, bufs })
     }
 
-    pub fn read(&mut self, q: usize, offset: u64, len: usize) -> Result<Vec<u8>, crate::engine::IoError> {
+    pub fn read(
+        &mut self,
+        q: usize,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, crate::engine::IoError> {
         let mut buf = vec![0xA5u8; len];
         let bufs = vec![DataSeg {
             ptr: buf.as_mut_ptr(),

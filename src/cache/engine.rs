@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::data_head::{Allocation, DataHead};
 use super::format::{self, KeyRecord, Layout};
@@ -38,6 +38,8 @@ pub struct CacheOptions {
     pub queues: usize,
     /// Reformat the media even if it holds a cache.
     pub force_format: bool,
+    /// Write back all dirty data in `shutdown` (`--drain-on-exit`).
+    pub drain_on_shutdown: bool,
 }
 
 /// Errors opening a cache.
@@ -178,7 +180,12 @@ impl Core {
     }
 
     /// Allocate cache space from queue `qid`'s data head. The returned space is pinned.
-    pub fn alloc_data(&self, qid: usize, len: u32, exact: bool) -> Result<Option<Allocation>, String> {
+    pub fn alloc_data(
+        &self,
+        qid: usize,
+        len: u32,
+        exact: bool,
+    ) -> Result<Option<Allocation>, String> {
         let mut head = self.heads[qid].lock().unwrap();
         head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
     }
@@ -232,18 +239,19 @@ impl Core {
             crc: self.crc_of(pos, len),
         };
         let _ = off;
-        self.index.complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
-            self.segments.get(k.pos.seg);
-            self.append(KeyRecord {
-                off: k.off,
-                len: k.len,
-                flags: format::KEY_CLEAN,
-                seg: k.pos.seg,
-                seg_off: k.pos.off,
-                gen: k.gen,
-                data_crc: self.crc_of(k.pos, k.len),
+        self.index
+            .complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
+                self.segments.get(k.pos.seg);
+                self.append(KeyRecord {
+                    off: k.off,
+                    len: k.len,
+                    flags: format::KEY_CLEAN,
+                    seg: k.pos.seg,
+                    seg_off: k.pos.off,
+                    gen: k.gen,
+                    data_crc: self.crc_of(k.pos, k.len),
+                });
             });
-        });
     }
 
     fn append(&self, rec: KeyRecord) {
@@ -297,12 +305,16 @@ pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
 /// The pmem cache engine.
 pub struct CacheEngine {
     core: Arc<Core>,
+    drain_on_shutdown: bool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl CacheEngine {
     /// Open (formatting when new) the cache described by `opts` in front of `backing`.
-    pub fn open(opts: &CacheOptions, backing: Arc<BackingImage>) -> Result<CacheEngine, CacheError> {
+    pub fn open(
+        opts: &CacheOptions,
+        backing: Arc<BackingImage>,
+    ) -> Result<CacheEngine, CacheError> {
         let media = media::open_media(
             &opts.path,
             &MediaOptions {
@@ -352,10 +364,12 @@ impl CacheEngine {
         }
         Ok(CacheEngine {
             core,
+            drain_on_shutdown: opts.drain_on_shutdown,
             threads: Mutex::new(threads),
         })
     }
 
+    #[cfg(test)]
     pub(crate) fn core(&self) -> &Arc<Core> {
         &self.core
     }
@@ -416,7 +430,10 @@ impl Engine for CacheEngine {
                 log::warn!("persisting open ksets on write-cache off: {e}");
             }
         }
-        log::info!("guest set write cache {}", if enabled { "on" } else { "off" });
+        log::info!(
+            "guest set write cache {}",
+            if enabled { "on" } else { "off" }
+        );
     }
 
     fn write_cache(&self) -> bool {
@@ -424,6 +441,15 @@ impl Engine for CacheEngine {
     }
 
     fn shutdown(&self) -> Result<(), EngineError> {
+        if self.drain_on_shutdown && !self.core.read_only {
+            log::info!("writing all dirty data back before exit");
+            self.core.drain().map_err(EngineError::Invalid)?;
+            self.core
+                .backing
+                .flush()
+                .map_err(|e| EngineError::io("flushing the backing image", e))?;
+            log::info!("the backing image holds all data");
+        }
         self.core
             .close_all_ksets()
             .map_err(|e| EngineError::Invalid(format!("persisting the key log: {e}")))?;

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use super::data_head::LOG_RESERVE;
 use super::engine::Core;
-use super::format::{self, Kset};
 use super::format::TailPos as Tail;
+use super::format::{self, Kset};
 use super::CachePos;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
@@ -118,6 +118,9 @@ mod tests {
         assert!(need_gc(7, 10, 70));
         assert!(need_gc(0, 10, 0));
         assert!(!need_gc(2, 10, 90));
-        assert!(need_gc(7, 10, 90), "only the log reserve and one more are free");
+        assert!(
+            need_gc(7, 10, 90),
+            "only the log reserve and one more are free"
+        );
     }
 }

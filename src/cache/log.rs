@@ -84,11 +84,6 @@ impl Log {
         k.keys.len() >= format::KSET_MAX_KEYS
     }
 
-    /// Number of keys waiting in memory.
-    pub fn open_keys(&self) -> usize {
-        self.ksets.iter().map(|k| k.lock().unwrap().keys.len()).sum()
-    }
-
     /// Persist kset `idx` if it holds keys.
     pub fn close(
         &self,
@@ -173,7 +168,6 @@ impl Log {
     pub fn wake_waiters(&self) {
         self.closed.notify_all();
     }
-
 
     /// Write one kset at the head, chaining to a new log segment first when it does not fit.
     fn write_kset(

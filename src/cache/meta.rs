@@ -68,10 +68,6 @@ impl Meta {
         self.gc_percent.load(Ordering::Relaxed)
     }
 
-    pub fn data_crc(&self) -> bool {
-        self.info.lock().unwrap().data_crc
-    }
-
     /// Change and persist the GC threshold (0..=90).
     pub fn set_gc_percent(&self, percent: u8) -> Result<(), FormatError> {
         if percent > format::MAX_GC_PERCENT {

@@ -119,7 +119,10 @@ impl CacheQueue {
             return;
         }
         if let Err(e) = self.core.media.fence() {
-            log::error!("cache media fence failed; failing {} writes: {e}", self.staged.len());
+            log::error!(
+                "cache media fence failed; failing {} writes: {e}",
+                self.staged.len()
+            );
             for w in std::mem::take(&mut self.staged) {
                 w.keys.iter().for_each(|k| self.core.unpin(k.seg));
                 self.completed
@@ -146,7 +149,9 @@ impl CacheQueue {
     /// Complete write-through writes once the ksets holding their keys are persisted.
     fn close_unclosed(&mut self) {
         while let Some((tag, offs)) = self.unclosed.first() {
-            let closed = offs.iter().all(|&off| self.core.close_kset_for(off).is_ok());
+            let closed = offs
+                .iter()
+                .all(|&off| self.core.close_kset_for(off).is_ok());
             if !closed {
                 return;
             }

@@ -121,7 +121,13 @@ pub(super) fn open(
     let index = Index::new(backing.size());
     let codec = KsetCodec::new(layout, backing.size(), opened.superblock.cache_id);
     let (head, report) = walk(
-        &*media, &layout, &codec, &segments, Some(&index), key_tail, dirty_tail,
+        &*media,
+        &layout,
+        &codec,
+        &segments,
+        Some(&index),
+        key_tail,
+        dirty_tail,
     )
     .map_err(|reason| CacheError::Corrupt {
         path: path.clone(),
@@ -151,7 +157,11 @@ pub(super) fn open(
     })
 }
 
-fn check_size(layout: &Layout, opts: &CacheOptions, path: &std::path::Path) -> Result<(), CacheError> {
+fn check_size(
+    layout: &Layout,
+    opts: &CacheOptions,
+    path: &std::path::Path,
+) -> Result<(), CacheError> {
     let need = min_segments(opts.queues);
     if layout.n_segments() < need {
         return Err(CacheError::Invalid {
@@ -198,7 +208,12 @@ pub fn walk(
         let kset = match codec.decode_kset(bytes, seq) {
             Ok(k) => k,
             Err(e) if e.is_end_of_log() => break,
-            Err(e) => return Err(format!("kset at segment {} offset {}: {e}", pos.seg, pos.off)),
+            Err(e) => {
+                return Err(format!(
+                    "kset at segment {} offset {}: {e}",
+                    pos.seg, pos.off
+                ))
+            }
         };
         report.ksets += 1;
         match kset {
@@ -211,7 +226,10 @@ pub fn walk(
                 }
                 segments.mark_used(next_seg, SegmentKind::Log);
                 report.log_segments += 1;
-                pos = CachePos { seg: next_seg, off: 0 };
+                pos = CachePos {
+                    seg: next_seg,
+                    off: 0,
+                };
             }
             Kset::Keys { ref keys, .. } => {
                 for k in keys {

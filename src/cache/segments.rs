@@ -159,7 +159,10 @@ impl SegmentMap {
     /// Forget a waiter previously added (matched by file descriptor number).
     pub fn remove_waiter(&self, raw: std::os::fd::RawFd) {
         use std::os::fd::AsRawFd;
-        self.waiters.lock().unwrap().retain(|w| w.as_raw_fd() != raw);
+        self.waiters
+            .lock()
+            .unwrap()
+            .retain(|w| w.as_raw_fd() != raw);
     }
 
     /// Wake every waiting queue (space was freed, or something else they wait for happened).
@@ -187,7 +190,11 @@ mod tests {
         let map = SegmentMap::new(&[0; 4]);
         assert_eq!(map.alloc(SegmentKind::Log, 0), Some(0));
         assert_eq!(map.alloc(SegmentKind::Data, 2), Some(1));
-        assert_eq!(map.alloc(SegmentKind::Data, 2), None, "two left, two reserved");
+        assert_eq!(
+            map.alloc(SegmentKind::Data, 2),
+            None,
+            "two left, two reserved"
+        );
         assert_eq!(map.alloc(SegmentKind::Log, 0), Some(2));
         assert_eq!(map.free_count(), 1);
     }

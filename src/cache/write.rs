@@ -80,7 +80,13 @@ impl CacheQueue {
 
     /// WRITE_ZEROES and DISCARD: data-less keys that read as zeroes and reach the backing
     /// image as zero-range or discard at writeback.
-    pub(super) fn submit_zeroes(&mut self, tag: u64, offset: u64, len: u64, unmap: bool) -> Outcome {
+    pub(super) fn submit_zeroes(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+    ) -> Outcome {
         let core = self.core.clone();
         if core.read_only {
             return Outcome::Done(Err(IoError::ReadOnly));

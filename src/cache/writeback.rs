@@ -16,8 +16,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::engine::Core;
-use super::format::{self, Kset};
 use super::format::TailPos as Tail;
+use super::format::{self, Kset};
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
@@ -62,7 +62,8 @@ fn run(core: &Core) {
             if let Err(e) = core.close_aged_ksets() {
                 log::debug!("writeback: aged kset not closed yet: {e}");
             }
-            core.log.wait_beyond(tail.log_seq, Duration::from_millis(500));
+            core.log
+                .wait_beyond(tail.log_seq, Duration::from_millis(500));
             continue;
         }
         match write_back_kset(core, &mut queue, tail) {
@@ -87,7 +88,9 @@ fn run(core: &Core) {
             Err(e) => {
                 core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
                 if !failing {
-                    log::error!("writeback failed, data stays dirty in the cache and will be retried: {e}");
+                    log::error!(
+                        "writeback failed, data stays dirty in the cache and will be retried: {e}"
+                    );
                     failing = true;
                 }
                 sleep_unless_stopping(core, backoff);
@@ -184,8 +187,13 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
             return Err(format!("flushing the backing image failed: {e}"));
         }
     }
-    core.stats.writeback_bytes.fetch_add(bytes, Ordering::Relaxed);
-    core.stats.dirty_bytes.fetch_sub(bytes.min(core.stats.dirty_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+    core.stats
+        .writeback_bytes
+        .fetch_add(bytes, Ordering::Relaxed);
+    core.stats.dirty_bytes.fetch_sub(
+        bytes.min(core.stats.dirty_bytes.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
     Ok(Tail {
         pos: CachePos {
             seg: tail.pos.seg,
@@ -236,7 +244,12 @@ mod tests {
 
     #[test]
     fn later_keys_hide_earlier_ones() {
-        let keys = [key(0, 8192), key(1024, 1024), key(4096, 8192), key(20480, 512)];
+        let keys = [
+            key(0, 8192),
+            key(1024, 1024),
+            key(4096, 8192),
+            key(20480, 512),
+        ];
         assert_eq!(
             visible_parts(&keys),
             vec![

@@ -16,7 +16,8 @@ use crate::backing::{BackingImage, BackingOptions};
 
 /// A backing image in a temporary directory, and the directory.
 pub(crate) struct Fixture {
-    pub dir: tempfile::TempDir,
+    /// Keeps the backing image alive for the fixture's lifetime.
+    _dir: tempfile::TempDir,
     pub backing: Arc<BackingImage>,
     pub media: Arc<RecordingMedia>,
     pub opts: CacheOptions,
@@ -40,9 +41,10 @@ impl Fixture {
             gc_percent: None,
             queues,
             force_format: false,
+            drain_on_shutdown: false,
         };
         Fixture {
-            dir,
+            _dir: dir,
             backing,
             media,
             opts,

@@ -12,11 +12,29 @@ const QUEUES: usize = 2;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { q: usize, sector: u64, sectors: u64 },
-    Read { q: usize, sector: u64, sectors: u64 },
-    Zeroes { q: usize, sector: u64, sectors: u64 },
-    Discard { q: usize, sector: u64, sectors: u64 },
-    Flush { q: usize },
+    Write {
+        q: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Read {
+        q: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Zeroes {
+        q: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        q: usize,
+        sector: u64,
+        sectors: u64,
+    },
+    Flush {
+        q: usize,
+    },
     /// Clean shutdown and reopen.
     Reopen,
     /// Flush, then reopen on the durable image only, as after a power cut.

@@ -114,8 +114,7 @@ fn a_cache_refuses_another_backing_image() {
     let fx = Fixture::new(16, 1, 0);
     fx.open().shutdown().unwrap();
     let other = Fixture::new(32, 1, 0);
-    let err = match CacheEngine::open_with_media(&fx.opts, fx.media_dyn(), other.backing.clone())
-    {
+    let err = match CacheEngine::open_with_media(&fx.opts, fx.media_dyn(), other.backing.clone()) {
         Ok(_) => panic!("opened a cache against another image"),
         Err(e) => e,
     };
@@ -163,10 +162,7 @@ fn out_of_range_and_read_only_are_refused() {
     .unwrap();
     let engine = CacheEngine::open_with_media(&fx.opts, fx.media_dyn(), ro).unwrap();
     let mut d = Driver::new(&engine);
-    assert!(matches!(
-        d.write(0, 0, &[0u8; 512]),
-        Err(IoError::ReadOnly)
-    ));
+    assert!(matches!(d.write(0, 0, &[0u8; 512]), Err(IoError::ReadOnly)));
     assert!(matches!(d.discard(0, 0, 512), Err(IoError::ReadOnly)));
     engine.shutdown().unwrap();
 }

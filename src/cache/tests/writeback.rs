@@ -38,7 +38,10 @@ fn three_times_the_cache_size_reads_back_and_drains_to_the_image() {
         model[off as usize..off as usize + len].copy_from_slice(&data);
     }
     let stats = engine.stats();
-    assert!(stats.busy > 0, "the cache filled up at least once: {stats:?}");
+    assert!(
+        stats.busy > 0,
+        "the cache filled up at least once: {stats:?}"
+    );
     assert!(stats.gc_runs > 0, "GC reclaimed space: {stats:?}");
     for start in (0..disk).step_by(8 << 20) {
         let got = d.read((start >> 23) as usize % 2, start, 8 << 20).unwrap();
@@ -53,5 +56,8 @@ fn three_times_the_cache_size_reads_back_and_drains_to_the_image() {
     engine.shutdown().unwrap();
     let mut image = vec![0u8; disk as usize];
     fx.backing.read_at(0, &mut image).unwrap();
-    assert!(image == model, "the backing image alone differs from the model");
+    assert!(
+        image == model,
+        "the backing image alone differs from the model"
+    );
 }
