@@ -61,7 +61,7 @@ impl Daemon {
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("info".into()),
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
             )
             .stdin(Stdio::null())
             .spawn()

@@ -11,6 +11,14 @@ use super::cpu_flush::{self, FlushInsn};
 use super::{check_range, msync, Media, MediaError, MediaOptions, Persistence};
 
 /// A cache media backed by a `MAP_SHARED` mapping of a file or device.
+/// Environment variable that lets `pmem` persistence run on an ordinary file, so tests can
+/// exercise the cache-line write-back path where no DAX device exists.
+pub const EMULATE_PMEM_ENV: &str = "VHOST_USER_PCACHE_EMULATE_PMEM";
+
+fn emulate_pmem() -> bool {
+    std::env::var_os(EMULATE_PMEM_ENV).is_some_and(|v| v == "1")
+}
+
 pub struct MappedMedia {
     base: *mut u8,
     len: u64,
@@ -94,17 +102,29 @@ impl MappedMedia {
                     return Err(unsupported("pmem mode is not supported on this CPU".into()));
                 }
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    if forced == Some(Persistence::Pmem) {
+                    if forced == Some(Persistence::Pmem) && emulate_pmem() {
+                        log::warn!(
+                            "{}: {EMULATE_PMEM_ENV} is set: pmem mode on a mapping without \
+                             MAP_SYNC; CPU cache flushes survive a process crash but not a \
+                             power loss (for testing the pmem code path only)",
+                            path.display()
+                        );
+                        (
+                            map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                            Persistence::Pmem,
+                        )
+                    } else if forced == Some(Persistence::Pmem) {
                         return Err(unsupported(
                             "pmem persistence requested, but the file is not on a DAX \
                                  filesystem (MAP_SYNC refused); use msync"
                                 .into(),
                         ));
+                    } else {
+                        (
+                            map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
+                            Persistence::Msync,
+                        )
                     }
-                    (
-                        map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                        Persistence::Msync,
-                    )
                 }
                 Err(e) => return Err(io_err("mmap")(e)),
             },
