@@ -164,8 +164,12 @@ fn flushed_writes_survive_sigkill_and_restart_with_the_cache() {
     let daemon = start(&dir, &[]);
     let data = pattern(31, 3 * 65536);
     let mut client = Client::connect(daemon.socket(), 2, false).expect("connect");
-    client.queues[0].write(7 << 20, &data[..65536]).expect("write");
-    client.queues[1].write((7 << 20) + 65536, &data[65536..]).expect("write");
+    client.queues[0]
+        .write(7 << 20, &data[..65536])
+        .expect("write");
+    client.queues[1]
+        .write((7 << 20) + 65536, &data[65536..])
+        .expect("write");
     client.queues[1].flush().expect("flush");
     let status = daemon.stop_with(libc::SIGKILL);
     assert!(!status.success());
@@ -178,7 +182,11 @@ fn flushed_writes_survive_sigkill_and_restart_with_the_cache() {
     let mut client = Client::connect(daemon.socket(), 1, false).expect("reconnect");
     let mut got = Vec::new();
     for part in 0..3u64 {
-        got.extend(client.queues[0].read((7 << 20) + part * 65536, 65536).expect("read"));
+        got.extend(
+            client.queues[0]
+                .read((7 << 20) + part * 65536, 65536)
+                .expect("read"),
+        );
     }
     assert!(got == data, "flushed data lost across SIGKILL and restart");
 }
@@ -191,17 +199,30 @@ fn pmem_persistence_path_survives_sigkill() {
     let daemon = start(&dir, &["--persistence", "pmem", "--data-crc"]);
     let data = pattern(51, 131072);
     let mut client = Client::connect(daemon.socket(), 1, false).expect("connect");
-    client.queues[0].write(11 << 20, &data[..65536]).expect("write");
-    client.queues[0].write((11 << 20) + 65536, &data[65536..]).expect("write");
+    client.queues[0]
+        .write(11 << 20, &data[..65536])
+        .expect("write");
+    client.queues[0]
+        .write((11 << 20) + 65536, &data[65536..])
+        .expect("write");
     client.queues[0].flush().expect("flush");
     daemon.stop_with(libc::SIGKILL);
     drop(client);
     let image = dir.image();
-    let args = ["--backing", image.to_str().unwrap(), "--persistence", "pmem"];
+    let args = [
+        "--backing",
+        image.to_str().unwrap(),
+        "--persistence",
+        "pmem",
+    ];
     let daemon = Daemon::start(&dir.socket(), &args);
     let mut client = Client::connect(daemon.socket(), 1, false).expect("reconnect");
     let mut got = client.queues[0].read(11 << 20, 65536).expect("read");
-    got.extend(client.queues[0].read((11 << 20) + 65536, 65536).expect("read"));
+    got.extend(
+        client.queues[0]
+            .read((11 << 20) + 65536, 65536)
+            .expect("read"),
+    );
     assert!(got == data, "flushed data lost across SIGKILL in pmem mode");
 }
 
