@@ -1,0 +1,305 @@
+//! `serve`: its flags, the backing image, the choice of engine, and the serve loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use log::info;
+
+use super::size::parse_size;
+use vhost_user_pcache::backing::{BackingImage, BackingOptions};
+use vhost_user_pcache::cache::format::{Layout, MAX_GC_PERCENT};
+use vhost_user_pcache::cache::media::Persistence;
+use vhost_user_pcache::cache::replay::min_segments;
+use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
+use vhost_user_pcache::engine::Engine;
+use vhost_user_pcache::passthrough::PassthroughEngine;
+use vhost_user_pcache::serve::{self, ServeConfig};
+
+/// Backing image used when `--backing` is not given, in the current directory.
+pub const DEFAULT_BACKING: &str = "vhost-user-pcache.img";
+/// Size of the default backing image when it has to be created.
+pub const DEFAULT_BACKING_SIZE: u64 = 4 << 30;
+/// Largest cache file created by default (smaller when the image is smaller).
+pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// vhost-user socket to listen on
+    #[arg(
+        long,
+        value_name = "PATH",
+        long_help = "Unix socket the daemon listens on for the vhost-user frontend (QEMU \
+                     `-chardev socket,path=PATH`, Cloud Hypervisor `--disk vhost_user=true,socket=PATH`). \
+                     An existing file at PATH is replaced. The socket stays open across frontend \
+                     reconnects."
+    )]
+    socket: PathBuf,
+
+    /// Backing image [default: ./vhost-user-pcache.img]
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        long_help = "Raw image file or block device holding the disk's data. Without this flag \
+                     the daemon uses vhost-user-pcache.img in the current directory and creates \
+                     it as a 4 GiB sparse file if it is missing."
+    )]
+    backing: Option<PathBuf>,
+
+    /// Create the backing image with this size if it does not exist
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        long_help = "If the backing image does not exist, create it as a sparse file of SIZE \
+                     bytes. SIZE accepts the suffixes K, M, G and T (powers of 1024) and must be \
+                     a multiple of 512. An existing image is used as it is."
+    )]
+    create_backing: Option<u64>,
+
+    /// Number of virtqueues
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 4,
+        long_help = "Number of virtqueues offered to the guest, each served by its own thread \
+                     (1 to 64). The frontend may use fewer; QEMU's num-queues must not exceed it."
+    )]
+    queues: u16,
+
+    /// Largest virtqueue size accepted
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 1024,
+        long_help = "Largest virtqueue size a frontend may configure (a power of two up to \
+                     32768). QEMU's queue-size property must be at most this."
+    )]
+    queue_size: u16,
+
+    /// Refuse writes
+    #[arg(
+        long,
+        long_help = "Offer a read-only disk (VIRTIO_BLK_F_RO) and open the backing image \
+                     read-only. Writes, write-zeroes and discards fail with an I/O error."
+    )]
+    read_only: bool,
+
+    /// Serial number reported to the guest [default: backing image file name]
+    #[arg(
+        long,
+        value_name = "ID",
+        long_help = "Serial number answered to VIRTIO_BLK_T_GET_ID (visible in the guest as \
+                     /sys/block/vdX/serial), at most 20 bytes; longer values are cut. Defaults \
+                     to the backing image's file name."
+    )]
+    serial: Option<String>,
+
+    /// Cache media, or `none` [default: IMAGE.pcache]
+    #[arg(
+        long,
+        value_name = "PATH|none",
+        value_parser = parse_cache,
+        long_help = "Persistent-memory cache in front of the backing image: a devdax device \
+                     (/dev/daxX.Y), a file on a DAX file system (mapped with MAP_SYNC), or an \
+                     ordinary file (persisted with msync; weaker than pmem but crash-safe). A new \
+                     or unformatted media is formatted; an existing cache is replayed and must \
+                     belong to this backing image. Without the flag the cache is IMAGE.pcache \
+                     beside the backing image, created if missing. `none` serves the backing \
+                     image directly, without a cache."
+    )]
+    cache: Option<CacheArg>,
+
+    /// Size of a cache file to create [default: 1G, or the image size if smaller]
+    #[arg(
+        long,
+        value_name = "SIZE",
+        value_parser = parse_size,
+        long_help = "Size of the cache file when it has to be created (suffixes K, M, G, T). It is \
+                     used in whole 16 MiB segments; a cache needs at least queues + 4 segments, \
+                     and is made that large if SIZE is smaller. Ignored for an existing cache or \
+                     a devdax device."
+    )]
+    cache_size: Option<u64>,
+
+    /// How cache writes are made durable: pmem, msync or volatile [default: detected]
+    #[arg(
+        long,
+        value_name = "MODE",
+        long_help = "pmem: CPU cache-line write-back and store fence from userspace; needs a \
+                     devdax device or a DAX file mapped with MAP_SYNC. msync: msync of the \
+                     written pages, for ordinary files. volatile: nothing is persisted, so a \
+                     crash of the host or the daemon loses the cache (and the data only it \
+                     holds); only for tests, never detected. The default is pmem where the \
+                     mapping allows it and msync otherwise."
+    )]
+    persistence: Option<Persistence>,
+
+    /// Checksum cached data (when the cache is formatted)
+    #[arg(
+        long,
+        long_help = "Format a new cache with a CRC32C of every cached extent, verified on every \
+                     read hit and before writeback: corruption of the cache media becomes an I/O \
+                     error instead of wrong data. Costs a CRC computation per write and per read \
+                     hit. An existing cache keeps the setting it was formatted with; giving this \
+                     flag for a cache formatted without it is an error."
+    )]
+    data_crc: bool,
+
+    /// GC threshold in percent of segments in use (0-90) [default: the cache's, 70 when new]
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        value_parser = clap::value_parser!(u8).range(0..=MAX_GC_PERCENT as i64),
+        long_help = "Garbage collection reclaims clean, written-back log space once this share of \
+                     the cache's segments is in use (and always when the cache is nearly full). \
+                     Stored in the cache, so it stays until changed."
+    )]
+    gc_percent: Option<u8>,
+
+    /// Write all dirty data back before exiting
+    #[arg(
+        long,
+        long_help = "On SIGINT or SIGTERM, write every dirty extent back to the backing image and \
+                     flush it before exiting, so the image alone holds the disk (for example \
+                     before detaching the cache). Without it, dirty data stays safely in the \
+                     cache and is written back after the next start."
+    )]
+    drain_on_exit: bool,
+}
+
+/// `--cache`: a cache media path or `none`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CacheArg {
+    None,
+    Media(PathBuf),
+}
+
+fn parse_cache(text: &str) -> Result<CacheArg, String> {
+    match text {
+        "" => Err("an empty cache path".into()),
+        "none" => Ok(CacheArg::None),
+        path => Ok(CacheArg::Media(PathBuf::from(path))),
+    }
+}
+
+impl ServeArgs {
+    pub fn backing_path(&self) -> PathBuf {
+        self.backing
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_BACKING))
+    }
+
+    /// Size to create a missing backing image with, if it may be created at all.
+    pub fn create_size(&self) -> Option<u64> {
+        match (&self.backing, self.create_backing) {
+            (_, Some(size)) => Some(size),
+            (None, None) => Some(DEFAULT_BACKING_SIZE),
+            (Some(_), None) => None,
+        }
+    }
+}
+
+impl From<&ServeArgs> for ServeConfig {
+    fn from(args: &ServeArgs) -> Self {
+        let serial = args.serial.clone().unwrap_or_else(|| {
+            args.backing_path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        ServeConfig {
+            socket: args.socket.clone(),
+            num_queues: args.queues,
+            max_queue_size: args.queue_size,
+            serial,
+        }
+    }
+}
+
+fn prepare_backing(path: &Path, create_size: Option<u64>) -> Result<()> {
+    if path.exists() {
+        return Ok(());
+    }
+    let Some(size) = create_size else {
+        bail!(
+            "backing image {} does not exist (use --create-backing SIZE to create it)",
+            path.display()
+        );
+    };
+    BackingImage::create_sparse(path, size)
+        .with_context(|| format!("creating backing image {}", path.display()))?;
+    info!(
+        "created sparse backing image {} of {size} bytes",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Where the cache media is: `--cache`, or IMAGE.pcache beside the backing image.
+fn cache_path(args: &ServeArgs) -> Option<PathBuf> {
+    match &args.cache {
+        Some(CacheArg::None) => None,
+        Some(CacheArg::Media(p)) => Some(p.clone()),
+        None => {
+            let mut p = args.backing_path().into_os_string();
+            p.push(".pcache");
+            Some(PathBuf::from(p))
+        }
+    }
+}
+
+/// Size of a cache file to create: `--cache-size` or the default, in whole segments, and at
+/// least the minimum for the queue count.
+fn cache_create_size(args: &ServeArgs, image_size: u64) -> u64 {
+    let wanted = args
+        .cache_size
+        .unwrap_or_else(|| DEFAULT_CACHE_SIZE.min(image_size));
+    let segments = u32::try_from(wanted / SEGMENT_SIZE)
+        .unwrap_or(u32::MAX)
+        .max(min_segments(usize::from(args.queues)));
+    Layout::media_len_for(segments)
+}
+
+/// The one place that decides which engine serves the device.
+fn build_engine(args: &ServeArgs, image: Arc<BackingImage>) -> Result<Arc<dyn Engine>> {
+    let queues = usize::from(args.queues);
+    let Some(path) = cache_path(args) else {
+        info!("no cache: requests go straight to the backing image");
+        return Ok(Arc::new(PassthroughEngine::new(image, queues)));
+    };
+    let opts = CacheOptions {
+        create_size: Some(cache_create_size(args, image.size())),
+        persistence: args.persistence,
+        data_crc: args.data_crc.then_some(true),
+        gc_percent: args.gc_percent,
+        queues,
+        force_format: false,
+        drain_on_shutdown: args.drain_on_exit,
+        path,
+    };
+    let engine = CacheEngine::open(&opts, image)
+        .with_context(|| format!("opening cache {}", opts.path.display()))?;
+    Ok(Arc::new(engine))
+}
+
+pub fn run(args: &ServeArgs) -> Result<()> {
+    let path = args.backing_path();
+    prepare_backing(&path, args.create_size())?;
+    let options = BackingOptions {
+        read_only: args.read_only,
+        direct: true,
+    };
+    let image = BackingImage::open(&path, &options)
+        .with_context(|| format!("opening backing image {}", path.display()))?;
+    info!(
+        "backing image {} ({} bytes{})",
+        path.display(),
+        image.size(),
+        if args.read_only { ", read-only" } else { "" }
+    );
+    let engine = build_engine(args, image)?;
+    let config = ServeConfig::from(args);
+    serve::run(&config, engine).with_context(|| format!("serving on {}", args.socket.display()))
+}
