@@ -12,7 +12,7 @@ use std::io;
 use std::sync::atomic::{fence, Ordering};
 
 use super::index::Piece;
-use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
+use super::queue::{CacheQueue, Filled, MissRead, Outcome, ReadInFlight};
 use crate::engine::{DataSeg, IoError};
 
 impl CacheQueue {
@@ -161,15 +161,12 @@ impl CacheQueue {
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
                     core.persist_data(pos, len);
-                    match core.media.fence() {
-                        Ok(()) => core.complete_fill(ticket, off, pos, len),
-                        // The guest got its data; only the cache fill is given up.
-                        Err(e) => {
-                            log::warn!("cache media fence failed, not caching a read: {e}");
-                            core.index.abort_fill(ticket);
-                        }
-                    }
-                    core.unpin(pos.seg);
+                    self.filled.push(Filled {
+                        ticket,
+                        off,
+                        pos,
+                        len,
+                    });
                     (read, None)
                 }
                 Err(e) => {
