@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{pattern, wait_until, Fixture};
 use crate::cache::driver::Driver;
-use crate::engine::Engine;
+use crate::engine::{DataSeg, Engine, EngineQueue, Request, RequestKind, Submit};
 
 const DISK: u64 = 32 << 20;
 
@@ -87,6 +87,103 @@ fn failing_backing_writes_lose_nothing_and_drain_after_recovery() {
     engine.drain().unwrap();
     assert_eq!(engine.stats().dirty_bytes, 0);
     drop(d);
+    engine.shutdown().unwrap();
+    let mut image = vec![0u8; DISK as usize];
+    fx.backing.read_at(0, &mut image).unwrap();
+    assert!(
+        image == model,
+        "the image after recovery differs from the model"
+    );
+}
+
+/// Submit `req` once; `Some(request)` back when the engine had no room, else wait for it.
+fn submit_or_busy(q: &mut dyn EngineQueue, req: Request) -> Option<Request> {
+    let tag = req.tag;
+    match q.submit(req) {
+        Submit::Busy(back) => return Some(back),
+        Submit::Done(r) => r.unwrap(),
+        Submit::Pending => {
+            let mut done = Vec::new();
+            wait_until("a request to complete", Duration::from_secs(30), || {
+                q.reap(&mut done);
+                !done.is_empty()
+            });
+            assert_eq!(done.len(), 1);
+            let (t, r) = done.pop().unwrap();
+            assert_eq!(t, tag);
+            r.unwrap();
+        }
+    }
+    None
+}
+
+#[test]
+fn a_cache_full_of_unwritable_data_holds_writes_back_until_the_image_recovers() {
+    // Five segments for one queue: two of them can hold data before allocation stops.
+    let fx = Fixture::new(DISK >> 20, 1, 0);
+    let engine = fx.open();
+    fx.backing.set_fail_writes(true);
+    let mut q = engine.open_queue(0).unwrap();
+    let mut model = vec![0u8; DISK as usize];
+    let bufs: Vec<Vec<u8>> = (0..DISK >> 20)
+        .map(|i| pattern(i << 20, 1 << 20, i))
+        .collect();
+    let write = |i: u64| Request {
+        tag: i,
+        kind: RequestKind::Write {
+            offset: i << 20,
+            bufs: vec![DataSeg {
+                ptr: bufs[i as usize].as_ptr() as *mut u8,
+                len: bufs[i as usize].len(),
+            }],
+        },
+    };
+    let mut held = None;
+    for i in 0..DISK >> 20 {
+        if let Some(back) = submit_or_busy(q.as_mut(), write(i)) {
+            held = Some((i, back));
+            break;
+        }
+        model[(i << 20) as usize..((i + 1) << 20) as usize].copy_from_slice(&bufs[i as usize]);
+    }
+    let (i, mut back) = held.expect("the cache fills up while nothing can be written back");
+    assert!(engine.stats().busy > 0);
+    wait_until("writeback errors to show", Duration::from_secs(30), || {
+        engine.stats().writeback_errors > 0
+    });
+    // Still full: the request is handed back again, not failed.
+    back = submit_or_busy(q.as_mut(), back).expect("no room while the image fails");
+    // Reads of the full cache still work.
+    let mut got = vec![0u8; 1 << 20];
+    let read = Request {
+        tag: 1 << 40,
+        kind: RequestKind::Read {
+            offset: 0,
+            bufs: vec![DataSeg {
+                ptr: got.as_mut_ptr(),
+                len: got.len(),
+            }],
+        },
+    };
+    assert!(
+        submit_or_busy(q.as_mut(), read).is_none(),
+        "reads never wait for room"
+    );
+    assert!(got == bufs[0]);
+
+    fx.backing.set_fail_writes(false);
+    let mut pending = Some(back);
+    wait_until(
+        "room after the image recovered",
+        Duration::from_secs(60),
+        || {
+            pending = submit_or_busy(q.as_mut(), pending.take().unwrap());
+            pending.is_none()
+        },
+    );
+    model[(i << 20) as usize..((i + 1) << 20) as usize].copy_from_slice(&bufs[i as usize]);
+    drop(q);
+    engine.drain().unwrap();
     engine.shutdown().unwrap();
     let mut image = vec![0u8; DISK as usize];
     fx.backing.read_at(0, &mut image).unwrap();
