@@ -52,6 +52,8 @@ pub struct BackingImage {
     alignment: usize,
     identity: BackingIdentity,
     pub(crate) rmw_locks: RangeLocks,
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 /// Alignments tried, smallest first, when the file system does not report its own.
@@ -160,6 +162,8 @@ impl BackingImage {
             alignment,
             identity,
             rmw_locks: RangeLocks::default(),
+            #[cfg(test)]
+            fail_writes: Default::default(),
         }))
     }
 
@@ -225,6 +229,19 @@ impl BackingImage {
         } else {
             1
         }
+    }
+
+    /// Test fault switch: while set, every write, zeroing, discard and flush through a
+    /// `BackingQueue` fails with an I/O error, as a failing backing device would.
+    #[cfg(test)]
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::Release);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn writes_fail(&self) -> bool {
+        self.fail_writes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {

@@ -394,7 +394,26 @@ impl CacheEngine {
 
     /// Counters for status and metrics.
     pub fn stats(&self) -> super::stats::StatsSnapshot {
-        self.core.stats.snapshot()
+        let free = self.core.segments.free_count();
+        super::stats::StatsSnapshot {
+            segments_used: self.core.segments.count() - free,
+            segments_free: free,
+            ..self.core.stats.snapshot()
+        }
+    }
+
+    /// Change the GC threshold while serving (0..=90 percent of segments in use); persisted in
+    /// the cache, and the GC thread uses it from its next look.
+    pub fn set_gc_percent(&self, percent: u8) -> Result<(), EngineError> {
+        self.core
+            .meta
+            .set_gc_percent(percent)
+            .map_err(|e| EngineError::Invalid(format!("gc_percent: {e}")))
+    }
+
+    /// The GC threshold in force.
+    pub fn gc_percent(&self) -> u8 {
+        self.core.meta.gc_percent()
     }
 }
 

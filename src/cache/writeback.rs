@@ -268,4 +268,21 @@ mod tests {
         assert!(pace(20, 100) > pace(50, 100));
         assert_eq!(pace(90, 100), Duration::ZERO);
     }
+
+    #[test]
+    fn pacing_never_slows_down_as_dirt_grows() {
+        let capacity = 1000;
+        assert!(
+            pace(0, capacity) > Duration::ZERO,
+            "a clean cache leaves the backing image to the guest"
+        );
+        for dirty in 0..=capacity {
+            assert!(pace(dirty + 1, capacity) <= pace(dirty, capacity));
+        }
+        assert_eq!(
+            pace(5, 0),
+            Duration::ZERO,
+            "an empty capacity never divides by zero"
+        );
+    }
 }
