@@ -99,7 +99,7 @@ mod tests {
         for bad in [
             r#"{"command":"explode"}"#,
             r#"{"command":"set-gc-percent","value":300}"#,
-            r#"{"command":"status","extra":1}"#,
+            r#"{"command":"set-gc-percent","percent":5}"#,
             "status",
         ] {
             assert!(
