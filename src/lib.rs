@@ -6,11 +6,13 @@
 //! - [`virtio_blk`]: descriptor chains, the config space, feature bits, status codes;
 //! - [`engine`]: the interface between virtio-blk and storage;
 //! - [`passthrough`] (`--cache none`) and [`cache`] (the dm-pcache engine): the engines;
-//! - [`backing`]: the only code that does I/O on the backing image.
+//! - [`backing`]: the only code that does I/O on the backing image;
+//! - [`control`]: the control socket of a running daemon (status, drain, metrics).
 
 pub mod backend;
 pub mod backing;
 pub mod cache;
+pub mod control;
 pub mod engine;
 pub mod passthrough;
 pub mod serve;

@@ -20,6 +20,9 @@ enum Command {
     /// Serve a block device to one vhost-user-blk frontend (QEMU, Cloud Hypervisor, libblkio)
     /// at a time, until SIGINT or SIGTERM.
     Serve(cli::serve::ServeArgs),
+    /// Ask a running daemon (started with --control-socket) for its status, statistics or
+    /// metrics, change gc_percent, flush, drain or undrain it.
+    Ctl(cli::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(args) => cli::serve::run(args),
+        Command::Ctl(args) => cli::ctl::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +58,9 @@ mod tests {
             "--backing",
             "/images/vm1-disk.img",
         ]);
-        let Command::Serve(args) = &cli.command;
+        let Command::Serve(args) = &cli.command else {
+            panic!("serve parsed as another command");
+        };
         let config = ServeConfig::from(args);
         assert_eq!(config.serial, "vm1-disk.img");
         assert_eq!(config.num_queues, 4);
@@ -65,9 +71,74 @@ mod tests {
     #[test]
     fn default_backing_may_be_created() {
         let cli = Cli::parse_from(["vhost-user-pcache", "serve", "--socket", "s"]);
-        let Command::Serve(args) = &cli.command;
+        let Command::Serve(args) = &cli.command else {
+            panic!("serve parsed as another command");
+        };
         assert_eq!(args.backing_path(), PathBuf::from(DEFAULT_BACKING));
         assert_eq!(args.create_size(), Some(DEFAULT_BACKING_SIZE));
         assert_eq!(ServeConfig::from(args).serial, DEFAULT_BACKING);
+    }
+
+    fn serve_args(argv: &[&str]) -> cli::serve::ServeArgs {
+        let cli = Cli::parse_from(["vhost-user-pcache", "serve"].iter().chain(argv));
+        let Command::Serve(args) = cli.command else {
+            panic!("serve parsed as another command");
+        };
+        args
+    }
+
+    #[test]
+    fn flags_win_over_the_config_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("vm.toml");
+        std::fs::write(
+            &file,
+            "socket = \"/run/file.sock\"\nqueues = 2\nqueue-size = 256\ngc-percent = 40\n\
+             serial = \"from-file\"\ncontrol-socket = \"/run/file.ctl\"\n",
+        )
+        .unwrap();
+        let file = file.to_str().unwrap();
+        let args = serve_args(&["--config", file, "--gc-percent", "50", "--serial", "flag"])
+            .with_config_file()
+            .expect("valid config");
+        let config = ServeConfig::from(&args);
+        assert_eq!(config.socket, PathBuf::from("/run/file.sock"));
+        assert_eq!(config.num_queues, 2);
+        assert_eq!(config.max_queue_size, 256);
+        assert_eq!(config.serial, "flag");
+        assert_eq!(args.gc_percent(), Some(50));
+        assert_eq!(
+            args.control_socket(),
+            Some(std::path::Path::new("/run/file.ctl"))
+        );
+
+        let args = serve_args(&[
+            "--config",
+            file,
+            "--socket",
+            "/run/flag.sock",
+            "--queues",
+            "3",
+        ])
+        .with_config_file()
+        .unwrap();
+        let config = ServeConfig::from(&args);
+        assert_eq!(config.socket, PathBuf::from("/run/flag.sock"));
+        assert_eq!(config.num_queues, 3);
+        assert_eq!(args.gc_percent(), Some(40));
+    }
+
+    #[test]
+    fn config_file_errors_name_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "queues = 2\ncache-sise = \"1G\"\n").unwrap();
+        let e = serve_args(&["--config", file.to_str().unwrap()])
+            .with_config_file()
+            .expect_err("unknown key accepted");
+        let e = format!("{e:#}");
+        assert!(e.contains("bad.toml") && e.contains("`cache-sise`"), "{e}");
+        let missing = serve_args(&["--config", "/nonexistent/x.toml"]).with_config_file();
+        assert!(format!("{:#}", missing.expect_err("missing file")).contains("x.toml"));
     }
 }

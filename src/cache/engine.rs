@@ -81,6 +81,9 @@ pub(crate) struct Core {
     pub stopping: AtomicBool,
     /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
     pub draining: AtomicUsize,
+    /// Drained mode (`ctl drain` until `ctl undrain`): writes complete only once written back,
+    /// and writeback runs without pauses. See `status.rs`.
+    pub drained: AtomicBool,
     /// Signalled whenever writeback moved dirty_tail.
     progress: (Mutex<()>, Condvar),
 }
@@ -96,6 +99,15 @@ impl Core {
     pub fn writeback_progress(&self) {
         let _g = self.progress.0.lock().unwrap();
         self.progress.1.notify_all();
+        if self.drained.load(Ordering::Acquire) {
+            // Queues hold drained-mode writes until dirty_tail passes them.
+            self.segments.wake();
+        }
+    }
+
+    /// Whether writeback should run flat out (a `drain` waits, or drained mode is on).
+    pub fn writeback_unpaced(&self) -> bool {
+        self.draining.load(Ordering::Acquire) > 0 || self.drained.load(Ordering::Acquire)
     }
 
     /// Write back everything acknowledged so far and wait until the backing image holds it.
@@ -304,7 +316,7 @@ pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
 
 /// The pmem cache engine.
 pub struct CacheEngine {
-    core: Arc<Core>,
+    pub(super) core: Arc<Core>,
     drain_on_shutdown: bool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -355,6 +367,7 @@ impl CacheEngine {
             },
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
+            drained: AtomicBool::new(false),
             progress: (Mutex::new(()), Condvar::new()),
         });
         let mut threads = Vec::new();

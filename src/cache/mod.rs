@@ -34,10 +34,12 @@ mod read;
 pub mod replay;
 mod segments;
 pub mod stats;
+pub mod status;
 mod write;
 mod writeback;
 
 pub use engine::{CacheEngine, CacheError, CacheOptions};
+pub use status::CacheStatus;
 
 #[cfg(test)]
 mod tests;

@@ -21,7 +21,7 @@ pub struct Stats {
 }
 
 /// A consistent-enough copy of the counters for reporting.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub read_hits: u64,
     pub read_misses: u64,

@@ -108,11 +108,11 @@ impl CacheQueue {
             });
             offs.push(off);
         }
-        if core.write_cache.load(Ordering::Acquire) {
-            return Outcome::Done(Ok(()));
+        if self.hold_if_needed(tag, offs) {
+            Outcome::Pending
+        } else {
+            Outcome::Done(Ok(()))
         }
-        self.unclosed.push((tag, offs));
-        Outcome::Pending
     }
 
     /// FLUSH: every write completed before it becomes durable, by persisting every open kset.

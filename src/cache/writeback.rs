@@ -79,7 +79,7 @@ fn run(core: &Core) {
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
-                if core.draining.load(Ordering::Acquire) == 0 {
+                if !core.writeback_unpaced() {
                     let capacity = core.layout.data_size() as u64 * core.segments.count() as u64;
                     let dirty = core.stats.dirty_bytes.load(Ordering::Relaxed);
                     sleep_unless_stopping(core, pace(dirty, capacity));

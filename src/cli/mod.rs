@@ -1,4 +1,6 @@
 //! The command line's subcommands, one file each.
 
+pub mod config;
+pub mod ctl;
 pub mod serve;
 pub mod size;
