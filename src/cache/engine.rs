@@ -415,15 +415,6 @@ impl CacheEngine {
         }
     }
 
-    /// Change the GC threshold while serving (0..=90 percent of segments in use); persisted in
-    /// the cache, and the GC thread uses it from its next look.
-    pub fn set_gc_percent(&self, percent: u8) -> Result<(), EngineError> {
-        self.core
-            .meta
-            .set_gc_percent(percent)
-            .map_err(|e| EngineError::Invalid(format!("gc_percent: {e}")))
-    }
-
     /// The GC threshold in force.
     pub fn gc_percent(&self) -> u8 {
         self.core.meta.gc_percent()
