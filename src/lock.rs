@@ -153,7 +153,9 @@ mod tests {
         assert!(path.exists(), "created for locking");
         let err = PathLock::acquire(&path, LockedObject::CacheMedia, false).unwrap_err();
         match &err {
-            LockError::Held { path: p, holder, .. } => {
+            LockError::Held {
+                path: p, holder, ..
+            } => {
                 assert_eq!(p, &path);
                 assert_eq!(*holder, Some(std::process::id()));
             }
@@ -161,7 +163,10 @@ mod tests {
         }
         let text = err.to_string();
         assert!(text.contains(&path.display().to_string()), "{text}");
-        assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+        assert!(
+            text.contains(&format!("pid {}", std::process::id())),
+            "{text}"
+        );
         drop(first);
         PathLock::acquire(&path, LockedObject::CacheMedia, false).expect("free again");
     }

@@ -1,4 +1,9 @@
 //! The command line's subcommands, one file each.
 
+pub mod check;
+pub mod drain;
+pub mod format;
+pub mod inspect;
+pub mod offline;
 pub mod serve;
 pub mod size;
