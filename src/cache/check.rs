@@ -291,3 +291,131 @@ fn corrupt_superblock(reason: String) -> CheckReport {
         extents_verified: 0,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::cache::driver::Driver;
+    use crate::cache::format::{KeyRecord, Tail};
+    use crate::cache::inspect::inspect;
+    use crate::cache::media::RecordingMedia;
+    use crate::cache::tests::{pattern, Fixture};
+
+    /// A cache with `n` written and drained 64 KiB extents (data CRC on), as the media holds
+    /// it after the engine stopped; dirty_tail is at the log head.
+    fn written_back_cache(n: u64) -> (Fixture, Arc<RecordingMedia>) {
+        let mut fx = Fixture::new(64, 1, 2);
+        fx.opts.data_crc = Some(true);
+        let engine = fx.open();
+        let mut driver = Driver::new(&engine);
+        for i in 0..n {
+            let off = i * (5 << 20);
+            assert!(driver.write(0, off, &pattern(off, 65536, i)).is_ok());
+        }
+        assert!(driver.flush(0).is_ok());
+        engine.drain().unwrap();
+        drop(driver);
+        engine.shutdown_for_crash_test();
+        let media = Arc::new(RecordingMedia::from_image(fx.media.durable_image()).unwrap());
+        (fx, media)
+    }
+
+    fn live_keys(media: &dyn Media) -> Vec<KeyRecord> {
+        let state = MediaState::read(media).unwrap();
+        let info = state.cache_info.newest().unwrap().0;
+        let kt = state.key_tail.newest().unwrap().0;
+        let dt = state.dirty_tail.newest().unwrap().0;
+        let mut keys = Vec::new();
+        let walk = walk_log(media, &state, &info, kt, dt, &mut |k| {
+            if !k.stale && !k.key.is_zeroes() {
+                keys.push(k.key)
+            }
+        });
+        assert_eq!(walk.error, None);
+        keys
+    }
+
+    fn flip(media: &dyn Media, at: u64) {
+        let mut b = [0u8; 1];
+        media.read(at, &mut b).unwrap();
+        media.write(at, &[b[0] ^ 0xff]).unwrap();
+    }
+
+    #[test]
+    fn a_written_back_cache_is_clean_and_every_extent_is_verified() {
+        let (_fx, media) = written_back_cache(3);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Clean, "{:?}", report.findings);
+        assert_eq!(report.extents_verified, live_keys(&*media).len() as u64);
+        assert!(report.extents_verified >= 3);
+        assert_eq!(inspect(&*media, None).unwrap().dirty_bytes, 0);
+    }
+
+    #[test]
+    fn a_bad_crc_is_repairable_when_clean_and_corrupt_when_dirty() {
+        let (_fx, media) = written_back_cache(2);
+        let layout = MediaState::read(&*media).unwrap().layout;
+        let key = live_keys(&*media)[0];
+        let pos = CachePos {
+            seg: key.seg,
+            off: key.seg_off,
+        };
+        flip(&*media, layout.media_offset(pos) + 7);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Repairable, "{:?}", report.findings);
+        assert!(report.findings[0].message.contains("clean data"));
+
+        let key_tail = format::load_tail(&*media, &layout, Tail::Key)
+            .unwrap()
+            .value;
+        format::store_tail(&*media, &layout, Tail::Dirty, &key_tail).unwrap();
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Corrupt, "{:?}", report.findings);
+        assert!(report.findings[0].message.contains("dirty data"));
+    }
+
+    #[test]
+    fn a_damaged_segment_record_replica_is_repairable_a_lost_one_corrupt() {
+        let (_fx, media) = written_back_cache(1);
+        let layout = MediaState::read(&*media).unwrap().layout;
+        let slots = layout.generation_slots(3);
+        flip(&*media, slots.offsets[1] + 3);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Repairable, "{:?}", report.findings);
+        assert!(report.findings[0]
+            .message
+            .contains("segment 3 generation replica 1"));
+
+        flip(&*media, slots.offsets[0] + 3);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Corrupt, "{:?}", report.findings);
+    }
+
+    #[test]
+    fn wrong_backing_and_blank_media_cannot_be_checked() {
+        let (_fx, media) = written_back_cache(1);
+        let other = BackingFingerprint {
+            size: 1 << 20,
+            id: [7; 32],
+        };
+        assert!(matches!(
+            check(&*media, Some(&other)),
+            Err(CheckError::WrongBacking { .. })
+        ));
+        let blank = RecordingMedia::new(media.len()).unwrap();
+        assert!(matches!(
+            check(&blank, None),
+            Err(CheckError::Inspect(InspectError::NotACache(_)))
+        ));
+    }
+
+    #[test]
+    fn a_damaged_superblock_with_the_magic_is_corrupt() {
+        let (_fx, media) = written_back_cache(1);
+        flip(&*media, format::SUPERBLOCK_OFFSET + 40);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Corrupt);
+    }
+}
