@@ -23,17 +23,39 @@ enum Command {
     /// Ask a running daemon (started with --control-socket) for its status, statistics or
     /// metrics, change gc_percent, flush, drain or undrain it.
     Ctl(cli::ctl::CtlArgs),
+    /// Format a cache media for a backing image (offline; refuses to overwrite a cache
+    /// without --force).
+    Format(cli::format::FormatArgs),
+    /// Show what a cache holds: options, tails, segment map, log summary, dirty bytes
+    /// (offline, read-only).
+    Inspect(cli::inspect::InspectArgs),
+    /// Verify a cache: every metadata replica, the key log, every key, and cached data CRCs
+    /// (offline, read-only). Exit status 0 clean, 1 repairable, 2 corrupt, 3 could not check.
+    Check(cli::check::CheckArgs),
+    /// Write all dirty data of a cache back to its backing image (offline), so the cache can
+    /// be retired.
+    Drain(cli::drain::DrainArgs),
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    // The daemon logs its life; the tools print reports and only log problems.
+    let level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    let done = |r: anyhow::Result<()>| r.map(|()| ExitCode::SUCCESS);
     let result = match &cli.command {
-        Command::Serve(args) => cli::serve::run(args),
-        Command::Ctl(args) => cli::ctl::run(args),
+        Command::Serve(args) => done(cli::serve::run(args)),
+        Command::Format(args) => done(cli::format::run(args)),
+        Command::Inspect(args) => cli::inspect::run(args),
+        Command::Check(args) => return cli::check::run(args),
+        Command::Drain(args) => done(cli::drain::run(args)),
+        Command::Ctl(args) => done(cli::ctl::run(args)),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             error!("{e:#}");
             ExitCode::FAILURE
@@ -59,7 +81,7 @@ mod tests {
             "/images/vm1-disk.img",
         ]);
         let Command::Serve(args) = &cli.command else {
-            panic!("serve parsed as another command");
+            panic!("parsed as another subcommand")
         };
         let config = ServeConfig::from(args);
         assert_eq!(config.serial, "vm1-disk.img");
@@ -72,7 +94,7 @@ mod tests {
     fn default_backing_may_be_created() {
         let cli = Cli::parse_from(["vhost-user-pcache", "serve", "--socket", "s"]);
         let Command::Serve(args) = &cli.command else {
-            panic!("serve parsed as another command");
+            panic!("parsed as another subcommand")
         };
         assert_eq!(args.backing_path(), PathBuf::from(DEFAULT_BACKING));
         assert_eq!(args.create_size(), Some(DEFAULT_BACKING_SIZE));

@@ -20,12 +20,14 @@ pub struct CachePos {
     pub off: u32,
 }
 
+pub mod check;
 mod data_head;
 pub mod driver;
 mod engine;
 pub mod format;
 mod gc;
 pub mod index;
+pub mod inspect;
 mod log;
 pub mod media;
 mod meta;

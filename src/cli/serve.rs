@@ -16,6 +16,7 @@ use vhost_user_pcache::cache::replay::min_segments;
 use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::control::{CacheControl, ControlServer, ControlTarget, PassthroughControl};
 use vhost_user_pcache::engine::Engine;
+use vhost_user_pcache::lock::{LockedObject, PathLock};
 use vhost_user_pcache::passthrough::PassthroughEngine;
 use vhost_user_pcache::serve::{self, ConnectionState, ServeConfig};
 
@@ -372,6 +373,11 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     };
     let path = args.backing_path();
     prepare_backing(&path, args.create_size())?;
+    // Held until the daemon exits: no second daemon or offline tool may use either file.
+    let _image_lock = PathLock::acquire(&path, LockedObject::BackingImage, false)?;
+    let _cache_lock = cache_path(args)
+        .map(|p| PathLock::acquire(&p, LockedObject::CacheMedia, true))
+        .transpose()?;
     let options = BackingOptions {
         read_only: args.read_only,
         direct: true,
