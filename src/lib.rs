@@ -12,6 +12,7 @@ pub mod backend;
 pub mod backing;
 pub mod cache;
 pub mod engine;
+pub mod notify;
 pub mod passthrough;
 pub mod serve;
 pub mod virtio_blk;

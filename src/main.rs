@@ -5,7 +5,7 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use log::error;
 
 #[derive(Parser, Debug)]
@@ -20,6 +20,9 @@ enum Command {
     /// Serve a block device to one vhost-user-blk frontend (QEMU, Cloud Hypervisor, libblkio)
     /// at a time, until SIGINT or SIGTERM.
     Serve(cli::serve::ServeArgs),
+    /// Print the manual page (roff) generated from this command line.
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -27,6 +30,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(args) => cli::serve::run(args),
+        Command::Man => cli::man::run(Cli::command()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -54,7 +58,9 @@ mod tests {
             "--backing",
             "/images/vm1-disk.img",
         ]);
-        let Command::Serve(args) = &cli.command;
+        let Command::Serve(args) = &cli.command else {
+            panic!("not serve")
+        };
         let config = ServeConfig::from(args);
         assert_eq!(config.serial, "vm1-disk.img");
         assert_eq!(config.num_queues, 4);
@@ -65,7 +71,9 @@ mod tests {
     #[test]
     fn default_backing_may_be_created() {
         let cli = Cli::parse_from(["vhost-user-pcache", "serve", "--socket", "s"]);
-        let Command::Serve(args) = &cli.command;
+        let Command::Serve(args) = &cli.command else {
+            panic!("not serve")
+        };
         assert_eq!(args.backing_path(), PathBuf::from(DEFAULT_BACKING));
         assert_eq!(args.create_size(), Some(DEFAULT_BACKING_SIZE));
         assert_eq!(ServeConfig::from(args).serial, DEFAULT_BACKING);

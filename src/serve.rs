@@ -108,6 +108,7 @@ pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
         config.serial,
         if engine.write_cache() { "on" } else { "off" },
     );
+    crate::notify::ready();
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
@@ -137,6 +138,7 @@ pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
         }
     }
 
+    crate::notify::stopping();
     info!("shutting down: flushing the engine");
     let shutdown = engine.shutdown().map_err(Error::EngineShutdown);
     result.and(shutdown)?;
