@@ -189,3 +189,60 @@ fn example_config_describes_every_serve_flag() {
         "{EXAMPLE_CONFIG} does not describe the serve flags {missing:?} (found keys {keys:?})"
     );
 }
+
+/// Runs a systemd tool on `input` (fed on stdin) inside the root directory `root`.
+fn systemd_tool_in_root(tool: &str, args: &[&str], root: &Path, input: &str) -> Output {
+    use std::io::Write;
+    let mut child = match Command::new(tool)
+        .arg(format!("--root={}", root.display()))
+        .args(args)
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) if e.kind() == ErrorKind::NotFound => panic!(
+            "{tool} is not installed; run vmm-tests/install-deps.sh (Debian package `systemd`)"
+        ),
+        Err(e) => panic!("running {tool}: {e}"),
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn sysusers_and_tmpfiles_create_the_service_user_and_directories() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    // The unit's group; Debian creates it with udev.
+    std::fs::write(root.path().join("etc/group"), "kvm:x:4242:\n").unwrap();
+
+    let sysusers = read_repo_file("packaging/systemd/vhost-user-pcache.sysusers");
+    let out = systemd_tool_in_root("systemd-sysusers", &[], root.path(), &sysusers);
+    assert!(out.status.success(), "systemd-sysusers: {out:?}");
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let user = passwd
+        .lines()
+        .find(|l| l.starts_with("vhost-user-pcache:"))
+        .unwrap_or_else(|| panic!("no vhost-user-pcache user in {passwd}"));
+    let fields: Vec<_> = user.split(':').collect();
+    assert_eq!(fields[5], "/var/lib/vhost-user-pcache");
+    let uid: u32 = fields[2].parse().unwrap();
+    assert!(uid < 1000, "a system user, got uid {uid}");
+
+    let tmpfiles = read_repo_file("packaging/systemd/vhost-user-pcache.tmpfile");
+    let out = systemd_tool_in_root("systemd-tmpfiles", &["--create"], root.path(), &tmpfiles);
+    assert!(out.status.success(), "systemd-tmpfiles: {out:?}");
+    let state = std::fs::metadata(root.path().join("var/lib/vhost-user-pcache")).unwrap();
+    assert_eq!((state.uid(), state.gid()), (uid, 4242));
+    assert_eq!(state.permissions().mode() & 0o7777, 0o750);
+    assert!(root.path().join("etc/vhost-user-pcache").is_dir());
+}
