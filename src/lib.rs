@@ -16,6 +16,7 @@ pub mod cache;
 pub mod control;
 pub mod engine;
 pub mod lock;
+pub mod notify;
 pub mod passthrough;
 pub mod serve;
 pub mod virtio_blk;

@@ -5,7 +5,7 @@ mod cli;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use log::error;
 
 #[derive(Parser, Debug)]
@@ -35,6 +35,9 @@ enum Command {
     /// Write all dirty data of a cache back to its backing image (offline), so the cache can
     /// be retired.
     Drain(cli::drain::DrainArgs),
+    /// Print the manual page (roff) generated from this command line.
+    #[command(hide = true)]
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Command::Check(args) => return cli::check::run(args),
         Command::Drain(args) => done(cli::drain::run(args)),
         Command::Ctl(args) => done(cli::ctl::run(args)),
+        Command::Man => done(cli::man::run(Cli::command())),
     };
     match result {
         Ok(code) => code,

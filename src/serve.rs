@@ -145,6 +145,7 @@ pub fn run_with_state(
         config.serial,
         if engine.write_cache() { "on" } else { "off" },
     );
+    crate::notify::ready();
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
@@ -175,6 +176,7 @@ pub fn run_with_state(
         }
     }
 
+    crate::notify::stopping();
     info!("shutting down: flushing the engine");
     let shutdown = engine.shutdown().map_err(Error::EngineShutdown);
     result.and(shutdown)?;

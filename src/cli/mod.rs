@@ -6,6 +6,7 @@ pub mod ctl;
 pub mod drain;
 pub mod format;
 pub mod inspect;
+pub mod man;
 pub mod offline;
 pub mod serve;
 pub mod size;
