@@ -46,6 +46,11 @@ impl CacheQueue {
                     Ok(None) => {
                         keys.iter().for_each(|k| core.unpin(k.seg));
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                        // Space comes back only through writeback and GC, which see only
+                        // closed ksets: do not make them wait for the kset timer.
+                        if let Err(e) = core.close_all_ksets() {
+                            log::debug!("full cache: open ksets not closed yet: {e}");
+                        }
                         return Outcome::Busy;
                     }
                     Err(e) => {

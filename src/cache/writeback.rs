@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::data_head::LOG_RESERVE;
 use super::engine::Core;
 use super::format::TailPos as Tail;
 use super::format::{self, Kset};
@@ -58,8 +59,14 @@ fn run(core: &Core) {
         let tail = core.meta.dirty_tail();
         if core.log.head().seq <= tail.log_seq {
             // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when no
-            // queue is running to close them on its timer, so close aged ones here.
-            if let Err(e) = core.close_aged_ksets() {
+            // queue is running to close them on its timer, so close aged ones here, and all of
+            // them when the cache is about to refuse writes.
+            let closed = if core.segments.free_count() <= LOG_RESERVE + 1 {
+                core.close_all_ksets()
+            } else {
+                core.close_aged_ksets()
+            };
+            if let Err(e) = closed {
                 log::debug!("writeback: aged kset not closed yet: {e}");
             }
             core.log
