@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::data_head::{Allocation, DataHead};
+use super::fill::{self, Filled};
 use super::format::{self, KeyRecord, Layout};
 use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
 use super::log::{Log, LogError};
@@ -86,6 +87,8 @@ pub(crate) struct Core {
     pub drained: AtomicBool,
     /// Signalled whenever writeback moved dirty_tail.
     progress: (Mutex<()>, Condvar),
+    /// Read fills on their way to the fill thread.
+    fills: std::sync::mpsc::Sender<Filled>,
 }
 
 impl GenerationStore for Meta {
@@ -242,15 +245,24 @@ impl Core {
         });
     }
 
+    /// Hand a fill to the fill thread, which makes it durable and logs it.
+    pub fn commit_fill(&self, f: Filled) {
+        let sent = self.fills.send(f);
+        if let Err(std::sync::mpsc::SendError(f)) = sent {
+            // The engine is shutting down: the data is just not cached.
+            self.index.abort_fill(f.ticket);
+            self.unpin(f.pos.seg);
+        }
+    }
+
     /// Replace what is left of a fill's placeholder with clean keys, logged as such.
-    pub fn complete_fill(&self, ticket: FillTicket, off: u64, pos: CachePos, len: u32) {
+    pub fn complete_fill(&self, ticket: FillTicket, pos: CachePos, len: u32) {
         let gen = self.segments.gen(pos.seg);
         let crc = CrcSpan {
             pos,
             len,
             crc: self.crc_of(pos, len),
         };
-        let _ = off;
         self.index
             .complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
                 self.segments.get(k.pos.seg);
@@ -349,6 +361,7 @@ impl CacheEngine {
         backing: Arc<BackingImage>,
     ) -> Result<CacheEngine, CacheError> {
         let opened = replay::open(opts, media.clone(), &backing)?;
+        let (fill_tx, fill_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
             media,
             layout: opened.layout,
@@ -369,8 +382,9 @@ impl CacheEngine {
             draining: AtomicUsize::new(0),
             drained: AtomicBool::new(false),
             progress: (Mutex::new(()), Condvar::new()),
+            fills: fill_tx,
         });
-        let mut threads = Vec::new();
+        let mut threads = vec![fill::spawn(core.clone(), fill_rx)];
         if !core.read_only {
             threads.push(writeback::spawn(core.clone()));
             threads.push(gc::spawn(core.clone()));

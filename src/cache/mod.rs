@@ -24,6 +24,7 @@ pub mod check;
 mod data_head;
 pub mod driver;
 mod engine;
+mod fill;
 pub mod format;
 mod gc;
 pub mod index;

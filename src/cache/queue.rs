@@ -40,15 +40,6 @@ pub(super) struct StagedWrite {
     pub keys: Vec<KeyRecord>,
 }
 
-/// Backing data copied into the cache and to the guest, waiting for the batch's fence
-/// before its clean key may be logged.
-pub(super) struct Filled {
-    pub ticket: FillTicket,
-    pub off: u64,
-    pub pos: CachePos,
-    pub len: u32,
-}
-
 /// A write that completes only once the ksets holding its keys are on the media (write cache
 /// off or drained mode) and, in drained mode, once writeback has put it on the backing image.
 pub(super) struct HeldWrite {
@@ -76,7 +67,6 @@ pub(super) enum MissRead {
     Fill {
         read: u64,
         ticket: FillTicket,
-        off: u64,
         pos: CachePos,
         len: u32,
         guest: Vec<DataSeg>,
@@ -94,7 +84,6 @@ pub struct CacheQueue {
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
     pub(super) misses: HashMap<u64, MissRead>,
-    pub(super) filled: Vec<Filled>,
     pub(super) next_id: u64,
     pub(super) completed: Vec<(u64, IoResult)>,
     in_flight: usize,
@@ -123,7 +112,6 @@ impl CacheQueue {
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
-            filled: Vec::new(),
             next_id: 0,
             completed: Vec::new(),
             in_flight: 0,
@@ -219,31 +207,6 @@ impl CacheQueue {
             self.miss_done(id, res);
         }
         self.backing_done = done;
-        self.commit_fills();
-    }
-
-    /// Make the data of this batch's cache fills durable with one fence, then log them as
-    /// clean keys. The guest reads were answered already: a fill only has to be durable before
-    /// its key is.
-    pub(super) fn commit_fills(&mut self) {
-        if self.filled.is_empty() {
-            return;
-        }
-        let fenced = self.core.media.fence();
-        if let Err(e) = &fenced {
-            log::warn!(
-                "cache media fence failed, not caching {} reads: {e}",
-                self.filled.len()
-            );
-        }
-        for f in std::mem::take(&mut self.filled) {
-            if fenced.is_ok() {
-                self.core.complete_fill(f.ticket, f.off, f.pos, f.len);
-            } else {
-                self.core.index.abort_fill(f.ticket);
-            }
-            self.core.unpin(f.pos.seg);
-        }
     }
 }
 

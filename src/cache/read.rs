@@ -11,8 +11,9 @@
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 
+use super::fill::Filled;
 use super::index::Piece;
-use super::queue::{CacheQueue, Filled, MissRead, Outcome, ReadInFlight};
+use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
 use crate::engine::{DataSeg, IoError};
 
 impl CacheQueue {
@@ -77,7 +78,6 @@ impl CacheQueue {
                         MissRead::Fill {
                             read,
                             ticket,
-                            off,
                             pos: a.pos,
                             len,
                             guest,
@@ -151,7 +151,6 @@ impl CacheQueue {
             MissRead::Fill {
                 read,
                 ticket,
-                off,
                 pos,
                 len,
                 guest,
@@ -160,13 +159,7 @@ impl CacheQueue {
                     // SAFETY: `guest` is valid for this request (DataSeg contract); the source
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
-                    core.persist_data(pos, len);
-                    self.filled.push(Filled {
-                        ticket,
-                        off,
-                        pos,
-                        len,
-                    });
+                    core.commit_fill(Filled { ticket, pos, len });
                     (read, None)
                 }
                 Err(e) => {
