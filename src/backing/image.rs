@@ -52,6 +52,9 @@ pub struct BackingImage {
     alignment: usize,
     identity: BackingIdentity,
     pub(crate) rmw_locks: RangeLocks,
+    /// Test fault switch: queued writes, zeroing and discards fail while set.
+    #[cfg(test)]
+    fail_writes: std::sync::atomic::AtomicBool,
 }
 
 /// Alignments tried, smallest first, when the file system does not report its own.
@@ -160,6 +163,8 @@ impl BackingImage {
             alignment,
             identity,
             rmw_locks: RangeLocks::default(),
+            #[cfg(test)]
+            fail_writes: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -188,6 +193,19 @@ impl BackingImage {
             })?;
         file.set_len(size).map_err(create_err)?;
         file.sync_all().map_err(create_err)
+    }
+
+    /// Make every write, write-zeroes and discard queued on a [`super::BackingQueue`] fail
+    /// (with an I/O error) until switched off again: the backing image "errs".
+    #[cfg(test)]
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fails_writes(&self) -> bool {
+        self.fail_writes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn size(&self) -> u64 {

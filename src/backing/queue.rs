@@ -101,6 +101,11 @@ impl BackingQueue {
         if let Err(e) = checked {
             return self.finish_now(user_data, Err(e));
         }
+        #[cfg(test)]
+        if self.image.fails_writes() {
+            let e = io::Error::other("injected backing write failure");
+            return self.finish_now(user_data, Err(e));
+        }
         if len == 0 {
             return self.finish_now(user_data, Ok(()));
         }
@@ -182,6 +187,11 @@ impl BackingQueue {
             .check_writable()
             .and_then(|()| self.image.check_range(offset, len));
         if let Err(e) = checked {
+            return self.finish_now(user_data, Err(e));
+        }
+        #[cfg(test)]
+        if self.image.fails_writes() {
+            let e = io::Error::other("injected backing write failure");
             return self.finish_now(user_data, Err(e));
         }
         if len == 0 {

@@ -83,6 +83,9 @@ pub(crate) struct Core {
     pub draining: AtomicUsize,
     /// Signalled whenever writeback moved dirty_tail.
     progress: (Mutex<()>, Condvar),
+    /// Writeback and GC threads run and open ksets close on their timer. Off only in tests
+    /// that step writeback and GC themselves, so a seeded run repeats exactly.
+    background: bool,
 }
 
 impl GenerationStore for Meta {
@@ -271,6 +274,9 @@ impl Core {
     }
 
     pub fn close_aged_ksets(&self) -> Result<(), LogError> {
+        if !self.background {
+            return Ok(());
+        }
         self.log.close_aged(&*self.media, &self.segments)
     }
 }
@@ -336,6 +342,43 @@ impl CacheEngine {
         media: Arc<dyn Media>,
         backing: Arc<BackingImage>,
     ) -> Result<CacheEngine, CacheError> {
+        Self::open_inner(opts, media, backing, true)
+    }
+
+    /// Open without writeback and GC threads and without closing ksets by age: the test
+    /// drives writeback and GC with [`CacheEngine::writeback_step`] and
+    /// [`CacheEngine::gc_step`], so a seeded workload is deterministic.
+    #[cfg(test)]
+    pub(crate) fn open_stepped(
+        opts: &CacheOptions,
+        media: Arc<dyn Media>,
+        backing: Arc<BackingImage>,
+    ) -> Result<CacheEngine, CacheError> {
+        Self::open_inner(opts, media, backing, false)
+    }
+
+    /// Write back one kset (what one turn of the writeback thread does). `Ok(false)` when
+    /// nothing persisted lies beyond dirty_tail.
+    #[cfg(test)]
+    pub(crate) fn writeback_step(
+        &self,
+        queue: &mut crate::backing::BackingQueue,
+    ) -> Result<bool, String> {
+        writeback::step(&self.core, queue)
+    }
+
+    /// Collect one kset if GC is due (what one turn of the GC thread does).
+    #[cfg(test)]
+    pub(crate) fn gc_step(&self) -> Result<bool, String> {
+        gc::collect_one(&self.core)
+    }
+
+    fn open_inner(
+        opts: &CacheOptions,
+        media: Arc<dyn Media>,
+        backing: Arc<BackingImage>,
+        background: bool,
+    ) -> Result<CacheEngine, CacheError> {
         let opened = replay::open(opts, media.clone(), &backing)?;
         let core = Arc::new(Core {
             media,
@@ -356,9 +399,10 @@ impl CacheEngine {
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
             progress: (Mutex::new(()), Condvar::new()),
+            background,
         });
         let mut threads = Vec::new();
-        if !core.read_only {
+        if !core.read_only && background {
             threads.push(writeback::spawn(core.clone()));
             threads.push(gc::spawn(core.clone()));
         }
