@@ -200,7 +200,12 @@ impl RecordingMedia {
     /// Write into `image` the crash image `choice` picks from `pending` (which must have been
     /// taken from this media in its present state). `image` is resized to the media length and
     /// its allocation reused.
-    pub fn crash_image_into(&self, pending: &PendingLines, choice: CrashChoice, image: &mut Vec<u8>) {
+    pub fn crash_image_into(
+        &self,
+        pending: &PendingLines,
+        choice: CrashChoice,
+        image: &mut Vec<u8>,
+    ) {
         self.with_durable(|d| {
             image.clear();
             image.extend_from_slice(d);

@@ -9,7 +9,9 @@ use std::os::fd::FromRawFd;
 
 use memmap2::{MmapMut, MmapOptions};
 
-use crate::cache::media::{check_range, CrashChoice, Media, MediaError, PendingLines, Persistence, RecordingMedia};
+use crate::cache::media::{
+    check_range, CrashChoice, Media, MediaError, PendingLines, Persistence, RecordingMedia,
+};
 
 /// The durable image of one cut, in an in-memory file reused from cut to cut.
 pub struct DurableFile {
@@ -42,8 +44,12 @@ impl DurableFile {
     pub fn image(&self, pending: &PendingLines, choice: CrashChoice) -> ImageMedia {
         // SAFETY: a private mapping: nothing else maps the file while it is in use (the next
         // capture happens after every image of this cut is dropped) and writes stay private.
-        let mut map = unsafe { MmapOptions::new().len(self.len as usize).map_copy(&self.file) }
-            .expect("mapping a crash image");
+        let mut map = unsafe {
+            MmapOptions::new()
+                .len(self.len as usize)
+                .map_copy(&self.file)
+        }
+        .expect("mapping a crash image");
         pending.apply(choice, &mut map);
         ImageMedia::new(map)
     }
@@ -102,7 +108,11 @@ impl Media for ImageMedia {
         check_range(offset, buf.len() as u64, self.len)?;
         // SAFETY: bounds-checked; `base` points to `len` bytes owned by self.
         unsafe {
-            std::ptr::copy_nonoverlapping(self.base.add(offset as usize), buf.as_mut_ptr(), buf.len())
+            std::ptr::copy_nonoverlapping(
+                self.base.add(offset as usize),
+                buf.as_mut_ptr(),
+                buf.len(),
+            )
         };
         Ok(())
     }

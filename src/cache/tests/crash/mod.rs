@@ -69,7 +69,9 @@ fn assert_clean(r: &Report) {
 
 #[test]
 fn crash_images_odd_seeds() {
-    let want = env_u64("PCACHE_CRASH_IMAGES").unwrap_or(DEFAULT_IMAGES).div_ceil(2);
+    let want = env_u64("PCACHE_CRASH_IMAGES")
+        .unwrap_or(DEFAULT_IMAGES)
+        .div_ceil(2);
     let r = explore(env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1), 2, want);
     assert_clean(&r);
 }

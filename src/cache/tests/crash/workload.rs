@@ -114,9 +114,15 @@ impl CutCtx {
         let mut choices = vec![CrashChoice::AllLost];
         if !pending.is_empty() {
             choices.push(CrashChoice::AllKept);
-            let n = if self.cfg.only_cut.is_some() { 32 } else { self.cfg.random_images };
+            let n = if self.cfg.only_cut.is_some() {
+                32
+            } else {
+                self.cfg.random_images
+            };
             for i in 0..n {
-                choices.push(CrashChoice::Random(self.cfg.seed ^ event.rotate_left(20) ^ i));
+                choices.push(CrashChoice::Random(
+                    self.cfg.seed ^ event.rotate_left(20) ^ i,
+                ));
             }
         }
         let mut found = Vec::new();
@@ -278,13 +284,12 @@ fn pick_range(r: &mut Rng, sectors: u64, max_len: u64) -> (u64, u64) {
     (start, len.min(sectors - start))
 }
 
-/// Run the workload of `cfg`, cutting as it configures.
-pub fn run(cfg: &Config) -> Report {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("backing.img");
-    BackingImage::create_sparse(&path, cfg.disk).unwrap();
+/// A backing image of `disk` bytes in `dir`, every sector holding [`checker::INITIAL`].
+pub fn initial_backing(dir: &std::path::Path, disk: u64) -> Arc<BackingImage> {
+    let path = dir.join("backing.img");
+    BackingImage::create_sparse(&path, disk).unwrap();
     let backing = BackingImage::open(&path, &BackingOptions::default()).unwrap();
-    let sectors = cfg.disk / SECTOR as u64;
+    let sectors = disk / SECTOR as u64;
     for start in (0..sectors).step_by(2048) {
         let n = 2048.min(sectors - start);
         backing
@@ -292,7 +297,16 @@ pub fn run(cfg: &Config) -> Report {
             .unwrap();
     }
     backing.flush().unwrap();
-    let media = Arc::new(RecordingMedia::new(Layout::media_len_for(min_segments(cfg.queues))).unwrap());
+    backing
+}
+
+/// Run the workload of `cfg`, cutting as it configures.
+pub fn run(cfg: &Config) -> Report {
+    let dir = tempfile::tempdir().unwrap();
+    let backing = initial_backing(dir.path(), cfg.disk);
+    let sectors = cfg.disk / SECTOR as u64;
+    let media =
+        Arc::new(RecordingMedia::new(Layout::media_len_for(min_segments(cfg.queues))).unwrap());
     let opts = CacheOptions {
         path: PathBuf::from("crash-test-cache"),
         create_size: None,
@@ -323,7 +337,9 @@ pub fn run(cfg: &Config) -> Report {
     let mut st = Stepper {
         engine: &engine,
         backing: backing.clone(),
-        queues: (0..cfg.queues).map(|i| engine.open_queue(i).unwrap()).collect(),
+        queues: (0..cfg.queues)
+            .map(|i| engine.open_queue(i).unwrap())
+            .collect(),
         wb: BackingQueue::new(backing.clone(), 64).unwrap(),
         tag: 0,
         report: report.clone(),
@@ -385,7 +401,13 @@ pub fn run(cfg: &Config) -> Report {
                     ptr: buf.as_mut_ptr(),
                     len: buf.len(),
                 }];
-                let res = st.run(q, RequestKind::Read { offset: first * SECTOR as u64, bufs });
+                let res = st.run(
+                    q,
+                    RequestKind::Read {
+                        offset: first * SECTOR as u64,
+                        bufs,
+                    },
+                );
                 // The live engine must read what was last written (the crash checks the rest).
                 res.unwrap_or_else(|e| panic!("seed {}: live read failed: {e:?}", cfg.seed));
                 let m = model.lock().unwrap();
