@@ -26,6 +26,8 @@ TARGETS=(
   "qsd-file|qemu-storage-daemon --blockdev driver=file,node-name=f,filename=@IMG@,cache.direct=on,aio=io_uring --export type=vhost-user-blk,id=e0,node-name=f,addr.type=unix,addr.path=@SOCK@,writable=on,num-queues=2"
   "qsd-null|qemu-storage-daemon --blockdev driver=null-co,node-name=n,size=@BYTES@ --export type=vhost-user-blk,id=e0,node-name=n,addr.type=unix,addr.path=@SOCK@,writable=on,num-queues=2"
   "ours-none|$OURS serve --socket @SOCK@ --backing @IMG@ --cache none"
+  "ours-cache-msync|$OURS serve --socket @SOCK@ --backing @IMG@ --cache @DIR@/msync.pcache --cache-size 512M --persistence msync"
+  "ours-cache-pmem-emul|env VHOST_USER_PCACHE_EMULATE_PMEM=1 $OURS serve --socket @SOCK@ --backing @IMG@ --cache @DIR@/pmem.pcache --cache-size 512M --persistence pmem"
 )
 BASELINE=qsd-file
 

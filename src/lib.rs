@@ -6,12 +6,17 @@
 //! - [`virtio_blk`]: descriptor chains, the config space, feature bits, status codes;
 //! - [`engine`]: the interface between virtio-blk and storage;
 //! - [`passthrough`] (`--cache none`) and [`cache`] (the dm-pcache engine): the engines;
-//! - [`backing`]: the only code that does I/O on the backing image.
+//! - [`backing`]: the only code that does I/O on the backing image;
+//! - [`control`]: the control socket of a running daemon (status, drain, metrics).
+//! - [`lock`]: one process at a time on a cache media or a backing image.
 
 pub mod backend;
 pub mod backing;
 pub mod cache;
+pub mod control;
 pub mod engine;
+pub mod lock;
+pub mod notify;
 pub mod passthrough;
 pub mod serve;
 pub mod virtio_blk;

@@ -6,10 +6,10 @@
 //! the daemon cannot be reused (its owner flag is never reset) and a reused memory map makes a
 //! second frontend's memory regions overlap stale ones.
 
-mod shutdown;
+pub(crate) mod shutdown;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
@@ -38,6 +38,34 @@ pub struct ServeConfig {
     pub max_queue_size: u16,
     /// GET_ID answer, truncated to 20 bytes.
     pub serial: String,
+}
+
+/// Whether a frontend is connected, and how many have been; the serve loop updates it and the
+/// control socket reports it.
+#[derive(Debug, Default)]
+pub struct ConnectionState {
+    connected: AtomicBool,
+    connections: AtomicU64,
+}
+
+impl ConnectionState {
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Acquire)
+    }
+
+    /// Connections accepted since the daemon started.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    fn connect(&self) {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        self.connected.store(true, Ordering::Release);
+    }
+
+    fn disconnect(&self) {
+        self.connected.store(false, Ordering::Release);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +114,15 @@ impl ServeConfig {
 /// Serves `engine` on the configured socket until SIGINT or SIGTERM, then finishes the
 /// requests in flight and shuts the engine down (which flushes it).
 pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
+    run_with_state(config, engine, &ConnectionState::default())
+}
+
+/// [`run`], keeping `state` up to date with the frontend connection.
+pub fn run_with_state(
+    config: &ServeConfig,
+    engine: Arc<dyn Engine>,
+    state: &ConnectionState,
+) -> Result<(), Error> {
     config.validate(engine.as_ref())?;
     let signal = ShutdownSignal::install().map_err(Error::Signals)?;
     let info = DeviceInfo::new(
@@ -108,6 +145,7 @@ pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
         config.serial,
         if engine.write_cache() { "on" } else { "off" },
     );
+    crate::notify::ready();
 
     let stopping = Arc::new(AtomicBool::new(false));
     let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
@@ -128,6 +166,7 @@ pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
             &mut listener,
             &stopping,
             &connection,
+            state,
         ) {
             result = Err(e);
             break;
@@ -137,6 +176,7 @@ pub fn run(config: &ServeConfig, engine: Arc<dyn Engine>) -> Result<(), Error> {
         }
     }
 
+    crate::notify::stopping();
     info!("shutting down: flushing the engine");
     let shutdown = engine.shutdown().map_err(Error::EngineShutdown);
     result.and(shutdown)?;
@@ -151,6 +191,7 @@ fn serve_connection(
     listener: &mut Listener,
     stopping: &AtomicBool,
     connection: &Mutex<Option<ShutdownHandle>>,
+    state: &ConnectionState,
 ) -> Result<(), Error> {
     let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
     let backend = Arc::new(BlkBackend::new(
@@ -168,12 +209,14 @@ fn serve_connection(
         .start(listener)
         .map_err(|e| Error::Daemon(format!("accepting a connection: {e}")))?;
     info!("frontend connected");
+    state.connect();
     *lock(connection) = daemon.shutdown_handle();
     if stopping.load(Ordering::Acquire) {
         daemon.request_shutdown();
     }
     let ended = daemon.wait();
     *lock(connection) = None;
+    state.disconnect();
     match ended {
         Ok(())
         | Err(DaemonError::HandleRequest(

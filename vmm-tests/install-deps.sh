@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the QEMU guest tests need on Debian 12: a VMM, the cloud
-# kernel the guest boots, and the guest's userland (busybox, fio).
+# kernel the guest boots, and the guest's userland (busybox, fio); and the
+# tools the packaging test runs (systemd-analyze, man).
 # Idempotent: when every package is already installed it returns without
 # touching the network.
 set -euo pipefail
@@ -20,6 +21,8 @@ packages=(
     coreutils                # timeout
     gcc                      # the linker cargo drives
     libc6-dev
+    systemd                  # systemd-analyze verify checks the packaged unit
+    man-db                   # ... and the man page its Documentation= names
 )
 
 missing=()

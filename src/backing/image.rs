@@ -52,7 +52,6 @@ pub struct BackingImage {
     alignment: usize,
     identity: BackingIdentity,
     pub(crate) rmw_locks: RangeLocks,
-    /// Test fault switch: queued writes, zeroing and discards fail while set.
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicBool,
 }
@@ -164,7 +163,7 @@ impl BackingImage {
             identity,
             rmw_locks: RangeLocks::default(),
             #[cfg(test)]
-            fail_writes: std::sync::atomic::AtomicBool::new(false),
+            fail_writes: Default::default(),
         }))
     }
 
@@ -193,19 +192,6 @@ impl BackingImage {
             })?;
         file.set_len(size).map_err(create_err)?;
         file.sync_all().map_err(create_err)
-    }
-
-    /// Make every write, write-zeroes and discard queued on a [`super::BackingQueue`] fail
-    /// (with an I/O error) until switched off again: the backing image "errs".
-    #[cfg(test)]
-    pub fn set_fail_writes(&self, fail: bool) {
-        self.fail_writes
-            .store(fail, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    #[cfg(test)]
-    pub(crate) fn fails_writes(&self) -> bool {
-        self.fail_writes.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn size(&self) -> u64 {
@@ -243,6 +229,19 @@ impl BackingImage {
         } else {
             1
         }
+    }
+
+    /// Test fault switch: while set, every write, zeroing, discard and flush through a
+    /// `BackingQueue` fails with an I/O error, as a failing backing device would.
+    #[cfg(test)]
+    pub fn set_fail_writes(&self, fail: bool) {
+        self.fail_writes
+            .store(fail, std::sync::atomic::Ordering::Release);
+    }
+
+    #[cfg(test)]
+    pub(crate) fn writes_fail(&self) -> bool {
+        self.fail_writes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {

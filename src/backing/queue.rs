@@ -93,17 +93,16 @@ impl BackingQueue {
 
     /// With `dsync` the write is durable when it completes (RWF_DSYNC).
     pub fn write(&mut self, offset: u64, bufs: &[DataSeg], dsync: bool, user_data: u64) {
+        #[cfg(test)]
+        if self.image.writes_fail() {
+            return self.finish_now(user_data, Err(injected_failure()));
+        }
         let len = DataSeg::total_len(bufs);
         let checked = self
             .image
             .check_writable()
             .and_then(|()| self.image.check_range(offset, len));
         if let Err(e) = checked {
-            return self.finish_now(user_data, Err(e));
-        }
-        #[cfg(test)]
-        if self.image.fails_writes() {
-            let e = io::Error::other("injected backing write failure");
             return self.finish_now(user_data, Err(e));
         }
         if len == 0 {
@@ -121,6 +120,10 @@ impl BackingQueue {
 
     /// fdatasync: makes every write completed before it durable.
     pub fn flush(&mut self, user_data: u64) {
+        #[cfg(test)]
+        if self.image.writes_fail() {
+            return self.finish_now(user_data, Err(injected_failure()));
+        }
         self.start(Job::new(user_data, super::job::Phase::Fsync));
     }
 
@@ -182,16 +185,15 @@ impl BackingQueue {
     }
 
     fn zeroing(&mut self, offset: u64, len: u64, may_unmap: bool, durable: bool, user_data: u64) {
+        #[cfg(test)]
+        if self.image.writes_fail() {
+            return self.finish_now(user_data, Err(injected_failure()));
+        }
         let checked = self
             .image
             .check_writable()
             .and_then(|()| self.image.check_range(offset, len));
         if let Err(e) = checked {
-            return self.finish_now(user_data, Err(e));
-        }
-        #[cfg(test)]
-        if self.image.fails_writes() {
-            let e = io::Error::other("injected backing write failure");
             return self.finish_now(user_data, Err(e));
         }
         if len == 0 {
@@ -306,6 +308,11 @@ impl BackingQueue {
             }
         }
     }
+}
+
+#[cfg(test)]
+fn injected_failure() -> io::Error {
+    io::Error::from_raw_os_error(libc::EIO)
 }
 
 fn is_transient(e: &io::Error) -> bool {

@@ -8,6 +8,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::data_head::{Allocation, DataHead};
+use super::fill::{self, Filled};
 use super::format::{self, KeyRecord, Layout};
 use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
 use super::log::{Log, LogError};
@@ -81,10 +82,15 @@ pub(crate) struct Core {
     pub stopping: AtomicBool,
     /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
     pub draining: AtomicUsize,
+    /// Drained mode (`ctl drain` until `ctl undrain`): writes complete only once written back,
+    /// and writeback runs without pauses. See `status.rs`.
+    pub drained: AtomicBool,
     /// Signalled whenever writeback moved dirty_tail.
     progress: (Mutex<()>, Condvar),
-    /// Writeback and GC threads run and open ksets close on their timer. Off only in tests
-    /// that step writeback and GC themselves, so a seeded run repeats exactly.
+    /// Read fills on their way to the fill thread.
+    fills: std::sync::mpsc::Sender<Filled>,
+    /// Writeback, GC and fill threads run and open ksets close on their timer. Off only in
+    /// tests that step writeback and GC themselves, so a seeded run repeats exactly.
     background: bool,
 }
 
@@ -99,6 +105,15 @@ impl Core {
     pub fn writeback_progress(&self) {
         let _g = self.progress.0.lock().unwrap();
         self.progress.1.notify_all();
+        if self.drained.load(Ordering::Acquire) {
+            // Queues hold drained-mode writes until dirty_tail passes them.
+            self.segments.wake();
+        }
+    }
+
+    /// Whether writeback should run flat out (a `drain` waits, or drained mode is on).
+    pub fn writeback_unpaced(&self) -> bool {
+        self.draining.load(Ordering::Acquire) > 0 || self.drained.load(Ordering::Acquire)
     }
 
     /// Write back everything acknowledged so far and wait until the backing image holds it.
@@ -233,15 +248,29 @@ impl Core {
         });
     }
 
+    /// Hand a fill to the fill thread, which makes it durable and logs it.
+    pub fn commit_fill(&self, f: Filled) {
+        if !self.background {
+            // Stepped tests: on the caller's thread, so the media events stay in one order.
+            fill::commit(self, vec![f], true);
+            return;
+        }
+        let sent = self.fills.send(f);
+        if let Err(std::sync::mpsc::SendError(f)) = sent {
+            // The engine is shutting down: the data is just not cached.
+            self.index.abort_fill(f.ticket);
+            self.unpin(f.pos.seg);
+        }
+    }
+
     /// Replace what is left of a fill's placeholder with clean keys, logged as such.
-    pub fn complete_fill(&self, ticket: FillTicket, off: u64, pos: CachePos, len: u32) {
+    pub fn complete_fill(&self, ticket: FillTicket, pos: CachePos, len: u32) {
         let gen = self.segments.gen(pos.seg);
         let crc = CrcSpan {
             pos,
             len,
             crc: self.crc_of(pos, len),
         };
-        let _ = off;
         self.index
             .complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
                 self.segments.get(k.pos.seg);
@@ -310,7 +339,7 @@ pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
 
 /// The pmem cache engine.
 pub struct CacheEngine {
-    core: Arc<Core>,
+    pub(super) core: Arc<Core>,
     drain_on_shutdown: bool,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -380,6 +409,7 @@ impl CacheEngine {
         background: bool,
     ) -> Result<CacheEngine, CacheError> {
         let opened = replay::open(opts, media.clone(), &backing)?;
+        let (fill_tx, fill_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
             media,
             layout: opened.layout,
@@ -398,10 +428,15 @@ impl CacheEngine {
             },
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
+            drained: AtomicBool::new(false),
             progress: (Mutex::new(()), Condvar::new()),
+            fills: fill_tx,
             background,
         });
         let mut threads = Vec::new();
+        if background {
+            threads.push(fill::spawn(core.clone(), fill_rx));
+        }
         if !core.read_only && background {
             threads.push(writeback::spawn(core.clone()));
             threads.push(gc::spawn(core.clone()));
@@ -438,7 +473,17 @@ impl CacheEngine {
 
     /// Counters for status and metrics.
     pub fn stats(&self) -> super::stats::StatsSnapshot {
-        self.core.stats.snapshot()
+        let free = self.core.segments.free_count();
+        super::stats::StatsSnapshot {
+            segments_used: self.core.segments.count() - free,
+            segments_free: free,
+            ..self.core.stats.snapshot()
+        }
+    }
+
+    /// The GC threshold in force.
+    pub fn gc_percent(&self) -> u8 {
+        self.core.meta.gc_percent()
     }
 }
 

@@ -20,12 +20,15 @@ pub struct CachePos {
     pub off: u32,
 }
 
+pub mod check;
 mod data_head;
 pub mod driver;
 mod engine;
+mod fill;
 pub mod format;
 mod gc;
 pub mod index;
+pub mod inspect;
 mod log;
 pub mod media;
 mod meta;
@@ -34,10 +37,12 @@ mod read;
 pub mod replay;
 mod segments;
 pub mod stats;
+pub mod status;
 mod write;
 mod writeback;
 
 pub use engine::{CacheEngine, CacheError, CacheOptions};
+pub use status::CacheStatus;
 
 #[cfg(test)]
 mod tests;

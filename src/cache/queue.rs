@@ -40,6 +40,18 @@ pub(super) struct StagedWrite {
     pub keys: Vec<KeyRecord>,
 }
 
+/// A write that completes only once the ksets holding its keys are on the media (write cache
+/// off or drained mode) and, in drained mode, once writeback has put it on the backing image.
+pub(super) struct HeldWrite {
+    pub tag: u64,
+    /// Backing offsets of its keys, which name the ksets to close.
+    pub offs: Vec<u64>,
+    /// Drained mode: complete only after writeback.
+    pub write_back: bool,
+    /// Set once its ksets are closed in drained mode: the log sequence dirty_tail must reach.
+    pub until_seq: Option<u64>,
+}
+
 /// A read waiting for its backing parts.
 pub(super) struct ReadInFlight {
     pub tag: u64,
@@ -55,7 +67,6 @@ pub(super) enum MissRead {
     Fill {
         read: u64,
         ticket: FillTicket,
-        off: u64,
         pos: CachePos,
         len: u32,
         guest: Vec<DataSeg>,
@@ -69,8 +80,8 @@ pub struct CacheQueue {
     timer: TimerFd,
     room: EventFd,
     pub(super) staged: Vec<StagedWrite>,
-    /// Write-through writes whose keys are logged but whose kset could not be closed yet.
-    pub(super) unclosed: Vec<(u64, Vec<u64>)>,
+    /// Write-through writes not complete yet, in completion order.
+    pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
     pub(super) misses: HashMap<u64, MissRead>,
     pub(super) next_id: u64,
@@ -130,32 +141,60 @@ impl CacheQueue {
             }
             return;
         }
-        let write_through = !self.core.write_cache.load(Ordering::Acquire);
         for w in std::mem::take(&mut self.staged) {
             for key in &w.keys {
                 self.core.insert_and_log(*key);
                 self.core.unpin(key.seg);
             }
-            if write_through {
-                let offs = w.keys.iter().map(|k| k.off).collect();
-                self.unclosed.push((w.tag, offs));
-            } else {
+            let offs = w.keys.iter().map(|k| k.off).collect();
+            if !self.hold_if_needed(w.tag, offs) {
                 self.completed.push((w.tag, Ok(())));
             }
         }
         self.close_unclosed();
     }
 
-    /// Complete write-through writes once the ksets holding their keys are persisted.
+    /// Hold a write whose keys are in the index and the log until it is as durable as the mode
+    /// asks; false when it may complete now. Call only after its keys were logged: drained
+    /// mode is read afterwards (SeqCst, paired with `CacheEngine::drain_and_hold`), so a write
+    /// that sees it off has its keys in a kset that the drain's close covers.
+    pub(super) fn hold_if_needed(&mut self, tag: u64, offs: Vec<u64>) -> bool {
+        let drained = self.core.drained.load(Ordering::SeqCst);
+        if !drained && self.core.write_cache.load(Ordering::Acquire) {
+            return false;
+        }
+        self.unclosed.push(HeldWrite {
+            tag,
+            offs,
+            write_back: drained,
+            until_seq: None,
+        });
+        true
+    }
+
+    /// Complete held writes, oldest first, once their ksets are persisted (and, in drained
+    /// mode, written back).
     fn close_unclosed(&mut self) {
-        while let Some((tag, offs)) = self.unclosed.first() {
-            let closed = offs
-                .iter()
-                .all(|&off| self.core.close_kset_for(off).is_ok());
-            if !closed {
-                return;
+        while let Some(w) = self.unclosed.first_mut() {
+            if w.until_seq.is_none() {
+                let closed = w
+                    .offs
+                    .iter()
+                    .all(|&off| self.core.close_kset_for(off).is_ok());
+                if !closed {
+                    return;
+                }
+                if w.write_back {
+                    // Its keys are in ksets before the head now.
+                    w.until_seq = Some(self.core.log.head().seq);
+                }
             }
-            let tag = *tag;
+            if let Some(seq) = w.until_seq {
+                if self.core.meta.dirty_tail().log_seq < seq {
+                    return;
+                }
+            }
+            let tag = w.tag;
             self.unclosed.remove(0);
             self.completed.push((tag, Ok(())));
         }

@@ -11,6 +11,7 @@
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 
+use super::fill::Filled;
 use super::index::Piece;
 use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
 use crate::engine::{DataSeg, IoError};
@@ -77,7 +78,6 @@ impl CacheQueue {
                         MissRead::Fill {
                             read,
                             ticket,
-                            off,
                             pos: a.pos,
                             len,
                             guest,
@@ -151,7 +151,6 @@ impl CacheQueue {
             MissRead::Fill {
                 read,
                 ticket,
-                off,
                 pos,
                 len,
                 guest,
@@ -160,16 +159,7 @@ impl CacheQueue {
                     // SAFETY: `guest` is valid for this request (DataSeg contract); the source
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
-                    core.persist_data(pos, len);
-                    match core.media.fence() {
-                        Ok(()) => core.complete_fill(ticket, off, pos, len),
-                        // The guest got its data; only the cache fill is given up.
-                        Err(e) => {
-                            log::warn!("cache media fence failed, not caching a read: {e}");
-                            core.index.abort_fill(ticket);
-                        }
-                    }
-                    core.unpin(pos.seg);
+                    core.commit_fill(Filled { ticket, pos, len });
                     (read, None)
                 }
                 Err(e) => {

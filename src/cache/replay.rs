@@ -210,6 +210,32 @@ pub fn walk(
     key_tail: TailPos,
     dirty_tail: TailPos,
 ) -> Result<(LogHead, ReplayReport), String> {
+    let tails = (key_tail, dirty_tail);
+    walk_visit(media, layout, codec, segments, index, tails, &mut |_| {})
+}
+
+/// One key met by [`walk_visit`], for offline checks.
+#[derive(Clone, Copy, Debug)]
+pub struct VisitedKey {
+    pub key: format::KeyRecord,
+    /// Sequence number of the kset holding it.
+    pub kset_seq: u64,
+    /// Not yet written back (at or after dirty_tail, and not flagged clean).
+    pub dirty: bool,
+    /// Its segment has been reused since (older generation): the key is ignored.
+    pub stale: bool,
+}
+
+/// [`walk`], calling `visit` for every key in log order.
+pub fn walk_visit(
+    media: &dyn Media,
+    layout: &Layout,
+    codec: &KsetCodec,
+    segments: &SegmentMap,
+    index: Option<&Index>,
+    (key_tail, dirty_tail): (TailPos, TailPos),
+    visit: &mut dyn FnMut(VisitedKey),
+) -> Result<(LogHead, ReplayReport), String> {
     let mut report = ReplayReport::default();
     let mut pos = key_tail.pos;
     let mut seq = key_tail.log_seq;
@@ -266,8 +292,15 @@ pub fn walk(
                 for k in keys {
                     report.keys += 1;
                     let key_dirty = dirty && !k.is_clean();
+                    let stale = !k.is_zeroes() && k.gen != segments.gen(k.seg);
+                    visit(VisitedKey {
+                        key: *k,
+                        kset_seq: seq,
+                        dirty: key_dirty,
+                        stale,
+                    });
                     if !k.is_zeroes() {
-                        if k.gen != segments.gen(k.seg) {
+                        if stale {
                             report.stale_keys += 1;
                             continue;
                         }

@@ -21,7 +21,7 @@ pub struct Stats {
 }
 
 /// A consistent-enough copy of the counters for reporting.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub read_hits: u64,
     pub read_misses: u64,
@@ -34,6 +34,9 @@ pub struct StatsSnapshot {
     pub gc_runs: u64,
     pub gc_errors: u64,
     pub dirty_bytes: u64,
+    /// Segments in use (log, data, data heads) and free, out of the cache's whole count.
+    pub segments_used: u32,
+    pub segments_free: u32,
 }
 
 impl Stats {
@@ -51,6 +54,8 @@ impl Stats {
             gc_runs: g(&self.gc_runs),
             gc_errors: g(&self.gc_errors),
             dirty_bytes: g(&self.dirty_bytes),
+            segments_used: 0,
+            segments_free: 0,
         }
     }
 }

@@ -46,6 +46,11 @@ impl CacheQueue {
                     Ok(None) => {
                         keys.iter().for_each(|k| core.unpin(k.seg));
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                        // Space comes back only through writeback and GC, which see only
+                        // closed ksets: do not make them wait for the kset timer.
+                        if let Err(e) = core.close_all_ksets() {
+                            log::debug!("full cache: open ksets not closed yet: {e}");
+                        }
                         return Outcome::Busy;
                     }
                     Err(e) => {
@@ -108,11 +113,11 @@ impl CacheQueue {
             });
             offs.push(off);
         }
-        if core.write_cache.load(Ordering::Acquire) {
-            return Outcome::Done(Ok(()));
+        if self.hold_if_needed(tag, offs) {
+            Outcome::Pending
+        } else {
+            Outcome::Done(Ok(()))
         }
-        self.unclosed.push((tag, offs));
-        Outcome::Pending
     }
 
     /// FLUSH: every write completed before it becomes durable, by persisting every open kset.

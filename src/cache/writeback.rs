@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::data_head::LOG_RESERVE;
 use super::engine::Core;
 use super::format::TailPos as Tail;
 use super::format::{self, Kset};
@@ -58,8 +59,14 @@ fn run(core: &Core) {
         let tail = core.meta.dirty_tail();
         if core.log.head().seq <= tail.log_seq {
             // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when no
-            // queue is running to close them on its timer, so close aged ones here.
-            if let Err(e) = core.close_aged_ksets() {
+            // queue is running to close them on its timer, so close aged ones here, and all of
+            // them when the cache is about to refuse writes.
+            let closed = if core.segments.free_count() <= LOG_RESERVE + 1 {
+                core.close_all_ksets()
+            } else {
+                core.close_aged_ksets()
+            };
+            if let Err(e) = closed {
                 log::debug!("writeback: aged kset not closed yet: {e}");
             }
             core.log
@@ -79,7 +86,7 @@ fn run(core: &Core) {
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
-                if core.draining.load(Ordering::Acquire) == 0 {
+                if !core.writeback_unpaced() {
                     let capacity = core.layout.data_size() as u64 * core.segments.count() as u64;
                     let dirty = core.stats.dirty_bytes.load(Ordering::Relaxed);
                     sleep_unless_stopping(core, pace(dirty, capacity));
@@ -285,5 +292,22 @@ mod tests {
         assert!(pace(0, 100) > pace(20, 100));
         assert!(pace(20, 100) > pace(50, 100));
         assert_eq!(pace(90, 100), Duration::ZERO);
+    }
+
+    #[test]
+    fn pacing_never_slows_down_as_dirt_grows() {
+        let capacity = 1000;
+        assert!(
+            pace(0, capacity) > Duration::ZERO,
+            "a clean cache leaves the backing image to the guest"
+        );
+        for dirty in 0..=capacity {
+            assert!(pace(dirty + 1, capacity) <= pace(dirty, capacity));
+        }
+        assert_eq!(
+            pace(5, 0),
+            Duration::ZERO,
+            "an empty capacity never divides by zero"
+        );
     }
 }

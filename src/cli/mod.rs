@@ -1,4 +1,12 @@
 //! The command line's subcommands, one file each.
 
+pub mod check;
+pub mod config;
+pub mod ctl;
+pub mod drain;
+pub mod format;
+pub mod inspect;
+pub mod man;
+pub mod offline;
 pub mod serve;
 pub mod size;

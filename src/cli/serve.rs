@@ -7,15 +7,18 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use log::info;
 
+use super::config;
 use super::size::parse_size;
 use vhost_user_pcache::backing::{BackingImage, BackingOptions};
 use vhost_user_pcache::cache::format::{Layout, MAX_GC_PERCENT};
 use vhost_user_pcache::cache::media::Persistence;
 use vhost_user_pcache::cache::replay::min_segments;
 use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
+use vhost_user_pcache::control::{CacheControl, ControlServer, ControlTarget, PassthroughControl};
 use vhost_user_pcache::engine::Engine;
+use vhost_user_pcache::lock::{LockedObject, PathLock};
 use vhost_user_pcache::passthrough::PassthroughEngine;
-use vhost_user_pcache::serve::{self, ServeConfig};
+use vhost_user_pcache::serve::{self, ConnectionState, ServeConfig};
 
 /// Backing image used when `--backing` is not given, in the current directory.
 pub const DEFAULT_BACKING: &str = "vhost-user-pcache.img";
@@ -24,18 +27,31 @@ pub const DEFAULT_BACKING_SIZE: u64 = 4 << 30;
 /// Largest cache file created by default (smaller when the image is smaller).
 pub const DEFAULT_CACHE_SIZE: u64 = 1 << 30;
 
-#[derive(Args, Debug)]
+#[derive(Args, Clone, Debug)]
 pub struct ServeArgs {
-    /// vhost-user socket to listen on
+    /// Read settings from a TOML file; flags given here win
+    #[arg(
+        long,
+        value_name = "FILE",
+        long_help = "Read settings from a TOML file whose keys are the long names of these flags \
+                     (socket, backing, create-backing, queues, queue-size, read-only, serial, \
+                     cache, cache-size, persistence, data-crc, gc-percent, drain-on-exit, \
+                     control-socket), for example `queue-size = 256` or `cache-size = \"2G\"`. \
+                     A flag given on the command line wins over the file. An unknown key or a bad \
+                     value is an error naming the key."
+    )]
+    config: Option<PathBuf>,
+
+    /// vhost-user socket to listen on (required, here or in the config file)
     #[arg(
         long,
         value_name = "PATH",
         long_help = "Unix socket the daemon listens on for the vhost-user frontend (QEMU \
                      `-chardev socket,path=PATH`, Cloud Hypervisor `--disk vhost_user=true,socket=PATH`). \
                      An existing file at PATH is replaced. The socket stays open across frontend \
-                     reconnects."
+                     reconnects. Required, on the command line or as `socket` in the config file."
     )]
-    socket: PathBuf,
+    socket: Option<PathBuf>,
 
     /// Backing image [default: ./vhost-user-pcache.img]
     #[arg(
@@ -58,25 +74,24 @@ pub struct ServeArgs {
     )]
     create_backing: Option<u64>,
 
-    /// Number of virtqueues
+    /// Number of virtqueues [default: 4]
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 4,
         long_help = "Number of virtqueues offered to the guest, each served by its own thread \
-                     (1 to 64). The frontend may use fewer; QEMU's num-queues must not exceed it."
+                     (1 to 64). The frontend may use fewer; QEMU's num-queues must not exceed it. \
+                     [default: 4]"
     )]
-    queues: u16,
+    queues: Option<u16>,
 
-    /// Largest virtqueue size accepted
+    /// Largest virtqueue size accepted [default: 1024]
     #[arg(
         long,
         value_name = "N",
-        default_value_t = 1024,
         long_help = "Largest virtqueue size a frontend may configure (a power of two up to \
-                     32768). QEMU's queue-size property must be at most this."
+                     32768). QEMU's queue-size property must be at most this. [default: 1024]"
     )]
-    queue_size: u16,
+    queue_size: Option<u16>,
 
     /// Refuse writes
     #[arg(
@@ -167,7 +182,23 @@ pub struct ServeArgs {
                      cache and is written back after the next start."
     )]
     drain_on_exit: bool,
+
+    /// Serve `ctl` requests (status, drain, metrics...) on this Unix socket
+    #[arg(
+        long,
+        value_name = "PATH",
+        long_help = "Listen on PATH (mode 0600) for control requests, one JSON object per line: \
+                     status, statistics and Prometheus metrics, gc_percent, flush, drain and \
+                     undrain. `vhost-user-pcache ctl --control-socket PATH` is the client. A \
+                     stale socket left by a dead daemon is replaced; a live one is an error."
+    )]
+    control_socket: Option<PathBuf>,
 }
+
+/// Queues offered when neither a flag nor the config file says.
+pub const DEFAULT_QUEUES: u16 = 4;
+/// Largest queue size accepted when neither a flag nor the config file says.
+pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
 
 /// `--cache`: a cache media path or `none`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -176,7 +207,7 @@ pub enum CacheArg {
     Media(PathBuf),
 }
 
-fn parse_cache(text: &str) -> Result<CacheArg, String> {
+pub(crate) fn parse_cache(text: &str) -> Result<CacheArg, String> {
     match text {
         "" => Err("an empty cache path".into()),
         "none" => Ok(CacheArg::None),
@@ -185,6 +216,50 @@ fn parse_cache(text: &str) -> Result<CacheArg, String> {
 }
 
 impl ServeArgs {
+    /// These flags over the settings of `--config`, if given.
+    pub fn with_config_file(&self) -> Result<ServeArgs> {
+        let Some(path) = &self.config else {
+            return Ok(self.clone());
+        };
+        let f = config::load(path)?;
+        let a = self.clone();
+        Ok(ServeArgs {
+            config: a.config,
+            socket: a.socket.or(f.socket),
+            backing: a.backing.or(f.backing),
+            create_backing: a.create_backing.or(f.create_backing),
+            queues: a.queues.or(f.queues),
+            queue_size: a.queue_size.or(f.queue_size),
+            // A switch given on the command line can only say yes.
+            read_only: a.read_only || f.read_only.unwrap_or(false),
+            serial: a.serial.or(f.serial),
+            cache: a.cache.or(f.cache),
+            cache_size: a.cache_size.or(f.cache_size),
+            persistence: a.persistence.or(f.persistence),
+            data_crc: a.data_crc || f.data_crc.unwrap_or(false),
+            gc_percent: a.gc_percent.or(f.gc_percent),
+            drain_on_exit: a.drain_on_exit || f.drain_on_exit.unwrap_or(false),
+            control_socket: a.control_socket.or(f.control_socket),
+        })
+    }
+
+    pub fn queues(&self) -> u16 {
+        self.queues.unwrap_or(DEFAULT_QUEUES)
+    }
+
+    pub fn queue_size(&self) -> u16 {
+        self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE)
+    }
+
+    pub fn control_socket(&self) -> Option<&Path> {
+        self.control_socket.as_deref()
+    }
+
+    #[cfg(test)]
+    pub fn gc_percent(&self) -> Option<u8> {
+        self.gc_percent
+    }
+
     pub fn backing_path(&self) -> PathBuf {
         self.backing
             .clone()
@@ -210,9 +285,9 @@ impl From<&ServeArgs> for ServeConfig {
                 .unwrap_or_default()
         });
         ServeConfig {
-            socket: args.socket.clone(),
-            num_queues: args.queues,
-            max_queue_size: args.queue_size,
+            socket: args.socket.clone().unwrap_or_default(),
+            num_queues: args.queues(),
+            max_queue_size: args.queue_size(),
             serial,
         }
     }
@@ -258,16 +333,21 @@ fn cache_create_size(args: &ServeArgs, image_size: u64) -> u64 {
         .unwrap_or_else(|| DEFAULT_CACHE_SIZE.min(image_size));
     let segments = u32::try_from(wanted / SEGMENT_SIZE)
         .unwrap_or(u32::MAX)
-        .max(min_segments(usize::from(args.queues)));
+        .max(min_segments(usize::from(args.queues())));
     Layout::media_len_for(segments)
 }
 
-/// The one place that decides which engine serves the device.
-fn build_engine(args: &ServeArgs, image: Arc<BackingImage>) -> Result<Arc<dyn Engine>> {
-    let queues = usize::from(args.queues);
+/// The one place that decides which engine serves the device; also its control-socket face.
+fn build_engine(
+    args: &ServeArgs,
+    image: Arc<BackingImage>,
+) -> Result<(Arc<dyn Engine>, Arc<dyn ControlTarget>)> {
+    let queues = usize::from(args.queues());
     let Some(path) = cache_path(args) else {
         info!("no cache: requests go straight to the backing image");
-        return Ok(Arc::new(PassthroughEngine::new(image, queues)));
+        let engine: Arc<dyn Engine> = Arc::new(PassthroughEngine::new(image.clone(), queues));
+        let control = Arc::new(PassthroughControl::new(engine.clone(), image));
+        return Ok((engine, control));
     };
     let opts = CacheOptions {
         create_size: Some(cache_create_size(args, image.size())),
@@ -279,14 +359,25 @@ fn build_engine(args: &ServeArgs, image: Arc<BackingImage>) -> Result<Arc<dyn En
         drain_on_shutdown: args.drain_on_exit,
         path,
     };
-    let engine = CacheEngine::open(&opts, image)
-        .with_context(|| format!("opening cache {}", opts.path.display()))?;
-    Ok(Arc::new(engine))
+    let engine = Arc::new(
+        CacheEngine::open(&opts, image)
+            .with_context(|| format!("opening cache {}", opts.path.display()))?,
+    );
+    Ok((engine.clone(), Arc::new(CacheControl(engine))))
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
+    let args = &args.with_config_file()?;
+    let Some(socket) = &args.socket else {
+        bail!("no vhost-user socket: give --socket PATH or `socket` in the config file");
+    };
     let path = args.backing_path();
     prepare_backing(&path, args.create_size())?;
+    // Held until the daemon exits: no second daemon or offline tool may use either file.
+    let _image_lock = PathLock::acquire(&path, LockedObject::BackingImage, false)?;
+    let _cache_lock = cache_path(args)
+        .map(|p| PathLock::acquire(&p, LockedObject::CacheMedia, true))
+        .transpose()?;
     let options = BackingOptions {
         read_only: args.read_only,
         direct: true,
@@ -299,7 +390,13 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         image.size(),
         if args.read_only { ", read-only" } else { "" }
     );
-    let engine = build_engine(args, image)?;
+    let (engine, control) = build_engine(args, image)?;
+    let connection = Arc::new(ConnectionState::default());
+    let _control_server = match args.control_socket() {
+        Some(path) => Some(ControlServer::start(path, control, connection.clone())?),
+        None => None,
+    };
     let config = ServeConfig::from(args);
-    serve::run(&config, engine).with_context(|| format!("serving on {}", args.socket.display()))
+    serve::run_with_state(&config, engine, &connection)
+        .with_context(|| format!("serving on {}", socket.display()))
 }

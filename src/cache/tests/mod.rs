@@ -2,6 +2,8 @@
 //! and a real backing file.
 
 mod crash;
+mod faults;
+mod gc;
 mod model;
 mod paths;
 mod writeback;
@@ -80,4 +82,14 @@ pub(crate) fn pattern(off: u64, len: usize, n: u64) -> Vec<u8> {
         chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
     }
     v
+}
+
+/// Wait until `done` holds, polling; panics with `what` if it does not within `limit`. A
+/// guard against a hang, not a timing assertion: the limits are far above what is needed.
+pub(crate) fn wait_until(what: &str, limit: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !done() {
+        assert!(started.elapsed() < limit, "waited {limit:?} for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }

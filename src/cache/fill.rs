@@ -1,0 +1,81 @@
+//! Committing read fills off the request path.
+//!
+//! A read miss is read from the backing image into cache space, copied to the guest and
+//! answered at once. Before its clean key may be logged the data must be durable, and in msync
+//! mode making it durable is a synchronous write to the cache file's device: far too slow to
+//! sit between a guest and its next request. So each fill goes to this thread, which persists
+//! and fences a batch of fills itself (persist and fence must come from one thread), then
+//! logs them. A fill that is lost here (shutdown, a failed fence) only means the data is not
+//! cached.
+
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::engine::Core;
+use super::index::FillTicket;
+use super::CachePos;
+
+/// Backing data already copied into the cache (and to the guest), to be made durable and
+/// logged as a clean key.
+pub(crate) struct Filled {
+    pub ticket: FillTicket,
+    pub pos: CachePos,
+    pub len: u32,
+}
+
+pub(super) fn spawn(core: Arc<Core>, fills: Receiver<Filled>) -> JoinHandle<()> {
+    std::thread::Builder::new()
+        .name("pcache-fill".into())
+        .spawn(move || run(&core, &fills))
+        .expect("spawning the fill thread")
+}
+
+fn run(core: &Core, fills: &Receiver<Filled>) {
+    let mut batch = Vec::new();
+    loop {
+        match fills.recv_timeout(Duration::from_millis(100)) {
+            Ok(f) => batch.push(f),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        batch.extend(fills.try_iter());
+        let stopping = core.stopping.load(Ordering::Acquire);
+        if !batch.is_empty() {
+            commit(core, std::mem::take(&mut batch), !stopping);
+        }
+        if stopping {
+            break;
+        }
+    }
+}
+
+/// Persist a batch with one fence, then log each fill (or give it up).
+pub(super) fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
+    let mut ok = keep;
+    if keep {
+        for f in &batch {
+            if let Err(e) = core.media.persist(core.media_offset(f.pos), f.len as u64) {
+                log::warn!("persisting a read fill failed, not caching it: {e}");
+                ok = false;
+            }
+        }
+        if let Err(e) = core.media.fence() {
+            log::warn!(
+                "cache media fence failed, not caching {} reads: {e}",
+                batch.len()
+            );
+            ok = false;
+        }
+    }
+    for f in batch {
+        if ok {
+            core.complete_fill(f.ticket, f.pos, f.len);
+        } else {
+            core.index.abort_fill(f.ticket);
+        }
+        core.unpin(f.pos.seg);
+    }
+}
