@@ -89,6 +89,9 @@ pub(crate) struct Core {
     progress: (Mutex<()>, Condvar),
     /// Read fills on their way to the fill thread.
     fills: std::sync::mpsc::Sender<Filled>,
+    /// Writeback, GC and fill threads run and open ksets close on their timer. Off only in
+    /// tests that step writeback and GC themselves, so a seeded run repeats exactly.
+    background: bool,
 }
 
 impl GenerationStore for Meta {
@@ -247,6 +250,11 @@ impl Core {
 
     /// Hand a fill to the fill thread, which makes it durable and logs it.
     pub fn commit_fill(&self, f: Filled) {
+        if !self.background {
+            // Stepped tests: on the caller's thread, so the media events stay in one order.
+            fill::commit(self, vec![f], true);
+            return;
+        }
         let sent = self.fills.send(f);
         if let Err(std::sync::mpsc::SendError(f)) = sent {
             // The engine is shutting down: the data is just not cached.
@@ -295,6 +303,9 @@ impl Core {
     }
 
     pub fn close_aged_ksets(&self) -> Result<(), LogError> {
+        if !self.background {
+            return Ok(());
+        }
         self.log.close_aged(&*self.media, &self.segments)
     }
 }
@@ -360,6 +371,43 @@ impl CacheEngine {
         media: Arc<dyn Media>,
         backing: Arc<BackingImage>,
     ) -> Result<CacheEngine, CacheError> {
+        Self::open_inner(opts, media, backing, true)
+    }
+
+    /// Open without writeback and GC threads and without closing ksets by age: the test
+    /// drives writeback and GC with [`CacheEngine::writeback_step`] and
+    /// [`CacheEngine::gc_step`], so a seeded workload is deterministic.
+    #[cfg(test)]
+    pub(crate) fn open_stepped(
+        opts: &CacheOptions,
+        media: Arc<dyn Media>,
+        backing: Arc<BackingImage>,
+    ) -> Result<CacheEngine, CacheError> {
+        Self::open_inner(opts, media, backing, false)
+    }
+
+    /// Write back one kset (what one turn of the writeback thread does). `Ok(false)` when
+    /// nothing persisted lies beyond dirty_tail.
+    #[cfg(test)]
+    pub(crate) fn writeback_step(
+        &self,
+        queue: &mut crate::backing::BackingQueue,
+    ) -> Result<bool, String> {
+        writeback::step(&self.core, queue)
+    }
+
+    /// Collect one kset if GC is due (what one turn of the GC thread does).
+    #[cfg(test)]
+    pub(crate) fn gc_step(&self) -> Result<bool, String> {
+        gc::collect_one(&self.core)
+    }
+
+    fn open_inner(
+        opts: &CacheOptions,
+        media: Arc<dyn Media>,
+        backing: Arc<BackingImage>,
+        background: bool,
+    ) -> Result<CacheEngine, CacheError> {
         let opened = replay::open(opts, media.clone(), &backing)?;
         let (fill_tx, fill_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
@@ -383,9 +431,13 @@ impl CacheEngine {
             drained: AtomicBool::new(false),
             progress: (Mutex::new(()), Condvar::new()),
             fills: fill_tx,
+            background,
         });
-        let mut threads = vec![fill::spawn(core.clone(), fill_rx)];
-        if !core.read_only {
+        let mut threads = Vec::new();
+        if background {
+            threads.push(fill::spawn(core.clone(), fill_rx));
+        }
+        if !core.read_only && background {
             threads.push(writeback::spawn(core.clone()));
             threads.push(gc::spawn(core.clone()));
         }

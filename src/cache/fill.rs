@@ -53,7 +53,7 @@ fn run(core: &Core, fills: &Receiver<Filled>) {
 }
 
 /// Persist a batch with one fence, then log each fill (or give it up).
-fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
+pub(super) fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
     let mut ok = keep;
     if keep {
         for f in &batch {

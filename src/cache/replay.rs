@@ -108,7 +108,18 @@ pub(super) fn open(
             .map_err(fmt_err)
     };
     let key_tail = load_tail(format::Tail::Key)?;
-    let dirty_tail = load_tail(format::Tail::Dirty)?;
+    let mut dirty_tail = load_tail(format::Tail::Dirty)?;
+    if dirty_tail.log_seq < key_tail.log_seq {
+        // Only an older replica (the newest one damaged) can be behind key_tail. GC never
+        // passes dirty_tail, so everything before key_tail was written back: start there.
+        log::warn!(
+            "cache {}: dirty_tail (kset {}) is behind key_tail (kset {}); its newest replica must be damaged, resuming writeback at key_tail",
+            path.display(),
+            dirty_tail.log_seq,
+            key_tail.log_seq
+        );
+        dirty_tail = key_tail;
+    }
     let mut gens = Vec::with_capacity(layout.n_segments() as usize);
     for seg in 0..layout.n_segments() {
         gens.push(format::load_generation(&*media, &layout, seg).map_err(fmt_err)?);
@@ -177,6 +188,17 @@ fn check_size(
     Ok(())
 }
 
+/// Where the kset after an undecodable one at the start of `bytes` starts, if one with
+/// sequence number `seq + 1` is there (tried at every size the damaged kset could have had).
+/// A crash can only tear the newest kset, and nothing is written after it before it is
+/// durable, so a valid successor means the damage is corruption, not the end of the log.
+fn next_kset_after(codec: &KsetCodec, bytes: &[u8], seq: u64) -> Option<usize> {
+    (0..=format::KSET_MAX_KEYS)
+        .map(format::kset_size)
+        .filter(|&at| at + format::KSET_HEADER_SIZE <= bytes.len())
+        .find(|&at| codec.decode_kset(&bytes[at..], seq + 1).is_ok())
+}
+
 /// Walk the log from `key_tail`, marking log segments used and, when `index` is given,
 /// inserting keys and taking segment references. Returns the head and what was seen.
 pub fn walk(
@@ -218,7 +240,7 @@ pub fn walk_visit(
     let mut pos = key_tail.pos;
     let mut seq = key_tail.log_seq;
     let mut dirty = false;
-    let mut buf = vec![0u8; format::KSET_MAX_SIZE];
+    let mut buf = vec![0u8; 2 * format::KSET_MAX_SIZE];
     segments.mark_used(pos.seg, SegmentKind::Log);
     report.log_segments = 1;
     let mut data_segs = Vec::new();
@@ -226,14 +248,23 @@ pub fn walk_visit(
         if pos == dirty_tail.pos && seq == dirty_tail.log_seq {
             dirty = true;
         }
-        let avail = (layout.data_size() - pos.off).min(format::KSET_MAX_SIZE as u32) as usize;
+        // Two ksets' worth, so a damaged kset's successor can be looked for.
+        let avail = (layout.data_size() - pos.off).min(2 * format::KSET_MAX_SIZE as u32) as usize;
         let bytes = &mut buf[..avail];
         media
             .read(layout.media_offset(pos), bytes)
             .map_err(|e| format!("reading the kset at {}:{}: {e}", pos.seg, pos.off))?;
         let kset = match codec.decode_kset(bytes, seq) {
             Ok(k) => k,
-            Err(e) if e.is_end_of_log() => break,
+            Err(e) if e.is_end_of_log() => {
+                if let Some(next) = next_kset_after(codec, bytes, seq) {
+                    return Err(format!(
+                        "kset {seq} at segment {} offset {} is damaged ({e}), yet kset {} follows it at offset {}: the log is corrupt, and replaying only up to the damage would lose flushed writes",
+                        pos.seg, pos.off, seq + 1, pos.off as usize + next
+                    ));
+                }
+                break;
+            }
             Err(e) => {
                 return Err(format!(
                     "kset at segment {} offset {}: {e}",

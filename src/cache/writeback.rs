@@ -107,6 +107,24 @@ fn run(core: &Core) {
     }
 }
 
+/// One turn of the writeback loop without its pauses: write back the kset at dirty_tail and
+/// persist the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail.
+#[cfg(test)]
+pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, String> {
+    let tail = core.meta.dirty_tail();
+    if core.log.head().seq <= tail.log_seq {
+        return Ok(false);
+    }
+    let next = write_back_kset(core, queue, tail).inspect_err(|_| {
+        core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
+    })?;
+    core.meta
+        .store_dirty_tail(next)
+        .map_err(|e| format!("persisting dirty_tail: {e}"))?;
+    core.writeback_progress();
+    Ok(true)
+}
+
 fn sleep_unless_stopping(core: &Core, d: Duration) {
     if !d.is_zero() && !core.stopping.load(Ordering::Acquire) {
         std::thread::sleep(d);

@@ -229,6 +229,24 @@ impl QueueClient {
         self.wait_one()
     }
 
+    /// Submits every write of `writes` (together at most QUEUE_BUFFER bytes) without waiting
+    /// for any, so they are in flight when the caller, say, kills the daemon.
+    pub fn start_writes(&mut self, writes: &[(u64, Vec<u8>)]) {
+        let mut at = 0;
+        for (offset, data) in writes {
+            assert!(at + data.len() <= QUEUE_BUFFER);
+            // SAFETY: `buf + at` has room for `data` inside this queue's QUEUE_BUFFER bytes.
+            let dst = unsafe { self.buf.add(at) };
+            // SAFETY: as above; the source is a separate Vec.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+            self.queue
+                .write(*offset, dst, data.len(), 0, ReqFlags::empty());
+            at += data.len();
+        }
+        let mut none: [MaybeUninit<Completion>; 0] = [];
+        let _ = self.queue.do_io(&mut none, 0, None, None);
+    }
+
     pub fn flush(&mut self) -> Result<(), Errno> {
         self.queue.flush(0, ReqFlags::empty());
         self.wait_one()

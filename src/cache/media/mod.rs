@@ -32,7 +32,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub use mapped::MappedMedia;
-pub use recording::RecordingMedia;
+pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 
 /// Size of a CPU cache line, the unit in which pmem writes back and in which
 /// [`RecordingMedia`] tracks persistence.

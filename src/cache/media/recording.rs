@@ -15,6 +15,7 @@
 //! comparing bytes, not by hooking writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread::ThreadId;
 
@@ -33,6 +34,8 @@ pub struct RecordingMedia {
     len: u64,
     _current: MmapMut,
     state: Mutex<State>,
+    events: AtomicU64,
+    hook: Mutex<Option<EventHook>>,
 }
 
 struct State {
@@ -104,6 +107,8 @@ impl RecordingMedia {
                 flushing: HashMap::new(),
                 next_stamp: 1,
             }),
+            events: AtomicU64::new(0),
+            hook: Mutex::new(None),
         })
     }
 
@@ -135,22 +140,27 @@ impl RecordingMedia {
     /// one of the values it held (durable, a persisted snapshot, current). Deterministic for a
     /// given seed and media state. Take it while no thread is writing.
     pub fn crash_image(&self, rng_seed: u64) -> Vec<u8> {
+        let pending = self.pending_lines();
+        let mut image = Vec::new();
+        self.crash_image_into(&pending, CrashChoice::Random(rng_seed), &mut image);
+        image
+    }
+
+    /// The lines a crash right now may leave in more than one state, with every value each
+    /// could hold besides its durable one (persisted snapshots oldest first, then the current
+    /// bytes). Take it while no thread is writing; it stays valid until the media changes.
+    pub fn pending_lines(&self) -> PendingLines {
         let st = self.lock();
         let current = self.current();
-        let mut rng = SplitMix64(rng_seed);
-        let mut pending: BTreeMap<usize, Vec<(u64, &[u8; LINE])>> = BTreeMap::new();
-        for snaps in st.flushing.values() {
-            for s in snaps {
+        let mut snaps: BTreeMap<usize, Vec<(u64, [u8; LINE])>> = BTreeMap::new();
+        for list in st.flushing.values() {
+            for s in list {
                 if s.stamp > st.durable_stamp[s.line] {
-                    pending.entry(s.line).or_default().push((s.stamp, &s.bytes));
+                    snaps.entry(s.line).or_default().push((s.stamp, s.bytes));
                 }
             }
         }
-        for v in pending.values_mut() {
-            v.sort_by_key(|(stamp, _)| *stamp);
-        }
-        let mut image = st.durable.clone();
-        let mut lines: Vec<usize> = Vec::new();
+        let mut lines: Vec<usize> = snaps.keys().copied().collect();
         for (b, (cur, dur)) in current
             .chunks_exact(BLOCK)
             .zip(st.durable.chunks_exact(BLOCK))
@@ -166,33 +176,137 @@ impl RecordingMedia {
                 }
             }
         }
-        lines.extend(pending.keys().copied());
         lines.sort_unstable();
         lines.dedup();
-        for line in lines {
-            if rng.next() & 1 == 0 {
-                continue;
-            }
-            let start = line * LINE;
-            let snaps = pending.get(&line).map(Vec::as_slice).unwrap_or(&[]);
-            // Versions: 0 = durable (already in image), 1..=n = snapshots, n+1 = current.
-            let versions = snaps.len() as u64 + 2;
-            for w in 0..LINE / WORD {
-                let pick = rng.next() % versions;
-                let r = start + w * WORD..start + (w + 1) * WORD;
-                if pick == 0 {
-                    continue;
-                }
-                let src: &[u8] = if (pick as usize) <= snaps.len() {
-                    &snaps[pick as usize - 1].1[w * WORD..(w + 1) * WORD]
-                } else {
-                    &current[r.clone()]
+        let lines = lines
+            .into_iter()
+            .map(|line| {
+                let mut versions: Vec<[u8; LINE]> = match snaps.remove(&line) {
+                    Some(mut v) => {
+                        v.sort_by_key(|(stamp, _)| *stamp);
+                        v.into_iter().map(|(_, b)| b).collect()
+                    }
+                    None => Vec::new(),
                 };
-                image[r].copy_from_slice(src);
+                let mut cur = [0u8; LINE];
+                cur.copy_from_slice(&current[line * LINE..(line + 1) * LINE]);
+                versions.push(cur);
+                (line, versions)
+            })
+            .collect();
+        PendingLines { lines }
+    }
+
+    /// Write into `image` the crash image `choice` picks from `pending` (which must have been
+    /// taken from this media in its present state). `image` is resized to the media length and
+    /// its allocation reused.
+    pub fn crash_image_into(
+        &self,
+        pending: &PendingLines,
+        choice: CrashChoice,
+        image: &mut Vec<u8>,
+    ) {
+        self.with_durable(|d| {
+            image.clear();
+            image.extend_from_slice(d);
+        });
+        pending.apply(choice, image);
+    }
+
+    /// Run `f` on the durable image (without copying it).
+    pub fn with_durable<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        let st = self.lock();
+        f(&st.durable[..self.len as usize])
+    }
+
+    /// Count every later `write`, `persist` and `fence`; before event number `n` (from 1)
+    /// takes effect, `hook(self, n)` runs on the calling thread for each `n` it accepts. Used
+    /// to cut a workload inside its operations. The hook must not call back into this media's
+    /// mutating methods.
+    pub fn set_event_hook(&self, hook: Option<EventHook>) {
+        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+        self.events.store(0, Ordering::SeqCst);
+    }
+
+    /// Media events (`write`, `persist`, `fence`) since the hook was last set.
+    pub fn events(&self) -> u64 {
+        self.events.load(Ordering::SeqCst)
+    }
+
+    fn event(&self) {
+        let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = hook.as_mut() {
+            h(self, n);
+        }
+    }
+}
+
+/// Called before each media event with its number; see [`RecordingMedia::set_event_hook`].
+pub type EventHook = Box<dyn FnMut(&RecordingMedia, u64) + Send>;
+
+/// Which crash image [`RecordingMedia::crash_image_into`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashChoice {
+    /// Only what is durable: every non-durable line lost.
+    AllLost,
+    /// Every non-durable line reached the media with its current bytes.
+    AllKept,
+    /// A seeded random subset of the non-durable lines, each word from any of its values.
+    Random(u64),
+}
+
+/// The non-durable lines of a media at one moment; see [`RecordingMedia::pending_lines`].
+pub struct PendingLines {
+    lines: Vec<(usize, Vec<[u8; LINE]>)>,
+}
+
+impl PendingLines {
+    /// Turn `image`, a copy of the durable image these lines were taken with, into the crash
+    /// image `choice` picks.
+    pub fn apply(&self, choice: CrashChoice, image: &mut [u8]) {
+        let len = image.len();
+        let mut put = |at: usize, src: &[u8]| {
+            if at < len {
+                let n = src.len().min(len - at);
+                image[at..at + n].copy_from_slice(&src[..n]);
+            }
+        };
+        match choice {
+            CrashChoice::AllLost => {}
+            CrashChoice::AllKept => {
+                for (line, versions) in &self.lines {
+                    put(line * LINE, versions.last().expect("current bytes"));
+                }
+            }
+            CrashChoice::Random(seed) => {
+                let mut rng = SplitMix64(seed);
+                for (line, versions) in &self.lines {
+                    if rng.next() & 1 == 0 {
+                        continue;
+                    }
+                    // Versions: 0 = durable (already in the image), 1..=n = snapshots, current.
+                    let n = versions.len() as u64 + 1;
+                    for w in 0..LINE / WORD {
+                        let pick = rng.next() % n;
+                        if pick == 0 {
+                            continue;
+                        }
+                        let word = &versions[pick as usize - 1][w * WORD..(w + 1) * WORD];
+                        put(line * LINE + w * WORD, word);
+                    }
+                }
             }
         }
-        image.truncate(self.len as usize);
-        image
+    }
+
+    /// Number of lines a crash may leave in more than one state.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
     }
 }
 
@@ -220,6 +334,7 @@ impl Media for RecordingMedia {
 
     fn persist(&self, offset: u64, len: u64) -> Result<(), MediaError> {
         check_range(offset, len, self.len)?;
+        self.event();
         if len == 0 {
             return Ok(());
         }
@@ -248,6 +363,7 @@ impl Media for RecordingMedia {
     }
 
     fn fence(&self) -> Result<(), MediaError> {
+        self.event();
         let mut st = self.lock();
         let Some(snaps) = st.flushing.remove(&std::thread::current().id()) else {
             return Ok(());
@@ -276,6 +392,7 @@ impl Media for RecordingMedia {
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
         check_range(offset, data.len() as u64, self.len)?;
+        self.event();
         // SAFETY: bounds-checked; disjointness of concurrent writes is the caller's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())

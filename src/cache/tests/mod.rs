@@ -1,6 +1,7 @@
 //! Tests of the whole cache engine through its `EngineQueue` interface, on a recording media
 //! and a real backing file.
 
+mod crash;
 mod faults;
 mod gc;
 mod model;
