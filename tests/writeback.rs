@@ -217,12 +217,12 @@ fn three_times_the_cache_size_reads_back_and_drains_to_the_image() {
     stop_and_check_image(daemon, &dir, &models, DISK);
 }
 
-/// How long the full-cache test runs at least: `PCACHE_FULL_CACHE_SECS`, default 90.
+/// How long the full-cache test runs at least: `PCACHE_FULL_CACHE_SECS`, default 120 (two minutes).
 fn full_cache_duration() -> Duration {
     let secs = std::env::var("PCACHE_FULL_CACHE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(90);
+        .unwrap_or(120);
     Duration::from_secs(secs)
 }
 
