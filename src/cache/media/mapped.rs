@@ -291,28 +291,6 @@ impl Media for MappedMedia {
         Ok(())
     }
 
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
-        check_range(offset, buf.len() as u64, self.len)?;
-        // SAFETY: bounds-checked; the caller guarantees no concurrent write to these bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.add(offset as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        Ok(())
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
-        check_range(offset, data.len() as u64, self.len)?;
-        // SAFETY: bounds-checked; the caller guarantees no concurrent access to these bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())
-        };
-        Ok(())
-    }
-
     fn slice_ptr(&self, offset: u64, len: u64) -> Result<*mut u8, MediaError> {
         check_range(offset, len, self.len)?;
         // SAFETY: offset is within the mapping (checked above).

@@ -143,10 +143,22 @@ pub trait Media: Send + Sync {
     fn fence(&self) -> Result<(), MediaError>;
 
     /// Copy `buf.len()` bytes at `offset` into `buf`.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError>;
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
+        let src = self.slice_ptr(offset, buf.len() as u64)?;
+        // SAFETY: `slice_ptr` checked the range; no one writes these bytes concurrently (the
+        // contract of every caller of this trait).
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
 
     /// Copy `data` to `offset`. Not durable until persisted and fenced.
-    fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError>;
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
+        let dst = self.slice_ptr(offset, data.len() as u64)?;
+        // SAFETY: `slice_ptr` checked the range; concurrent writers use disjoint ranges (the
+        // contract of every caller of this trait).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+        Ok(())
+    }
 
     /// Address of `len` bytes at `offset` in this process, for zero-copy access (copying guest
     /// buffers straight into the media, or handing media pages to the backing image's I/O).

@@ -377,19 +377,6 @@ impl Media for RecordingMedia {
         Ok(())
     }
 
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), MediaError> {
-        check_range(offset, buf.len() as u64, self.len)?;
-        // SAFETY: bounds-checked against len <= alloc_len.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.base.add(offset as usize),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
-        Ok(())
-    }
-
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
         check_range(offset, data.len() as u64, self.len)?;
         self.event();
