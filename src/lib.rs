@@ -18,5 +18,6 @@ pub mod engine;
 pub mod lock;
 pub mod notify;
 pub mod passthrough;
+pub mod poll;
 pub mod serve;
 pub mod virtio_blk;

@@ -19,6 +19,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::backend::BlkBackend;
 use crate::engine::{Engine, EngineError};
+use crate::poll::poll_readable;
 use crate::virtio_blk::{DeviceInfo, GuestMemAtomic};
 pub use shutdown::ShutdownSignal;
 
@@ -155,7 +156,7 @@ pub fn run_with_state(
     loop {
         use std::os::fd::AsRawFd;
         // Accept only when a frontend is waiting, so a signal can end an idle daemon.
-        match shutdown::poll_readable(&[signal.fd(), listener.as_raw_fd()], -1) {
+        match poll_readable(&[signal.fd(), listener.as_raw_fd()], -1) {
             Some(1) => {}
             _ => break,
         }
@@ -241,7 +242,7 @@ fn spawn_signal_watcher(
     std::thread::Builder::new()
         .name("signal-watcher".to_string())
         .spawn(move || {
-            shutdown::poll_readable(&[signal_fd], -1);
+            poll_readable(&[signal_fd], -1);
             info!("stop requested by signal");
             stopping.store(true, Ordering::Release);
             if let Some(handle) = lock(&connection).as_ref() {

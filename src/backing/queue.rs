@@ -93,20 +93,9 @@ impl BackingQueue {
 
     /// With `dsync` the write is durable when it completes (RWF_DSYNC).
     pub fn write(&mut self, offset: u64, bufs: &[DataSeg], dsync: bool, user_data: u64) {
-        #[cfg(test)]
-        if self.image.writes_fail() {
-            return self.finish_now(user_data, Err(injected_failure()));
-        }
         let len = DataSeg::total_len(bufs);
-        let checked = self
-            .image
-            .check_writable()
-            .and_then(|()| self.image.check_range(offset, len));
-        if let Err(e) = checked {
-            return self.finish_now(user_data, Err(e));
-        }
-        if len == 0 {
-            return self.finish_now(user_data, Ok(()));
+        if self.answered_before_writing(offset, len, user_data) {
+            return;
         }
         let phase = plan_write(
             &self.image,
@@ -184,20 +173,29 @@ impl BackingQueue {
         self.live_jobs + self.ready.len()
     }
 
-    fn zeroing(&mut self, offset: u64, len: u64, may_unmap: bool, durable: bool, user_data: u64) {
+    /// Answers a write-like request that must not reach the image (read-only, out of range,
+    /// an injected test failure) or needs no I/O (empty); true when it was answered.
+    fn answered_before_writing(&mut self, offset: u64, len: u64, user_data: u64) -> bool {
         #[cfg(test)]
         if self.image.writes_fail() {
-            return self.finish_now(user_data, Err(injected_failure()));
+            self.finish_now(user_data, Err(injected_failure()));
+            return true;
         }
         let checked = self
             .image
             .check_writable()
             .and_then(|()| self.image.check_range(offset, len));
-        if let Err(e) = checked {
-            return self.finish_now(user_data, Err(e));
+        match checked {
+            Err(e) => self.finish_now(user_data, Err(e)),
+            Ok(()) if len == 0 => self.finish_now(user_data, Ok(())),
+            Ok(()) => return false,
         }
-        if len == 0 {
-            return self.finish_now(user_data, Ok(()));
+        true
+    }
+
+    fn zeroing(&mut self, offset: u64, len: u64, may_unmap: bool, durable: bool, user_data: u64) {
+        if self.answered_before_writing(offset, len, user_data) {
+            return;
         }
         let align = self.image.alignment().max(4096);
         let zeroes = self

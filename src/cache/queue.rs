@@ -295,17 +295,8 @@ trait NonBlockingTimer {
 
 impl NonBlockingTimer for TimerFd {
     fn wait_nonblocking(&mut self) -> bool {
-        self.is_armed().unwrap_or(false) && poll_readable(self.as_raw_fd()) && self.wait().is_ok()
+        self.is_armed().unwrap_or(false)
+            && crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some()
+            && self.wait().is_ok()
     }
-}
-
-fn poll_readable(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `p` is a valid pollfd for the duration of the call; timeout 0 never blocks.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & libc::POLLIN != 0
 }

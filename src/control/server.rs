@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{render_metrics, ConnectionStatus, ControlTarget, Request, Response, Status};
-use crate::serve::shutdown::poll_readable;
+use crate::poll::poll_readable;
 use crate::serve::ConnectionState;
 
 /// Longest request line accepted; requests are a few dozen bytes.

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
+use crate::poll::poll_readable;
+
 /// The eventfd the signal handler writes to; -1 before installation.
 static SIGNAL_EVENT_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -55,32 +57,5 @@ impl ShutdownSignal {
 
     pub fn requested(&self) -> bool {
         poll_readable(&[self.fd()], 0).is_some()
-    }
-}
-
-/// Waits up to `timeout_ms` (-1: forever) for one of `fds` to become readable; returns its
-/// index.
-pub fn poll_readable(fds: &[RawFd], timeout_ms: i32) -> Option<usize> {
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    loop {
-        // SAFETY: `pollfds` is a valid array of `pollfds.len()` initialised pollfd structs.
-        let n = unsafe {
-            libc::poll(
-                pollfds.as_mut_ptr(),
-                pollfds.len() as libc::nfds_t,
-                timeout_ms,
-            )
-        };
-        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        return pollfds.iter().position(|p| p.revents != 0);
     }
 }

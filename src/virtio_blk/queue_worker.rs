@@ -312,19 +312,9 @@ fn add_used(vring: &Vring, head: u16, len: u32) {
 /// Blocks until one of `fds` is readable (or a second has passed), for the rare drain that must
 /// wait for the engine to make room.
 fn wait_readable(fds: &[RawFd]) {
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    if pollfds.is_empty() {
+    if fds.is_empty() {
         std::thread::sleep(std::time::Duration::from_millis(10));
-        return;
+    } else {
+        crate::poll::poll_readable(fds, 1000);
     }
-    // SAFETY: `pollfds` is a valid array of `pollfds.len()` initialised pollfd structs that
-    // outlives the call.
-    unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, 1000) };
 }
