@@ -56,6 +56,10 @@ pub struct CacheFlags {
 /// Everything `status` reports about a cache.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct CacheStatus {
+    /// How the media makes writes durable (pmem, msync or volatile), as detected or forced at
+    /// open: the one place an operator sees whether a DAX media really runs in pmem mode.
+    #[serde(default)]
+    pub persistence: String,
     pub segments_total: u32,
     /// Log and data segments in use.
     pub segments_used: u32,
@@ -81,6 +85,7 @@ impl CacheEngine {
         let drained = core.drained.load(Ordering::Acquire);
         let write_cache = core.write_cache.load(Ordering::Acquire);
         CacheStatus {
+            persistence: core.media.persistence().to_string(),
             segments_total: core.segments.count(),
             segments_used: core.segments.used_count(),
             segment_data_bytes: core.layout.data_size(),

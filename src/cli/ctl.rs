@@ -170,6 +170,7 @@ pub fn human_status(s: &Status) -> String {
     let pos = |p: &vhost_user_pcache::cache::status::LogPosition| {
         format!("{}:{} seq {}", p.seg, p.off, p.seq)
     };
+    line("persistence", c.persistence.clone());
     line(
         "segments",
         format!("{} used of {}", c.segments_used, c.segments_total),
