@@ -61,7 +61,8 @@ pub struct Args {
     #[arg(long)]
     pub generation: Option<u64>,
 
-    /// Issue a flush after every N writes on each queue (0: never).
+    /// Issue a flush after every N writes on each queue (0: never), and one more once the
+    /// queue's last write completed, so every completed write of the run is covered by a flush.
     #[arg(long, default_value_t = 0)]
     pub flush_every: u64,
 

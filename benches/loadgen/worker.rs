@@ -168,6 +168,9 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
     let mut failed_writes = HashSet::new();
     let mut writes_since_flush = 0u64;
     let mut flush_due = false;
+    // A write completed since the last flush was submitted: with --flush-every, one more flush
+    // at the end covers it, so every completed write of the run is flushed.
+    let mut unflushed_completions = false;
     let mut exhausted = false;
     let started = Instant::now();
     let deadline = started + job.runtime;
@@ -175,8 +178,10 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
 
     loop {
         let submitting = !exhausted && Instant::now() < deadline;
-        if submitting && flush_due && in_flight[flush_slot].is_none() {
+        let final_flush = !submitting && busy == 0 && job.flush_every > 0 && unflushed_completions;
+        if (submitting && flush_due || final_flush) && in_flight[flush_slot].is_none() {
             flush_due = false;
+            unflushed_completions = false;
             in_flight[flush_slot] = Some(InFlight {
                 op: Op::Flush,
                 offset: 0,
@@ -273,6 +278,9 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
                     failed_writes.insert(request.visit_index);
                 }
                 continue;
+            }
+            if request.op == Op::Write {
+                unflushed_completions = true;
             }
             let op_stats = stats.op(request.op);
             op_stats.latency.record(latency_ns);
