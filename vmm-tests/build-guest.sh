@@ -5,6 +5,11 @@
 #
 #   build-guest.sh [OUTDIR]     (default: vmm-tests/work/guest)
 #
+# For the DAX test (tests/vm_dax.rs) the image also holds the NVDIMM and
+# device DAX modules (loaded only by /dax-init, listed in
+# /etc/vmtest-dax-modules), ndctl and mkfs.ext4 with their libraries, and
+# /dax-init, which the kernel runs instead of /init with rdinit=/dax-init.
+#
 # Produces OUTDIR/vmlinuz and OUTDIR/initramfs.cpio.gz. Rebuilds only when
 # an input changed (this script, the guest files, the kernel, the modules,
 # busybox, fio or its libraries). VMTEST_KERNEL=/boot/vmlinuz-... picks a
@@ -23,6 +28,7 @@ need() {
     }
 }
 for tool in busybox fio cpio gzip modprobe ldd; do need "$tool"; done
+for tool in ndctl mke2fs; do need "$tool"; done
 
 kernel=${VMTEST_KERNEL:-}
 if [[ -z "$kernel" ]]; then
@@ -50,6 +56,19 @@ for name in virtio_pci virtio_blk; do
     done < <(modprobe -S "$kver" --show-depends "$name")
 done
 
+# The DAX test's modules, kept apart from the list /init loads. `-C /dev/null`
+# ignores /etc/modprobe.d: ndctl's package turns libnvdimm into an "install"
+# rule there, which --show-depends would print instead of the module.
+dax_modules=()
+for name in nfit nd_pmem dax_pmem device_dax; do
+    while read -r verb path _; do
+        [[ "$verb" == insmod ]] || continue
+        seen=0
+        for m in "${dax_modules[@]+"${dax_modules[@]}"}"; do [[ "$m" == "$path" ]] && seen=1; done
+        [[ $seen -eq 1 ]] || dax_modules+=("$path")
+    done < <(modprobe -C /dev/null -S "$kver" --show-depends "$name")
+done
+
 fio_bin=$(command -v fio)
 busybox_bin=$(command -v busybox)
 if ldd "$busybox_bin" >/dev/null 2>&1; then
@@ -57,11 +76,16 @@ if ldd "$busybox_bin" >/dev/null 2>&1; then
     exit 1
 fi
 # Every library the loader will need, as the paths ldd resolved them to.
-mapfile -t libs < <(ldd "$fio_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
+ndctl_bin=$(command -v ndctl)
+mke2fs_bin=$(command -v mke2fs)
+mapfile -t libs < <(ldd "$fio_bin" "$ndctl_bin" "$mke2fs_bin" |
+    awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $1 !~ /:$/ {print $1}' | sort -u)
 
 fingerprint() {
     sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here/guest/disk-verify.fio"
-    for f in "$kernel" "${modules[@]}" "$busybox_bin" "$fio_bin" "${libs[@]}"; do
+    sha256sum "$here/guest/dax-init"
+    for f in "$kernel" "${modules[@]}" "$busybox_bin" "$fio_bin" "${libs[@]}" \
+        "${dax_modules[@]}" "$ndctl_bin" "$mke2fs_bin"; do
         stat -L -c '%n %s %Y' "$f"
     done
 }
@@ -85,8 +109,9 @@ cp "$here/guest/init" "$root/init"
 chmod 755 "$root/init"
 cp "$here/guest/disk-verify.fio" "$root/etc/disk-verify.fio"
 
-: >"$root/etc/vmtest-modules"
-for path in "${modules[@]}"; do
+# Copies module file $1 into /modules, uncompressed, and appends its name to list $2.
+add_module() {
+    local path=$1 list=$2 base
     base=$(basename "$path")
     case "$base" in
         *.ko.xz)  xz -dc "$path" >"$root/modules/${base%.xz}";   base=${base%.xz} ;;
@@ -95,8 +120,19 @@ for path in "${modules[@]}"; do
         *.ko)     cp "$path" "$root/modules/$base" ;;
         *) echo "build-guest: unexpected module file $path" >&2; exit 1 ;;
     esac
-    echo "$base" >>"$root/etc/vmtest-modules"
-done
+    echo "$base" >>"$list"
+}
+: >"$root/etc/vmtest-modules"
+for path in "${modules[@]}"; do add_module "$path" "$root/etc/vmtest-modules"; done
+
+# The DAX test's guest side: its own PID 1, modules, ndctl and mkfs.ext4.
+cp "$here/guest/dax-init" "$root/dax-init"
+chmod 755 "$root/dax-init"
+: >"$root/etc/vmtest-dax-modules"
+for path in "${dax_modules[@]}"; do add_module "$path" "$root/etc/vmtest-dax-modules"; done
+cp "$ndctl_bin" "$root/usr/bin/ndctl"
+cp "$mke2fs_bin" "$root/usr/bin/mkfs.ext4"
+[[ ! -f /etc/mke2fs.conf ]] || cp /etc/mke2fs.conf "$root/etc/mke2fs.conf"
 
 cp "$fio_bin" "$root/usr/bin/fio"
 libdirs=()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the QEMU guest tests need on Debian 12: a VMM, the cloud
-# kernel the guest boots, and the guest's userland (busybox, fio); and the
-# tools the packaging test runs (systemd-analyze, man).
+# kernel the guest boots, and the guest's userland (busybox, fio, ndctl,
+# mkfs.ext4); and the tools the packaging test runs (systemd-analyze, man).
 # Idempotent: when every package is already installed it returns without
 # touching the network.
 set -euo pipefail
@@ -21,6 +21,9 @@ packages=(
     coreutils                # timeout
     gcc                      # the linker cargo drives
     libc6-dev
+    ndctl                    # the DAX guest test makes its namespaces with it
+    e2fsprogs                # ... and ext4 (mkfs.ext4) on them and on its disk
+    binutils                 # ... and strips the binaries it copies in (objcopy)
     systemd                  # systemd-analyze verify checks the packaged unit
     man-db                   # ... and the man page its Documentation= names
 )
