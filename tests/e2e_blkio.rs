@@ -227,6 +227,35 @@ fn pmem_persistence_path_survives_sigkill() {
 }
 
 #[test]
+fn pmem_persistence_on_a_file_without_dax_is_refused_with_one_clear_message() {
+    let dir = TestDir::new();
+    let image = dir.create_image(IMAGE_SIZE);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+        .arg("serve")
+        .arg("--socket")
+        .arg(dir.socket())
+        .arg("--backing")
+        .arg(&image)
+        .args(["--persistence", "pmem"])
+        // Another test of this binary sets it for the whole process.
+        .env_remove("VHOST_USER_PCACHE_EMULATE_PMEM")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run vhost-user-pcache serve");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "pmem on a plain file was accepted:\n{stderr}"
+    );
+    let reason = "not on a DAX filesystem (MAP_SYNC refused); use msync";
+    assert_eq!(
+        stderr.matches(reason).count(),
+        1,
+        "the reason should be given once:\n{stderr}"
+    );
+}
+
+#[test]
 fn cache_serves_what_the_image_already_holds() {
     let dir = TestDir::new();
     let image = dir.create_image(IMAGE_SIZE);

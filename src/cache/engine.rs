@@ -43,16 +43,17 @@ pub struct CacheOptions {
     pub drain_on_shutdown: bool,
 }
 
-/// Errors opening a cache.
+/// Errors opening a cache. The variants with a `source` do not repeat it in their message:
+/// `{:#}` of an error chain prints each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache media {path}: {source}")]
+    #[error("cache media {path}")]
     Media {
         path: PathBuf,
         #[source]
         source: media::MediaError,
     },
-    #[error("cache {path}: {source}")]
+    #[error("cache {path}")]
     Format {
         path: PathBuf,
         #[source]

@@ -126,7 +126,14 @@ fn a_cache_refuses_another_backing_image() {
         Err(e) => e,
     };
     assert!(matches!(err, CacheError::Format { .. }), "{err}");
-    assert!(err.to_string().contains("another backing image"), "{err}");
+    let cause = std::error::Error::source(&err).map(ToString::to_string);
+    assert!(
+        cause
+            .as_deref()
+            .unwrap_or("")
+            .contains("another backing image"),
+        "{err}: {cause:?}"
+    );
 }
 
 #[test]
