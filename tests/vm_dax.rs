@@ -10,7 +10,8 @@
 //!    restarts, replays and reads everything back; a second generation is written, and QEMU
 //!    is killed with SIGKILL while the daemons run and the cache holds it dirty.
 //! 2. replay: each daemon replays its cache, the second generation reads back, `ctl drain`
-//!    puts it on the backing image, which a daemon without cache then reads back alone; a
+//!    puts it on the backing image, the offline `check` finds the cache clean, and a daemon
+//!    without cache reads the second generation back from the image alone; a
 //!    cache file on a non-DAX file system gets msync, and `--persistence pmem` there is
 //!    refused with a clear message.
 //!
@@ -209,6 +210,7 @@ fn guest_pmem_on_fsdax_and_devdax_survives_sigkill_and_power_cut() {
             "{medium}: the power cut left nothing to replay: {replayed}"
         );
         check_line(&replay, &format!("{medium} gen=2222 read verified"));
+        check_line(&replay, &format!("{medium} offline-check clean"));
         check_line(&replay, &format!("{medium} backing-alone verified"));
     }
     let msync = check_line(&replay, "msync persistence");
