@@ -84,6 +84,7 @@ mapfile -t libs < <(ldd "$fio_bin" "$ndctl_bin" "$mke2fs_bin" |
 fingerprint() {
     sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here/guest/disk-verify.fio"
     sha256sum "$here/guest/dax-init"
+    [[ ! -f /etc/mke2fs.conf ]] || sha256sum /etc/mke2fs.conf
     for f in "$kernel" "${modules[@]}" "$busybox_bin" "$fio_bin" "${libs[@]}" \
         "${dax_modules[@]}" "$ndctl_bin" "$mke2fs_bin"; do
         stat -L -c '%n %s %Y' "$f"
