@@ -344,3 +344,94 @@ fn config_file_errors_name_the_key() {
         assert!(err.contains(&format!("`{key}`")), "{text}: {err}");
     }
 }
+
+/// Runs the binary with exactly `args` (no `--control-socket` inserted after `ctl`).
+fn pcache(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vhost-user-pcache")
+}
+
+fn json_stdout(args: &[&str], out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?} printed no JSON ({e}): {:?}", out.stdout))
+}
+
+/// `--control-socket` and `--json` belong to `ctl` but are typed after the command as often as
+/// before it (`ctl status --json`, as with systemctl or kubectl): every placement means the same.
+#[test]
+fn ctl_options_before_or_after_the_command() {
+    let dir = TestDir::new();
+    let _daemon = start(&dir, &[]);
+    let sock = control(&dir);
+    let sock = sock.to_str().unwrap();
+
+    for args in [
+        ["ctl", "--control-socket", sock, "--json", "status"],
+        ["ctl", "--control-socket", sock, "status", "--json"],
+        ["ctl", "--json", "status", "--control-socket", sock],
+        ["ctl", "status", "--json", "--control-socket", sock],
+        ["ctl", "status", "--control-socket", sock, "--json"],
+    ] {
+        let status = json_stdout(&args, &pcache(&args));
+        assert_eq!(status["engine"], "pcache", "{args:?}: {status}");
+        assert!(status["cache"]["gc_percent"].is_u64(), "{args:?}: {status}");
+    }
+
+    // A nested command takes them after its own arguments too.
+    let args = [
+        "ctl",
+        "set",
+        "gc-percent",
+        "45",
+        "--control-socket",
+        sock,
+        "--json",
+    ];
+    assert_eq!(json_stdout(&args, &pcache(&args))["ok"], true);
+    let args = ["ctl", "status", "--control-socket", sock, "--json"];
+    assert_eq!(
+        json_stdout(&args, &pcache(&args))["cache"]["gc_percent"],
+        45
+    );
+
+    // Without --json after the command, the answer stays for people.
+    let human = pcache(&["ctl", "status", "--control-socket", sock]);
+    assert!(human.status.success());
+    let human = String::from_utf8(human.stdout).unwrap();
+    assert!(human.starts_with("engine"), "{human}");
+    assert!(serde_json::from_str::<Value>(&human).is_err());
+
+    // Both placements of the same option: the last one wins, as for any clap option.
+    let out = pcache(&[
+        "ctl",
+        "--control-socket",
+        "/nonexistent/x.ctl",
+        "status",
+        "--control-socket",
+        sock,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn ctl_without_a_control_socket_says_so() {
+    for args in [&["ctl", "status"][..], &["ctl", "status", "--json"][..]] {
+        let out = pcache(args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--control-socket"), "{args:?}: {err}");
+    }
+}

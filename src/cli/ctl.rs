@@ -9,14 +9,17 @@ use clap::{Args, Subcommand};
 
 use vhost_user_pcache::control::{Request, Response, Status};
 
+// The two options are global so they may also follow the command, as in `ctl status --json`.
+// clap cannot make a global option required, so `run` asks for the socket itself.
 #[derive(Args, Debug)]
 pub struct CtlArgs {
-    /// The daemon's control socket (`serve --control-socket PATH`)
-    #[arg(long, value_name = "PATH")]
-    control_socket: PathBuf,
+    /// The daemon's control socket (`serve --control-socket PATH`); required, before or after
+    /// the command
+    #[arg(long, value_name = "PATH", global = true)]
+    control_socket: Option<PathBuf>,
 
-    /// Print the daemon's answer as JSON, for scripts
-    #[arg(long)]
+    /// Print the daemon's answer as JSON, for scripts (before or after the command)
+    #[arg(long, global = true)]
     json: bool,
 
     #[command(subcommand)]
@@ -99,7 +102,11 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
 }
 
 pub fn run(args: &CtlArgs) -> Result<()> {
-    let response = call(&args.control_socket, &args.command.request())?;
+    let socket = args
+        .control_socket
+        .as_deref()
+        .ok_or_else(|| anyhow!("ctl needs --control-socket PATH, the daemon's control socket"))?;
+    let response = call(socket, &args.command.request())?;
     if !response.ok {
         bail!(
             "the daemon refused: {}",
