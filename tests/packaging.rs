@@ -1,6 +1,7 @@
 //! The packaged files agree with the program: the systemd unit passes `systemd-analyze
 //! verify`, the daemon tells systemd when it is ready, the committed manual page is what the
-//! CLI generates, and the example configuration names every `serve` flag.
+//! CLI generates, the example configuration names every `serve` flag, and the maintainer
+//! scripts work in a root without a running systemd.
 
 use std::collections::BTreeSet;
 use std::io::ErrorKind;
@@ -245,4 +246,62 @@ fn sysusers_and_tmpfiles_create_the_service_user_and_directories() {
     assert_eq!((state.uid(), state.gid()), (uid, 4242));
     assert_eq!(state.permissions().mode() & 0o7777, 0o750);
     assert!(root.path().join("etc/vhost-user-pcache").is_dir());
+}
+
+/// Runs a maintainer script from `packaging/systemd` with `DPKG_ROOT` at `root`, as dpkg does
+/// for an installation into another root.
+fn maintainer_script(name: &str, arg: &str, root: &Path) -> Output {
+    run(Command::new("sh")
+        .arg(repo_file(&format!("packaging/systemd/{name}")))
+        .arg(arg)
+        .env("DPKG_ROOT", root))
+}
+
+#[test]
+fn postinst_creates_the_directories_and_purge_removes_only_empty_ones() {
+    use std::os::unix::fs::PermissionsExt;
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::write(r.join("etc/group"), "kvm:x:4242:\n").unwrap();
+    // What the package installs and cargo-deb's sysusers fragment applies before our part.
+    std::fs::create_dir_all(r.join("usr/lib/tmpfiles.d")).unwrap();
+    std::fs::write(
+        r.join("usr/lib/tmpfiles.d/vhost-user-pcache.conf"),
+        read_repo_file("packaging/systemd/vhost-user-pcache.tmpfile"),
+    )
+    .unwrap();
+    let sysusers = read_repo_file("packaging/systemd/vhost-user-pcache.sysusers");
+    assert!(systemd_tool_in_root("systemd-sysusers", &[], r, &sysusers)
+        .status
+        .success());
+
+    // No systemd runs here, as in a container: the directories must be created all the same.
+    let out = maintainer_script("postinst", "configure", r);
+    assert!(out.status.success(), "postinst configure: {out:?}");
+    let state = r.join("var/lib/vhost-user-pcache");
+    let config = r.join("etc/vhost-user-pcache");
+    assert_eq!(
+        std::fs::metadata(&state).unwrap().permissions().mode() & 0o7777,
+        0o750
+    );
+    assert!(config.is_dir());
+
+    let out = maintainer_script("postrm", "remove", r);
+    assert!(out.status.success(), "postrm remove: {out:?}");
+    assert!(
+        state.is_dir() && config.is_dir(),
+        "remove keeps the directories"
+    );
+
+    // An image the operator keeps in the state directory survives a purge.
+    std::fs::write(state.join("vm1.img"), b"disk").unwrap();
+    let out = maintainer_script("postrm", "purge", r);
+    assert!(out.status.success(), "postrm purge: {out:?}");
+    assert!(!config.exists(), "purge leaves the empty {config:?}");
+    assert_eq!(std::fs::read(state.join("vm1.img")).unwrap(), b"disk");
+
+    std::fs::remove_file(state.join("vm1.img")).unwrap();
+    assert!(maintainer_script("postrm", "purge", r).status.success());
+    assert!(!state.exists(), "purge leaves the empty {state:?}");
 }
