@@ -100,12 +100,22 @@ impl QueueWorker {
         mem: &GuestMemAtomic,
     ) -> io::Result<()> {
         loop {
-            let ready = vring.get_ref().get_queue().ready();
+            // A ring the frontend disabled (SET_VRING_ENABLE 0) keeps its popped requests but
+            // gives out no new ones until it is enabled again.
+            let ready = {
+                let state = vring.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            };
             if ready {
                 vring.disable_notification().map_err(queue_error)?;
             }
             let mut completed = self.reap(vring, queue);
-            completed |= self.resubmit_stalled(vring, queue);
+            if self.stalled.is_some() {
+                completed |= self.resubmit_stalled(vring, queue);
+                // Reap on the thread that submitted: an engine may record what a submission
+                // must persist per thread (msync mode) and fence it only in that thread's reap.
+                completed |= self.reap(vring, queue);
+            }
             if ready && self.stalled.is_none() {
                 // One snapshot per batch: a memory-table update between batches is picked up.
                 let snapshot = mem.memory().into_inner();
