@@ -16,6 +16,7 @@ use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::backend::BlkBackend;
 use crate::engine::{Engine, EngineError};
@@ -149,7 +150,7 @@ pub fn run_with_state(
     crate::notify::ready();
 
     let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
+    let connection: Arc<Mutex<Option<Connection>>> = Arc::new(Mutex::new(None));
     spawn_signal_watcher(signal.fd(), stopping.clone(), connection.clone())?;
 
     let mut result = Ok(());
@@ -191,7 +192,7 @@ fn serve_connection(
     info: &DeviceInfo,
     listener: &mut Listener,
     stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
+    connection: &Mutex<Option<Connection>>,
     state: &ConnectionState,
 ) -> Result<(), Error> {
     let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
@@ -211,11 +212,31 @@ fn serve_connection(
         .map_err(|e| Error::Daemon(format!("accepting a connection: {e}")))?;
     info!("frontend connected");
     state.connect();
-    *lock(connection) = daemon.shutdown_handle();
+    *lock(connection) = daemon.shutdown_handle().map(|handle| Connection {
+        handle,
+        backend: backend.clone(),
+    });
     if stopping.load(Ordering::Acquire) {
+        backend.close();
         daemon.request_shutdown();
     }
-    let ended = daemon.wait();
+    let listener: &Listener = listener;
+    let over = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
+    let ended = std::thread::scope(|scope| {
+        if let Ok(over) = &over {
+            let refuser = std::thread::Builder::new()
+                .name("refuse-frontends".to_string())
+                .spawn_scoped(scope, || refuse_other_frontends(listener, over));
+            if let Err(e) = refuser {
+                warn!("cannot watch for a second frontend: {e}");
+            }
+        }
+        let ended = daemon.wait();
+        if let Ok(over) = &over {
+            let _ = over.write(1);
+        }
+        ended
+    });
     *lock(connection) = None;
     state.disconnect();
     match ended {
@@ -234,10 +255,43 @@ fn serve_connection(
     Ok(())
 }
 
+/// The connection being served, as the signal watcher needs it.
+struct Connection {
+    handle: ShutdownHandle,
+    backend: Arc<BlkBackend>,
+}
+
+/// How long a new connection waits for the current one to end before it is refused: a
+/// frontend that has just closed its connection (a reconnecting QEMU, a probe) is served next.
+const HANDOVER_GRACE_MS: i32 = 1000;
+
+/// Accepts and at once closes every connection made while a frontend is being served, so a
+/// second frontend gets an error instead of waiting forever for its first reply. Returns when
+/// `over` becomes readable.
+fn refuse_other_frontends(listener: &Listener, over: &EventFd) {
+    use std::os::fd::AsRawFd;
+    while let Some(0) = poll_readable(&[listener.as_raw_fd(), over.as_raw_fd()], -1) {
+        if poll_readable(&[over.as_raw_fd()], HANDOVER_GRACE_MS).is_some() {
+            return;
+        }
+        match listener.accept() {
+            Ok(Some(stream)) => {
+                warn!("refused a second frontend: one is already connected to this disk");
+                drop(stream);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!("accepting a second frontend to refuse it: {e}");
+                return;
+            }
+        }
+    }
+}
+
 fn spawn_signal_watcher(
     signal_fd: std::os::fd::RawFd,
     stopping: Arc<AtomicBool>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
+    connection: Arc<Mutex<Option<Connection>>>,
 ) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("signal-watcher".to_string())
@@ -245,8 +299,13 @@ fn spawn_signal_watcher(
             poll_readable(&[signal_fd], -1);
             info!("stop requested by signal");
             stopping.store(true, Ordering::Release);
-            if let Some(handle) = lock(&connection).as_ref() {
-                handle.shutdown();
+            if let Some(connection) = lock(&connection).as_ref() {
+                // Graceful stop: take no new request and complete every popped one before the
+                // socket closes, so the frontend's used index is final when it sees the
+                // disconnect and a restarted daemon continues from exactly there.
+                connection.backend.close();
+                info!("requests in flight completed; closing the connection");
+                connection.handle.shutdown();
             }
         })
         .map(|_| ())
