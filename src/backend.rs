@@ -16,6 +16,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::engine::Engine;
+use crate::serve::WriteCacheChoice;
 use crate::virtio_blk::config::parse_config_write;
 use crate::virtio_blk::features::{
     device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
@@ -31,6 +32,7 @@ pub struct BlkBackend {
     max_queue_size: usize,
     mem: GuestMemAtomic,
     acked_features: AtomicU64,
+    write_cache: Arc<WriteCacheChoice>,
     /// Set once the connection is over: no queue is (re)started after that.
     closed: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
@@ -47,6 +49,7 @@ impl BlkBackend {
         info: DeviceInfo,
         max_queue_size: usize,
         mem: GuestMemAtomic,
+        write_cache: Arc<WriteCacheChoice>,
     ) -> Self {
         let info = Arc::new(info);
         let workers = (0..usize::from(info.num_queues))
@@ -58,6 +61,7 @@ impl BlkBackend {
             max_queue_size,
             mem,
             acked_features: AtomicU64::new(0),
+            write_cache,
             closed: AtomicBool::new(false),
             workers,
             epoll_handlers: Mutex::new(Vec::new()),
@@ -135,11 +139,18 @@ impl VhostUserBackend for BlkBackend {
         self.acked_features.store(features, Ordering::Release);
         info!("frontend acknowledged features {features:#x}");
         // Without FLUSH the driver can never ask for durability, so every write must be durable
-        // on completion; without CONFIG_WCE the driver cannot change the default.
-        if !has_feature(features, F_FLUSH) {
-            self.engine.set_write_cache(false);
+        // on completion; without CONFIG_WCE the driver cannot change the default; with both,
+        // the guest's own choice holds (QEMU acks a set without FLUSH before the driver's, so
+        // every ack must set the mode, not only the restrictive ones).
+        let write_cache = if !has_feature(features, F_FLUSH) {
+            false
         } else if !has_feature(features, F_CONFIG_WCE) {
-            self.engine.set_write_cache(true);
+            true
+        } else {
+            self.write_cache.chosen()
+        };
+        if write_cache != self.engine.write_cache() {
+            self.engine.set_write_cache(write_cache);
         }
     }
 
@@ -152,8 +163,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The guest's choice, not the engine's mode of the moment: QEMU reads the config once,
+        // possibly after acking a feature set without FLUSH (which makes the engine write
+        // through until the driver's own ack), and shows the guest that value for good.
         self.info
-            .config_slice(self.engine.write_cache(), offset, size)
+            .config_slice(self.write_cache.chosen(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -161,14 +175,16 @@ impl VhostUserBackend for BlkBackend {
             warn!("refusing config write: {e}");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
-        info!(
-            "guest set the write cache to {}",
-            if writeback {
-                "write-back"
-            } else {
-                "write-through"
-            }
-        );
+        let mode = if writeback {
+            "write-back"
+        } else {
+            "write-through"
+        };
+        self.write_cache.choose(writeback).map_err(|e| {
+            warn!("refusing the guest's write-cache change to {mode}: {e}");
+            io::Error::other(e)
+        })?;
+        info!("guest set the write cache to {mode}");
         self.engine.set_write_cache(writeback);
         Ok(())
     }

@@ -7,6 +7,7 @@
 //! second frontend's memory regions overlap stale ones.
 
 pub(crate) mod shutdown;
+pub mod state_file;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +24,7 @@ use crate::engine::{Engine, EngineError};
 use crate::poll::poll_readable;
 use crate::virtio_blk::{DeviceInfo, GuestMemAtomic};
 pub use shutdown::ShutdownSignal;
+pub use state_file::{StateFile, StateFileError, WriteCacheChoice};
 
 /// Most queues a vhost-user-backend daemon can run (one bit per queue in a u64 mask).
 pub const MAX_QUEUES: u16 = 64;
@@ -40,6 +42,9 @@ pub struct ServeConfig {
     pub max_queue_size: u16,
     /// GET_ID answer, truncated to 20 bytes.
     pub serial: String,
+    /// Where the guest's write-cache choice is kept across restarts; without one it lasts
+    /// only as long as the process.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Whether a frontend is connected, and how many have been; the serve loop updates it and the
@@ -86,6 +91,8 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error("engine shutdown failed: {0}")]
     EngineShutdown(#[source] EngineError),
+    #[error(transparent)]
+    State(#[from] StateFileError),
 }
 
 impl ServeConfig {
@@ -126,6 +133,10 @@ pub fn run_with_state(
     state: &ConnectionState,
 ) -> Result<(), Error> {
     config.validate(engine.as_ref())?;
+    let write_cache = Arc::new(WriteCacheChoice::load(
+        config.state_file.clone().map(StateFile::new),
+    )?);
+    engine.set_write_cache(write_cache.chosen());
     let signal = ShutdownSignal::install().map_err(Error::Signals)?;
     let info = DeviceInfo::new(
         engine.capacity(),
@@ -147,6 +158,15 @@ pub fn run_with_state(
         config.serial,
         if engine.write_cache() { "on" } else { "off" },
     );
+    match write_cache.file() {
+        Some(file) => info!(
+            "the guest's write-cache choice is kept in {}",
+            file.path().display()
+        ),
+        None => warn!(
+            "no state file: a write-cache choice of the guest is lost when the daemon restarts              (give --state-file)"
+        ),
+    }
     crate::notify::ready();
 
     let stopping = Arc::new(AtomicBool::new(false));
@@ -164,6 +184,7 @@ pub fn run_with_state(
         if let Err(e) = serve_connection(
             config,
             &engine,
+            &write_cache,
             &info,
             &mut listener,
             &stopping,
@@ -186,9 +207,11 @@ pub fn run_with_state(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve_connection(
     config: &ServeConfig,
     engine: &Arc<dyn Engine>,
+    write_cache: &Arc<WriteCacheChoice>,
     info: &DeviceInfo,
     listener: &mut Listener,
     stopping: &AtomicBool,
@@ -201,6 +224,7 @@ fn serve_connection(
         info.clone(),
         usize::from(config.max_queue_size),
         mem.clone(),
+        write_cache.clone(),
     ));
     let mut daemon = VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)
         .map_err(|e| Error::Daemon(e.to_string()))?;

@@ -60,7 +60,7 @@ fi
 mapfile -t libs < <(ldd "$fio_bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | sort -u)
 
 fingerprint() {
-    sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here/guest/disk-verify.fio"
+    sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here"/guest/*.fio
     for f in "$kernel" "${modules[@]}" "$busybox_bin" "$fio_bin" "${libs[@]}"; do
         stat -L -c '%n %s %Y' "$f"
     done
@@ -83,7 +83,7 @@ mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,modules,usr/bin}
 cp "$busybox_bin" "$root/bin/busybox"
 cp "$here/guest/init" "$root/init"
 chmod 755 "$root/init"
-cp "$here/guest/disk-verify.fio" "$root/etc/disk-verify.fio"
+cp "$here"/guest/*.fio "$root/etc/"
 
 : >"$root/etc/vmtest-modules"
 for path in "${modules[@]}"; do
