@@ -21,6 +21,7 @@ use crate::virtio_blk::config::parse_config_write;
 use crate::virtio_blk::features::{
     device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
 };
+use crate::virtio_blk::inflight::InflightArea;
 use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, QueueWorker, Vring};
 
 /// The epoll handler type of a daemon running this backend.
@@ -33,6 +34,8 @@ pub struct BlkBackend {
     mem: GuestMemAtomic,
     acked_features: AtomicU64,
     write_cache: Arc<WriteCacheChoice>,
+    /// The frontend's inflight area (SET_INFLIGHT_FD), taken by each queue when it starts.
+    inflight: Mutex<Option<Arc<InflightArea>>>,
     /// Set once the connection is over: no queue is (re)started after that.
     closed: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
@@ -62,10 +65,22 @@ impl BlkBackend {
             mem,
             acked_features: AtomicU64::new(0),
             write_cache,
+            inflight: Mutex::new(None),
             closed: AtomicBool::new(false),
             workers,
             epoll_handlers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Installs the inflight area the frontend handed over; queues started from now on track
+    /// their requests in it (and resubmit what it says a previous daemon left in flight).
+    pub fn set_inflight(&self, area: InflightArea) {
+        info!(
+            "inflight area for {} queues of {} entries",
+            area.num_queues(),
+            area.queue_size()
+        );
+        *lock(&self.inflight) = Some(Arc::new(area));
     }
 
     /// Hands over the daemon's epoll handlers (one per vring thread) once it exists.
@@ -245,8 +260,16 @@ impl VhostUserBackend for BlkBackend {
             let vring = vrings
                 .first()
                 .ok_or_else(|| io::Error::other("vring thread without a vring"))?;
+            let inflight = || {
+                let area = lock(&self.inflight).clone()?;
+                let view = area.queue_view(u16::try_from(thread_id).ok()?);
+                if view.is_none() {
+                    warn!("queue {thread_id} is outside the inflight area: not tracked");
+                }
+                view
+            };
             let new_fds = worker
-                .start(vring)
+                .start(vring, inflight, &self.mem)
                 .map_err(|e| io::Error::other(format!("queue {thread_id}: {e}")))?;
             if let Some(fds) = new_fds {
                 self.register_poll_fds(thread_id, &fds)?;

@@ -179,7 +179,10 @@ impl<'a> Rig<'a> {
         });
         let info = Arc::new(DeviceInfo::new(DISK as u64, false, 1, "double"));
         let mut worker = QueueWorker::new(0, engine, info);
-        let fds = worker.start(&vring).unwrap().expect("first start opens");
+        let fds = worker
+            .start(&vring, || None, &atomic)
+            .unwrap()
+            .expect("first start opens");
         assert_eq!(fds.len(), 1);
         Rig {
             mem,
@@ -299,7 +302,11 @@ fn stop_drains_requests_in_flight() {
     assert_eq!(rig.used().len(), 2);
     assert_eq!(rig.worker.in_flight(), 0);
     // Restarting opens a new engine queue.
-    assert!(rig.worker.start(&rig.vring).unwrap().is_some());
+    assert!(rig
+        .worker
+        .start(&rig.vring, || None, &rig.atomic)
+        .unwrap()
+        .is_some());
 }
 
 #[test]
