@@ -186,10 +186,15 @@ impl QueueWorker {
                 // One snapshot per batch: a memory-table update between batches is picked up.
                 let snapshot = mem.memory().into_inner();
                 while self.stalled.is_none() {
-                    let chain = vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .pop_descriptor_chain(snapshot.clone());
+                    let chain = {
+                        // Checked under the vring's lock: the frontend may stop or disable the
+                        // ring meanwhile (popping a stopped ring only logs an error).
+                        let mut state = vring.get_mut();
+                        if !state.get_queue().ready() || !state.is_enabled() {
+                            break;
+                        }
+                        state.get_queue_mut().pop_descriptor_chain(snapshot.clone())
+                    };
                     let Some(chain) = chain else { break };
                     if let Some(inflight) = &self.inflight {
                         inflight.popped(chain.head_index(), self.pop_counter);
