@@ -2,13 +2,16 @@
 //! per-queue workers. It takes `&self` everywhere (each queue worker has its own lock), so the
 //! vring threads run in parallel instead of taking turns on one backend lock.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+};
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -16,10 +19,12 @@ use vmm_sys_util::event::{
 };
 
 use crate::engine::Engine;
+use crate::serve::WriteCacheChoice;
 use crate::virtio_blk::config::parse_config_write;
 use crate::virtio_blk::features::{
     device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
 };
+use crate::virtio_blk::inflight::InflightArea;
 use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, QueueWorker, Vring};
 
 /// The epoll handler type of a daemon running this backend.
@@ -31,6 +36,11 @@ pub struct BlkBackend {
     max_queue_size: usize,
     mem: GuestMemAtomic,
     acked_features: AtomicU64,
+    write_cache: Arc<WriteCacheChoice>,
+    /// The frontend's inflight area (SET_INFLIGHT_FD), taken by each queue when it starts.
+    inflight: Mutex<Option<Arc<InflightArea>>>,
+    /// Why the last device state transfer failed, for CHECK_DEVICE_STATE.
+    state_error: Mutex<Option<String>>,
     /// Set once the connection is over: no queue is (re)started after that.
     closed: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
@@ -47,6 +57,7 @@ impl BlkBackend {
         info: DeviceInfo,
         max_queue_size: usize,
         mem: GuestMemAtomic,
+        write_cache: Arc<WriteCacheChoice>,
     ) -> Self {
         let info = Arc::new(info);
         let workers = (0..usize::from(info.num_queues))
@@ -58,10 +69,24 @@ impl BlkBackend {
             max_queue_size,
             mem,
             acked_features: AtomicU64::new(0),
+            write_cache,
+            inflight: Mutex::new(None),
+            state_error: Mutex::new(None),
             closed: AtomicBool::new(false),
             workers,
             epoll_handlers: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Installs the inflight area the frontend handed over; queues started from now on track
+    /// their requests in it (and resubmit what it says a previous daemon left in flight).
+    pub fn set_inflight(&self, area: InflightArea) {
+        info!(
+            "inflight area for {} queues of {} entries",
+            area.num_queues(),
+            area.queue_size()
+        );
+        *lock(&self.inflight) = Some(Arc::new(area));
     }
 
     /// Hands over the daemon's epoll handlers (one per vring thread) once it exists.
@@ -135,11 +160,18 @@ impl VhostUserBackend for BlkBackend {
         self.acked_features.store(features, Ordering::Release);
         info!("frontend acknowledged features {features:#x}");
         // Without FLUSH the driver can never ask for durability, so every write must be durable
-        // on completion; without CONFIG_WCE the driver cannot change the default.
-        if !has_feature(features, F_FLUSH) {
-            self.engine.set_write_cache(false);
+        // on completion; without CONFIG_WCE the driver cannot change the default; with both,
+        // the guest's own choice holds (QEMU acks a set without FLUSH before the driver's, so
+        // every ack must set the mode, not only the restrictive ones).
+        let write_cache = if !has_feature(features, F_FLUSH) {
+            false
         } else if !has_feature(features, F_CONFIG_WCE) {
-            self.engine.set_write_cache(true);
+            true
+        } else {
+            self.write_cache.chosen()
+        };
+        if write_cache != self.engine.write_cache() {
+            self.engine.set_write_cache(write_cache);
         }
     }
 
@@ -152,8 +184,11 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The guest's choice, not the engine's mode of the moment: QEMU reads the config once,
+        // possibly after acking a feature set without FLUSH (which makes the engine write
+        // through until the driver's own ack), and shows the guest that value for good.
         self.info
-            .config_slice(self.engine.write_cache(), offset, size)
+            .config_slice(self.write_cache.chosen(), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -161,14 +196,16 @@ impl VhostUserBackend for BlkBackend {
             warn!("refusing config write: {e}");
             io::Error::new(io::ErrorKind::InvalidInput, e)
         })?;
-        info!(
-            "guest set the write cache to {}",
-            if writeback {
-                "write-back"
-            } else {
-                "write-through"
-            }
-        );
+        let mode = if writeback {
+            "write-back"
+        } else {
+            "write-through"
+        };
+        self.write_cache.choose(writeback).map_err(|e| {
+            warn!("refusing the guest's write-cache change to {mode}: {e}");
+            io::Error::other(e)
+        })?;
+        info!("guest set the write cache to {mode}");
         self.engine.set_write_cache(writeback);
         Ok(())
     }
@@ -190,6 +227,35 @@ impl VhostUserBackend for BlkBackend {
             Err(e) => {
                 warn!("cannot create a vring thread exit event: {e}");
                 None
+            }
+        }
+    }
+
+    fn set_device_state_fd(
+        &self,
+        direction: VhostTransferStateDirection,
+        phase: VhostTransferStatePhase,
+        file: File,
+    ) -> io::Result<Option<File>> {
+        // The device's state is the rings' positions, which the frontend reads itself
+        // (GET_VRING_BASE): stopping a ring completes every request popped from it, so nothing
+        // is in flight to carry over. The state blob is empty: closing `file` ends it when
+        // saving; when loading, the frontend's (empty) blob is not read.
+        let busy: usize = self.workers.iter().map(|w| lock(w).in_flight()).sum();
+        *lock(&self.state_error) = (busy > 0).then(|| {
+            format!("{busy} requests still in flight while the device state was transferred")
+        });
+        info!("device state transfer ({direction:?}, {phase:?}): empty state");
+        drop(file);
+        Ok(None)
+    }
+
+    fn check_device_state(&self) -> io::Result<()> {
+        match lock(&self.state_error).take() {
+            None => Ok(()),
+            Some(e) => {
+                warn!("device state transfer failed: {e}");
+                Err(io::Error::other(e))
             }
         }
     }
@@ -229,8 +295,16 @@ impl VhostUserBackend for BlkBackend {
             let vring = vrings
                 .first()
                 .ok_or_else(|| io::Error::other("vring thread without a vring"))?;
+            let inflight = || {
+                let area = lock(&self.inflight).clone()?;
+                let view = area.queue_view(u16::try_from(thread_id).ok()?);
+                if view.is_none() {
+                    warn!("queue {thread_id} is outside the inflight area: not tracked");
+                }
+                view
+            };
             let new_fds = worker
-                .start(vring)
+                .start(vring, inflight, &self.mem)
                 .map_err(|e| io::Error::other(format!("queue {thread_id}: {e}")))?;
             if let Some(fds) = new_fds {
                 self.register_poll_fds(thread_id, &fds)?;

@@ -6,22 +6,32 @@
 //! the daemon cannot be reused (its owner flag is never reset) and a reused memory map makes a
 //! second frontend's memory regions overlap stale ones.
 
+mod inflight_messages;
+pub(crate) mod relay;
 pub(crate) mod shutdown;
+pub mod state_file;
 
-use std::path::PathBuf;
+use std::net::Shutdown;
+use std::os::fd::RawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use log::{info, warn};
 use vhost::vhost_user::{Error as VhostUserError, Listener};
-use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserDaemon};
+use vhost_user_backend::{Error as DaemonError, VhostUserDaemon};
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::backend::BlkBackend;
 use crate::engine::{Engine, EngineError};
 use crate::poll::poll_readable;
 use crate::virtio_blk::{DeviceInfo, GuestMemAtomic};
+use inflight_messages::InflightMessages;
+use relay::{relay, Ended};
 pub use shutdown::ShutdownSignal;
+pub use state_file::{StateFile, StateFileError, WriteCacheChoice};
 
 /// Most queues a vhost-user-backend daemon can run (one bit per queue in a u64 mask).
 pub const MAX_QUEUES: u16 = 64;
@@ -39,6 +49,9 @@ pub struct ServeConfig {
     pub max_queue_size: u16,
     /// GET_ID answer, truncated to 20 bytes.
     pub serial: String,
+    /// Where the guest's write-cache choice is kept across restarts; without one it lasts
+    /// only as long as the process.
+    pub state_file: Option<PathBuf>,
 }
 
 /// Whether a frontend is connected, and how many have been; the serve loop updates it and the
@@ -85,6 +98,8 @@ pub enum Error {
     Signals(#[source] std::io::Error),
     #[error("engine shutdown failed: {0}")]
     EngineShutdown(#[source] EngineError),
+    #[error(transparent)]
+    State(#[from] StateFileError),
 }
 
 impl ServeConfig {
@@ -125,6 +140,10 @@ pub fn run_with_state(
     state: &ConnectionState,
 ) -> Result<(), Error> {
     config.validate(engine.as_ref())?;
+    let write_cache = Arc::new(WriteCacheChoice::load(
+        config.state_file.clone().map(StateFile::new),
+    )?);
+    engine.set_write_cache(write_cache.chosen());
     let signal = ShutdownSignal::install().map_err(Error::Signals)?;
     let info = DeviceInfo::new(
         engine.capacity(),
@@ -146,11 +165,17 @@ pub fn run_with_state(
         config.serial,
         if engine.write_cache() { "on" } else { "off" },
     );
+    match write_cache.file() {
+        Some(file) => info!(
+            "the guest's write-cache choice is kept in {}",
+            file.path().display()
+        ),
+        None => warn!(
+            "no state file: a write-cache choice of the guest is lost when the daemon restarts \
+             (give --state-file)"
+        ),
+    }
     crate::notify::ready();
-
-    let stopping = Arc::new(AtomicBool::new(false));
-    let connection: Arc<Mutex<Option<ShutdownHandle>>> = Arc::new(Mutex::new(None));
-    spawn_signal_watcher(signal.fd(), stopping.clone(), connection.clone())?;
 
     let mut result = Ok(());
     loop {
@@ -160,19 +185,19 @@ pub fn run_with_state(
             Some(1) => {}
             _ => break,
         }
-        if let Err(e) = serve_connection(
+        let connection = Connection {
             config,
-            &engine,
-            &info,
-            &mut listener,
-            &stopping,
-            &connection,
+            engine: &engine,
+            write_cache: &write_cache,
+            info: &info,
+            signal_fd: signal.fd(),
             state,
-        ) {
+        };
+        if let Err(e) = connection.serve(&mut listener) {
             result = Err(e);
             break;
         }
-        if stopping.load(Ordering::Acquire) || signal.requested() {
+        if signal.requested() {
             break;
         }
     }
@@ -185,74 +210,143 @@ pub fn run_with_state(
     Ok(())
 }
 
-fn serve_connection(
-    config: &ServeConfig,
-    engine: &Arc<dyn Engine>,
-    info: &DeviceInfo,
-    listener: &mut Listener,
-    stopping: &AtomicBool,
-    connection: &Mutex<Option<ShutdownHandle>>,
-    state: &ConnectionState,
-) -> Result<(), Error> {
-    let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
-    let backend = Arc::new(BlkBackend::new(
-        engine.clone(),
-        info.clone(),
-        usize::from(config.max_queue_size),
-        mem.clone(),
-    ));
-    let mut daemon = VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)
-        .map_err(|e| Error::Daemon(e.to_string()))?;
-    let handlers = daemon.get_epoll_handlers();
-    backend.set_epoll_handlers(&handlers);
-
-    daemon
-        .start(listener)
-        .map_err(|e| Error::Daemon(format!("accepting a connection: {e}")))?;
-    info!("frontend connected");
-    state.connect();
-    *lock(connection) = daemon.shutdown_handle();
-    if stopping.load(Ordering::Acquire) {
-        daemon.request_shutdown();
-    }
-    let ended = daemon.wait();
-    *lock(connection) = None;
-    state.disconnect();
-    match ended {
-        Ok(())
-        | Err(DaemonError::HandleRequest(
-            VhostUserError::Disconnected | VhostUserError::PartialMessage,
-        )) => info!("frontend disconnected"),
-        Err(e) => warn!("connection ended with an error: {e}"),
-    }
-
-    for handler in &handlers {
-        handler.send_exit_event();
-    }
-    backend.close();
-    info!("requests of the connection finished");
-    Ok(())
+/// What serving one frontend connection needs.
+struct Connection<'a> {
+    config: &'a ServeConfig,
+    engine: &'a Arc<dyn Engine>,
+    write_cache: &'a Arc<WriteCacheChoice>,
+    info: &'a DeviceInfo,
+    /// Readable once SIGTERM or SIGINT arrived.
+    signal_fd: RawFd,
+    state: &'a ConnectionState,
 }
 
-fn spawn_signal_watcher(
-    signal_fd: std::os::fd::RawFd,
-    stopping: Arc<AtomicBool>,
-    connection: Arc<Mutex<Option<ShutdownHandle>>>,
-) -> Result<(), Error> {
-    std::thread::Builder::new()
-        .name("signal-watcher".to_string())
-        .spawn(move || {
-            poll_readable(&[signal_fd], -1);
-            info!("stop requested by signal");
-            stopping.store(true, Ordering::Release);
-            if let Some(handle) = lock(&connection).as_ref() {
-                handle.shutdown();
+impl Connection<'_> {
+    /// Serves the frontend waiting on `listener` until it leaves or a stop signal arrives.
+    fn serve(&self, listener: &mut Listener) -> Result<(), Error> {
+        let frontend = match listener.accept() {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(Error::Daemon(format!("accepting a connection: {e}"))),
+        };
+        let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
+        let backend = Arc::new(BlkBackend::new(
+            self.engine.clone(),
+            self.info.clone(),
+            usize::from(self.config.max_queue_size),
+            mem.clone(),
+            self.write_cache.clone(),
+        ));
+        let mut daemon =
+            VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)
+                .map_err(|e| Error::Daemon(e.to_string()))?;
+        let handlers = daemon.get_epoll_handlers();
+        backend.set_epoll_handlers(&handlers);
+
+        // The daemon talks to the relay, the relay to the frontend.
+        let (mut inner_listener, relay_end) = inner_connection(&self.config.socket)
+            .map_err(|e| Error::Daemon(format!("connecting the relay: {e}")))?;
+        daemon
+            .start(&mut inner_listener)
+            .map_err(|e| Error::Daemon(format!("starting the connection: {e}")))?;
+        info!("frontend connected");
+        self.state.connect();
+
+        let over = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC);
+        let listener: &Listener = listener;
+        let ended = std::thread::scope(|scope| {
+            if let Ok(over) = &over {
+                let refuser = std::thread::Builder::new()
+                    .name("refuse-frontends".to_string())
+                    .spawn_scoped(scope, || refuse_other_frontends(listener, over));
+                if let Err(e) = refuser {
+                    warn!("cannot watch for a second frontend: {e}");
+                }
             }
-        })
-        .map(|_| ())
-        .map_err(Error::Signals)
+            let inflight = InflightMessages {
+                backend: backend.as_ref(),
+            };
+            match relay(&frontend, &relay_end, self.signal_fd, &inflight) {
+                Ok(Ended::Stopped) => {
+                    info!("stop requested by signal");
+                    // Graceful stop: take no new request and complete every popped one before
+                    // the socket closes, so the frontend's used index is final when it sees the
+                    // disconnect and a restarted daemon continues from exactly there.
+                    backend.close();
+                    info!("requests in flight completed; closing the connection");
+                }
+                Ok(Ended::FrontendLeft) => {}
+                Err(e) => warn!("connection to the frontend failed: {e}"),
+            }
+            let _ = frontend.shutdown(Shutdown::Both);
+            let _ = relay_end.shutdown(Shutdown::Both);
+            let ended = daemon.wait();
+            if let Ok(over) = &over {
+                let _ = over.write(1);
+            }
+            ended
+        });
+        self.state.disconnect();
+        match ended {
+            Ok(())
+            | Err(DaemonError::HandleRequest(
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
+            )) => info!("frontend disconnected"),
+            Err(e) => warn!("connection ended with an error: {e}"),
+        }
+
+        for handler in &handlers {
+            handler.send_exit_event();
+        }
+        backend.close();
+        info!("requests of the connection finished");
+        Ok(())
+    }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// A connected pair for the daemon and the relay: the daemon crate accepts connections only
+/// from a listener, so one is bound in a private directory beside the socket, connected to and
+/// removed again.
+fn inner_connection(socket: &Path) -> std::io::Result<(Listener, UnixStream)> {
+    use std::os::unix::fs::DirBuilderExt;
+    let name = socket
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let dir = socket.with_file_name(format!(".{name}.{}.relay", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("s");
+    let bound = UnixListener::bind(&path).and_then(|l| Ok((l, UnixStream::connect(&path)?)));
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&dir);
+    let (listener, stream) = bound?;
+    Ok((Listener::from(listener), stream))
+}
+
+/// How long a new connection waits for the current one to end before it is refused: a
+/// frontend that has just closed its connection (a reconnecting QEMU, a probe) is served next.
+const HANDOVER_GRACE_MS: i32 = 1000;
+
+/// Accepts and at once closes every connection made while a frontend is being served, so a
+/// second frontend gets an error instead of waiting forever for its first reply. Returns when
+/// `over` becomes readable.
+fn refuse_other_frontends(listener: &Listener, over: &EventFd) {
+    use std::os::fd::AsRawFd;
+    while let Some(0) = poll_readable(&[listener.as_raw_fd(), over.as_raw_fd()], -1) {
+        if poll_readable(&[over.as_raw_fd()], HANDOVER_GRACE_MS).is_some() {
+            return;
+        }
+        match listener.accept() {
+            Ok(Some(stream)) => {
+                warn!("refused a second frontend: one is already connected to this disk");
+                drop(stream);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                warn!("accepting a second frontend to refuse it: {e}");
+                return;
+            }
+        }
+    }
 }

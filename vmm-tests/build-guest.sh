@@ -82,7 +82,7 @@ mapfile -t libs < <(ldd "$fio_bin" "$ndctl_bin" "$mke2fs_bin" |
     awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// && $1 !~ /:$/ {print $1}' | sort -u)
 
 fingerprint() {
-    sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here/guest/disk-verify.fio"
+    sha256sum "${BASH_SOURCE[0]}" "$here/guest/init" "$here"/guest/*.fio
     sha256sum "$here/guest/dax-init"
     [[ ! -f /etc/mke2fs.conf ]] || sha256sum /etc/mke2fs.conf
     for f in "$kernel" "${modules[@]}" "$busybox_bin" "$fio_bin" "${libs[@]}" \
@@ -108,7 +108,7 @@ mkdir -p "$root"/{bin,dev,etc,proc,sys,tmp,modules,usr/bin}
 cp "$busybox_bin" "$root/bin/busybox"
 cp "$here/guest/init" "$root/init"
 chmod 755 "$root/init"
-cp "$here/guest/disk-verify.fio" "$root/etc/disk-verify.fio"
+cp "$here"/guest/*.fio "$root/etc/"
 
 # Copies module file $1 into /modules, uncompressed, and appends its name to list $2.
 add_module() {

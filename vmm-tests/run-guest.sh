@@ -4,7 +4,8 @@
 # "VMTEST-RESULT: PASS".
 #
 #   run-guest.sh --socket SOCK [--mode write|verify-only] [--guest DIR]
-#                [--log FILE] [--timeout SECS] [--queues N]
+#                [--log FILE] [--timeout SECS] [--queues N] [--reconnect]
+#                [--job NAME] [--write-through]
 #
 #   --mode      write: write the region with checksummed blocks and verify
 #               them (default); verify-only: only read back and check what
@@ -13,6 +14,10 @@
 #   --log       guest serial console log (default GUEST/console.log)
 #   --timeout   hard limit for the whole boot in seconds (default 300)
 #   --queues    virtio-blk queues to request, and to expect in the guest (2)
+#   --reconnect QEMU reconnects to the socket when the backend goes away
+#               (chardev reconnect=1), so the backend can be restarted
+#   --job       fio job file of the guest to run (default disk-verify)
+#   --write-through  the guest turns the disk's write cache off before fio
 #
 # Environment: VMM_ACCEL=tcg (default) or kvm. TCG works everywhere; KVM is
 # much faster where (nested) virtualisation works. VMM_CPU overrides the CPU
@@ -27,8 +32,11 @@ guest=$here/work/guest
 log=""
 timeout_secs=${VMTEST_TIMEOUT:-300}
 queues=2
+reconnect=""
+job=disk-verify
+wce=""
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --socket) socket=$2; shift 2 ;;
@@ -37,6 +45,9 @@ while [[ $# -gt 0 ]]; do
         --log) log=$2; shift 2 ;;
         --timeout) timeout_secs=$2; shift 2 ;;
         --queues) queues=$2; shift 2 ;;
+        --reconnect) reconnect=",reconnect=1"; shift ;;
+        --job) job=$2; shift 2 ;;
+        --write-through) wce=" vmtest.wce=write-through"; shift ;;
         -h|--help) usage ;;
         *) echo "run-guest: unknown argument $1" >&2; usage ;;
     esac
@@ -60,6 +71,8 @@ case "$accel" in
     *) echo "run-guest: VMM_ACCEL must be tcg or kvm, not $accel" >&2; exit 2 ;;
 esac
 
+# no_timer_check: under TCG on a busy host the kernel's IO-APIC timer check can fail
+# ("IO-APIC + timer doesn't work") and panic the boot.
 # The guest's RAM must be shared memory: the backend maps it to reach the
 # virtqueues and the I/O buffers.
 mem=512M
@@ -74,8 +87,8 @@ timeout --kill-after=10 "$timeout_secs" \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
     -nodefaults -display none -monitor none -serial "file:$log" -no-reboot \
     -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 vmtest.mode=$mode vmtest.queues=$queues" \
-    -chardev "socket,id=c0,path=$socket" \
+    -append "console=ttyS0 panic=-1 loglevel=4 no_timer_check vmtest.mode=$mode vmtest.queues=$queues vmtest.job=$job$wce" \
+    -chardev "socket,id=c0,path=$socket$reconnect" \
     -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
 qemu_rc=$?
 set -e

@@ -16,7 +16,7 @@ use vhost_user_pcache::cache::format::MAX_GC_PERCENT;
 use vhost_user_pcache::cache::media::Persistence;
 
 /// Every key a config file may hold, in `--help` order.
-pub const KEYS: [&str; 14] = [
+pub const KEYS: [&str; 15] = [
     "socket",
     "backing",
     "create-backing",
@@ -31,6 +31,7 @@ pub const KEYS: [&str; 14] = [
     "gc-percent",
     "drain-on-exit",
     "control-socket",
+    "state-file",
 ];
 
 /// The settings a config file gave; `None` where it said nothing.
@@ -50,6 +51,7 @@ pub struct FileConfig {
     pub gc_percent: Option<u8>,
     pub drain_on_exit: Option<bool>,
     pub control_socket: Option<PathBuf>,
+    pub state_file: Option<PathBuf>,
 }
 
 /// Reads and checks the config file at `path`.
@@ -97,6 +99,7 @@ fn set(c: &mut FileConfig, key: &str, value: Value) -> Result<()> {
         }
         "drain-on-exit" => c.drain_on_exit = Some(typed(value)?),
         "control-socket" => c.control_socket = Some(path(value)?),
+        "state-file" => c.state_file = Some(path(value)?),
         _ => bail!("unknown key (known keys: {})", KEYS.join(", ")),
     }
     Ok(())

@@ -36,7 +36,7 @@ pub struct ServeArgs {
         long_help = "Read settings from a TOML file whose keys are the long names of these flags \
                      (socket, backing, create-backing, queues, queue-size, read-only, serial, \
                      cache, cache-size, persistence, data-crc, gc-percent, drain-on-exit, \
-                     control-socket), for example `queue-size = 256` or `cache-size = \"2G\"`. \
+                     control-socket, state-file), for example `queue-size = 256` or `cache-size = \"2G\"`. \
                      A flag given on the command line wins over the file. An unknown key or a bad \
                      value is an error naming the key."
     )]
@@ -193,6 +193,19 @@ pub struct ServeArgs {
                      stale socket left by a dead daemon is replaced; a live one is an error."
     )]
     control_socket: Option<PathBuf>,
+
+    /// Keep the guest's write-cache choice here across restarts [default: IMAGE.state]
+    #[arg(
+        long,
+        value_name = "PATH",
+        long_help = "File holding device state that must survive a restart: the write-cache \
+                     setting the guest chose (frontends send it only when the guest changes it, \
+                     never again after a reconnect). Replaced atomically on every change. \
+                     Defaults to IMAGE.state beside a backing image that is a regular file; with \
+                     a block device as backing image and no --state-file, the choice lasts only \
+                     as long as the process."
+    )]
+    state_file: Option<PathBuf>,
 }
 
 /// Queues offered when neither a flag nor the config file says.
@@ -240,6 +253,7 @@ impl ServeArgs {
             gc_percent: a.gc_percent.or(f.gc_percent),
             drain_on_exit: a.drain_on_exit || f.drain_on_exit.unwrap_or(false),
             control_socket: a.control_socket.or(f.control_socket),
+            state_file: a.state_file.or(f.state_file),
         })
     }
 
@@ -258,6 +272,22 @@ impl ServeArgs {
     #[cfg(test)]
     pub fn gc_percent(&self) -> Option<u8> {
         self.gc_percent
+    }
+
+    /// `--state-file`, or IMAGE.state when the backing image is (or will be) a regular file.
+    pub fn state_file(&self) -> Option<PathBuf> {
+        if let Some(path) = &self.state_file {
+            return Some(path.clone());
+        }
+        let image = self.backing_path();
+        let is_file = std::fs::metadata(&image)
+            .map(|m| m.is_file())
+            .unwrap_or(true);
+        is_file.then(|| {
+            let mut name = image.into_os_string();
+            name.push(".state");
+            PathBuf::from(name)
+        })
     }
 
     pub fn backing_path(&self) -> PathBuf {
@@ -289,6 +319,7 @@ impl From<&ServeArgs> for ServeConfig {
             num_queues: args.queues(),
             max_queue_size: args.queue_size(),
             serial,
+            state_file: args.state_file(),
         }
     }
 }

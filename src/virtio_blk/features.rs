@@ -53,13 +53,19 @@ pub fn device_features(read_only: bool) -> u64 {
 }
 
 /// The vhost-user protocol features offered. CONFIG is mandatory for QEMU's and Cloud
-/// Hypervisor's blk frontends, REPLY_ACK and CONFIGURE_MEM_SLOTS for libblkio. STATUS and
-/// INFLIGHT_SHMFD are deliberately absent: the vhost-user-backend crate cannot answer them.
+/// Hypervisor's blk frontends, REPLY_ACK and CONFIGURE_MEM_SLOTS for libblkio. INFLIGHT_SHMFD
+/// lets a restarted daemon resubmit what a crashed one left in flight (its messages are
+/// answered by the serve loop's relay, since the vhost-user-backend crate refuses them).
+/// DEVICE_STATE (an empty state: stopped rings have nothing in flight) lets Cloud Hypervisor
+/// take exact ring positions for snapshot and migration. STATUS is absent: the vhost crate's
+/// backend handler cannot answer it.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::DEVICE_STATE
 }
 
 /// Whether `features` (a negotiated set) contains virtio-blk feature bit `n`.
@@ -104,6 +110,7 @@ mod tests {
         assert!(p.contains(VhostUserProtocolFeatures::REPLY_ACK));
         assert!(p.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS));
         assert!(!p.contains(VhostUserProtocolFeatures::STATUS));
-        assert!(!p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert!(p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
+        assert!(p.contains(VhostUserProtocolFeatures::DEVICE_STATE));
     }
 }

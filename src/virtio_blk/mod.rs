@@ -3,8 +3,10 @@
 
 pub mod config;
 pub mod features;
+pub mod inflight;
 pub mod queue_worker;
 pub mod request;
+mod resubmit;
 
 pub use config::DeviceInfo;
 pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};

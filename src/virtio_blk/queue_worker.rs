@@ -5,7 +5,7 @@
 //! and, when the frontend stops the ring or goes away, on the thread that drains it. The backend
 //! keeps each worker behind its own mutex, so queues never wait on one another.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -17,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, Guest
 
 use super::config::DeviceInfo;
 use super::features::{STATUS_IOERR, STATUS_OK};
+use super::inflight::QueueInflight;
 use super::request::{decode, Action, Decoded};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
@@ -47,6 +48,12 @@ pub struct QueueWorker {
     stalled: Option<Request>,
     next_tag: u64,
     done: Vec<(u64, IoResult)>,
+    /// The frontend's inflight area for this queue (INFLIGHT_SHMFD), and the pop counter.
+    inflight: Option<QueueInflight>,
+    pop_counter: u64,
+    /// Chains a previous backend popped and never completed, oldest first: submitted before
+    /// any new chain is popped.
+    resubmit: VecDeque<(Decoded, Arc<GuestMem>)>,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -65,21 +72,74 @@ impl QueueWorker {
             stalled: None,
             next_tag: 0,
             done: Vec::new(),
+            inflight: None,
+            pop_counter: 0,
+            resubmit: VecDeque::new(),
         }
     }
 
     /// Opens the engine queue when the ring starts. Returns the engine's poll fds when it was
     /// just opened, so the caller adds them to this thread's event loop.
-    pub fn start(&mut self, vring: &Vring) -> Result<Option<Vec<RawFd>>, EngineError> {
+    ///
+    /// With an inflight area (`inflight`, taken only when the queue opens), the chains a previous
+    /// backend left in flight are queued for resubmission and the ring continues after them.
+    pub fn start(
+        &mut self,
+        vring: &Vring,
+        inflight: impl FnOnce() -> Option<QueueInflight>,
+        mem: &GuestMemAtomic,
+    ) -> Result<Option<Vec<RawFd>>, EngineError> {
         self.vring = Some(vring.clone());
         if self.queue.is_some() {
             return Ok(None);
+        }
+        self.inflight = inflight();
+        if self.inflight.is_some() {
+            self.recover_inflight(vring, mem)?;
         }
         let queue = self.engine.open_queue(self.index)?;
         let fds = queue.poll_fds();
         debug!("queue {}: started, engine poll fds {fds:?}", self.index);
         self.queue = Some(queue);
         Ok(Some(fds))
+    }
+
+    fn recover_inflight(&mut self, vring: &Vring, mem: &GuestMemAtomic) -> Result<(), EngineError> {
+        let Some(inflight) = &self.inflight else {
+            return Ok(());
+        };
+        let snapshot = mem.memory().into_inner();
+        let used_idx = vring
+            .get_ref()
+            .get_queue()
+            .used_idx(snapshot.as_ref(), std::sync::atomic::Ordering::Acquire)
+            .map_err(|e| EngineError::Invalid(format!("reading the used index: {e}")))?
+            .0;
+        let recovered = inflight.recover(used_idx);
+        self.pop_counter = recovered.next_counter;
+        let (queue_size, desc_table) = {
+            let mut state = vring.get_mut();
+            let queue = state.get_queue_mut();
+            queue.set_next_avail(recovered.next_avail);
+            queue.set_next_used(used_idx);
+            (queue.size(), queue.desc_table())
+        };
+        if recovered.heads.is_empty() {
+            return Ok(());
+        }
+        warn!(
+            "queue {}: resubmitting {} requests a previous daemon left in flight",
+            self.index,
+            recovered.heads.len()
+        );
+        let (shadow, chains) =
+            super::resubmit::chains_for_heads(&snapshot, desc_table, queue_size, &recovered.heads)
+                .map_err(|e| EngineError::Invalid(format!("rebuilding chains in flight: {e}")))?;
+        for chain in chains {
+            self.resubmit
+                .push_back((decode(chain, &self.info), shadow.clone()));
+        }
+        Ok(())
     }
 
     /// Handles a kick or an engine event: completes what the engine finished, then takes new
@@ -100,21 +160,46 @@ impl QueueWorker {
         mem: &GuestMemAtomic,
     ) -> io::Result<()> {
         loop {
-            let ready = vring.get_ref().get_queue().ready();
+            // A ring the frontend disabled (SET_VRING_ENABLE 0) keeps its popped requests but
+            // gives out no new ones until it is enabled again.
+            let ready = {
+                let state = vring.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            };
             if ready {
                 vring.disable_notification().map_err(queue_error)?;
             }
             let mut completed = self.reap(vring, queue);
-            completed |= self.resubmit_stalled(vring, queue);
+            if self.stalled.is_some() {
+                completed |= self.resubmit_stalled(vring, queue);
+                // Reap on the thread that submitted: an engine may record what a submission
+                // must persist per thread (msync mode) and fence it only in that thread's reap.
+                completed |= self.reap(vring, queue);
+            }
             if ready && self.stalled.is_none() {
+                while self.stalled.is_none() {
+                    let Some((decoded, shadow)) = self.resubmit.pop_front() else {
+                        break;
+                    };
+                    completed |= self.dispatch(vring, queue, decoded, &shadow);
+                }
                 // One snapshot per batch: a memory-table update between batches is picked up.
                 let snapshot = mem.memory().into_inner();
                 while self.stalled.is_none() {
-                    let chain = vring
-                        .get_mut()
-                        .get_queue_mut()
-                        .pop_descriptor_chain(snapshot.clone());
+                    let chain = {
+                        // Checked under the vring's lock: the frontend may stop or disable the
+                        // ring meanwhile (popping a stopped ring only logs an error).
+                        let mut state = vring.get_mut();
+                        if !state.get_queue().ready() || !state.is_enabled() {
+                            break;
+                        }
+                        state.get_queue_mut().pop_descriptor_chain(snapshot.clone())
+                    };
                     let Some(chain) = chain else { break };
+                    if let Some(inflight) = &self.inflight {
+                        inflight.popped(chain.head_index(), self.pop_counter);
+                        self.pop_counter += 1;
+                    }
                     let decoded = decode(chain, &self.info);
                     completed |= self.dispatch(vring, queue, decoded, &snapshot);
                 }
@@ -164,11 +249,11 @@ impl QueueWorker {
             }
             (Action::Answer { status, used_len }, Some(status_addr)) => {
                 write_status(snapshot, status_addr, status);
-                add_used(vring, head, used_len);
+                self.add_used(vring, head, used_len);
                 true
             }
             _ => {
-                add_used(vring, head, 0);
+                self.add_used(vring, head, 0);
                 true
             }
         }
@@ -236,8 +321,23 @@ impl QueueWorker {
             }
         };
         write_status(&req.mem, req.status_addr, status);
-        add_used(vring, req.head, used_len);
+        self.add_used(vring, req.head, used_len);
         true
+    }
+
+    /// Returns a chain to the used ring, keeping the inflight area in step.
+    fn add_used(&self, vring: &Vring, head: u16, len: u32) {
+        let Some(inflight) = &self.inflight else {
+            add_used(vring, head, len);
+            return;
+        };
+        inflight.completing(head);
+        let mut state = vring.get_mut();
+        if let Err(e) = state.add_used(head, len) {
+            warn!("cannot return descriptor chain {head} to the used ring: {e}");
+            return;
+        }
+        inflight.completed(head, state.get_queue().next_used());
     }
 
     /// Stops the ring: finishes every request the engine holds (and a stalled one), completes

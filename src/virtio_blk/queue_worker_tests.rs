@@ -1,8 +1,10 @@
 //! Queue worker tests against an asynchronous in-memory engine double: completions that come
 //! later from `reap`, back-pressure with `Submit::Busy`, and draining on stop.
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::thread::{self, ThreadId};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -27,6 +29,11 @@ struct Shared {
     /// While set, `reap` completes nothing (only `drain` does).
     hold: bool,
     pending: Vec<Request>,
+    /// The thread that submitted each pending write: like msync mode, which records what a
+    /// write must persist per thread, the double persists a write only in a reap on that thread.
+    write_threads: HashMap<u64, ThreadId>,
+    /// Writes completed by a reap on another thread than their submission's (not persisted).
+    unpersisted: Vec<u64>,
 }
 
 struct Double {
@@ -97,6 +104,9 @@ impl EngineQueue for DoubleQueue {
             s.busy -= 1;
             return Submit::Busy(req);
         }
+        if matches!(req.kind, RequestKind::Write { .. }) {
+            s.write_threads.insert(req.tag, thread::current().id());
+        }
         s.pending.push(req);
         self.event.write(1).unwrap();
         Submit::Pending
@@ -112,6 +122,11 @@ impl EngineQueue for DoubleQueue {
         let _ = self.event.read();
         let pending = std::mem::take(&mut s.pending);
         for req in pending {
+            if let Some(submitter) = s.write_threads.remove(&req.tag) {
+                if submitter != thread::current().id() {
+                    s.unpersisted.push(req.tag);
+                }
+            }
             done.push(execute(&mut s.disk, req));
         }
     }
@@ -164,7 +179,10 @@ impl<'a> Rig<'a> {
         });
         let info = Arc::new(DeviceInfo::new(DISK as u64, false, 1, "double"));
         let mut worker = QueueWorker::new(0, engine, info);
-        let fds = worker.start(&vring).unwrap().expect("first start opens");
+        let fds = worker
+            .start(&vring, || None, &atomic)
+            .unwrap()
+            .expect("first start opens");
         assert_eq!(fds.len(), 1);
         Rig {
             mem,
@@ -284,7 +302,11 @@ fn stop_drains_requests_in_flight() {
     assert_eq!(rig.used().len(), 2);
     assert_eq!(rig.worker.in_flight(), 0);
     // Restarting opens a new engine queue.
-    assert!(rig.worker.start(&rig.vring).unwrap().is_some());
+    assert!(rig
+        .worker
+        .start(&rig.vring, || None, &rig.atomic)
+        .unwrap()
+        .is_some());
 }
 
 #[test]
@@ -298,4 +320,51 @@ fn malformed_and_unsupported_chains_complete_without_the_engine() {
     assert_eq!(rig.status(0x1_0000), STATUS_UNSUPP);
     assert_eq!(rig.status(0x2_0000), STATUS_IOERR);
     assert!(rig.shared.lock().unwrap().pending.is_empty());
+}
+
+#[test]
+fn a_disabled_ring_gives_out_no_requests_until_enabled() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.vring.set_enabled(false);
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    rig.process();
+    assert_eq!(rig.vring.get_ref().get_queue().next_avail(), 0);
+    assert!(rig.used().is_empty());
+    rig.vring.set_enabled(true);
+    rig.process();
+    assert_eq!(rig.used().len(), 1);
+    assert_eq!(rig.status(0x1_0000), STATUS_OK);
+}
+
+#[test]
+fn a_stalled_write_resubmitted_on_a_stopped_ring_is_reaped_by_its_own_thread() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.shared.lock().unwrap().busy = 1;
+    mem.write_slice(&[9u8; 512], GuestAddress(0x1_0100))
+        .unwrap();
+    rig.add(0x1_0000, VIRTIO_BLK_T_OUT, 0, 512, false);
+    rig.process();
+    assert!(rig.used().is_empty(), "the write is stalled");
+    // The frontend stops the ring; the engine's room event still wakes the vring thread, which
+    // resubmits the stalled write. Then another thread (GET_VRING_BASE, or the end of the
+    // connection) drains the queue.
+    rig.vring.set_queue_ready(false);
+    let worker = &mut rig.worker;
+    let atomic = &rig.atomic;
+    thread::scope(|scope| {
+        scope
+            .spawn(|| worker.process(atomic).unwrap())
+            .join()
+            .unwrap();
+    });
+    rig.worker.stop(|_| {});
+    assert_eq!(rig.used(), vec![(0, 1)]);
+    assert_eq!(rig.status(0x1_0000), STATUS_OK);
+    assert_eq!(&rig.shared.lock().unwrap().disk[..512], &[9u8; 512]);
+    assert!(
+        rig.shared.lock().unwrap().unpersisted.is_empty(),
+        "a write was completed by a reap on another thread than the one that submitted it"
+    );
 }

@@ -1,0 +1,239 @@
+//! A QEMU guest runs fio with checksum verification while the daemon is stopped and started
+//! again under it, several times, with SIGTERM (graceful: every popped request completes before
+//! the socket closes) and with SIGKILL (the new daemon resubmits what the inflight area says was
+//! in flight); QEMU reconnects (`-chardev ...,reconnect=1`). fio must finish with every block
+//! verified and no hang.
+//!
+//! The guest comes from `vmm-tests/` (build-guest.sh, run-guest.sh). `VMM_ACCEL=kvm` is passed
+//! through to QEMU.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::Daemon;
+
+const DISK_SIZE: &str = "256M";
+/// Restarts under one fio run (the signal that stops the daemon each time), and the time the
+/// guest does I/O between two of them.
+const TERM_AND_KILL: &[i32] = &[libc::SIGTERM, libc::SIGKILL, libc::SIGTERM, libc::SIGKILL];
+/// With the write cache on, a crash may lose completed writes not yet flushed (the virtio-blk
+/// contract allows it, and the cache keeps the newest keys in memory for up to a second), which
+/// fio's verification would report: write-back runs are restarted gracefully only.
+const TERM_ONLY: &[i32] = &[libc::SIGTERM, libc::SIGTERM, libc::SIGTERM];
+const BETWEEN_RESTARTS: Duration = Duration::from_secs(3);
+/// From QEMU's start to fio's first I/O (boot under TCG).
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// Whole guest run, restarts included.
+const GUEST_TIMEOUT_SECS: u32 = 420;
+
+fn vmm_tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
+}
+
+fn build_guest(out: &Path) {
+    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
+        .arg(out)
+        .status()
+        .expect("run vmm-tests/build-guest.sh (run vmm-tests/install-deps.sh first)");
+    assert!(status.success(), "build-guest.sh failed: {status}");
+}
+
+#[derive(Clone, Copy)]
+struct Case {
+    name: &'static str,
+    queues: u32,
+    cache: bool,
+    write_through: bool,
+    restarts: &'static [i32],
+}
+
+/// The daemon as this test runs it: same image, cache and control socket every time.
+struct Setup {
+    dir: PathBuf,
+    case: Case,
+}
+
+impl Setup {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("vhost.sock")
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    fn start_daemon(&self) -> Daemon {
+        let image = self.dir.join("backing.img");
+        let queues = self.case.queues.to_string();
+        let mut args: Vec<String> = vec![
+            "--backing".into(),
+            image.display().to_string(),
+            "--create-backing".into(),
+            DISK_SIZE.into(),
+            "--queues".into(),
+            queues,
+            "--control-socket".into(),
+            self.control().display().to_string(),
+        ];
+        // With a cache: the default one, IMAGE.pcache.
+        if !self.case.cache {
+            args.extend(["--cache".into(), "none".into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&self.socket(), &args)
+    }
+
+    /// The daemon's write-cache setting, from `ctl status --json`.
+    fn write_cache(&self) -> bool {
+        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+            .arg("ctl")
+            .arg("--control-socket")
+            .arg(self.control())
+            .arg("--json")
+            .arg("status")
+            .output()
+            .expect("run vhost-user-pcache ctl");
+        assert!(out.status.success(), "ctl status failed: {out:?}");
+        let status: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON");
+        status["write_cache"]
+            .as_bool()
+            .expect("status has write_cache")
+    }
+
+    fn start_guest(&self, console: &Path) -> Child {
+        let mut cmd = Command::new(vmm_tests_dir().join("run-guest.sh"));
+        cmd.arg("--socket")
+            .arg(self.socket())
+            .arg("--guest")
+            .arg(vmm_tests_dir().join("work").join("guest"))
+            .arg("--log")
+            .arg(console)
+            .arg("--queues")
+            .arg(self.case.queues.to_string())
+            .arg("--timeout")
+            .arg(GUEST_TIMEOUT_SECS.to_string())
+            .arg("--reconnect")
+            .arg("--job")
+            .arg("restart-verify");
+        if self.case.write_through {
+            cmd.arg("--write-through");
+        }
+        cmd.stdin(Stdio::null())
+            .spawn()
+            .expect("run vmm-tests/run-guest.sh")
+    }
+}
+
+fn console_text(console: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(console).unwrap_or_default()).replace('\r', "")
+}
+
+fn wait_for_console(console: &Path, guest: &mut Child, what: &str) {
+    let deadline = Instant::now() + BOOT_LIMIT;
+    while !console_text(console).contains(what) {
+        if let Some(status) = guest.try_wait().expect("poll run-guest.sh") {
+            panic!(
+                "the guest ended ({status}) before {what:?}\n{}",
+                console_text(console)
+            );
+        }
+        assert!(Instant::now() < deadline, "no {what:?} from the guest");
+        sleep(Duration::from_millis(100));
+    }
+}
+
+fn restart_under_fio(case: Case) {
+    build_guest(&vmm_tests_dir().join("work").join("guest"));
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("vm_restart_{}", case.name))
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    println!("vm_restart: logs in {}", dir.display());
+    let setup = Setup { dir, case };
+    let console = setup.dir.join("console.log");
+
+    let mut daemon = setup.start_daemon();
+    let mut guest = setup.start_guest(&console);
+    // fio starts after the write-cache line.
+    wait_for_console(&console, &mut guest, "VMTEST-INFO: write_cache=");
+    if case.write_through {
+        assert!(
+            console_text(&console).contains("write_cache=write-through"),
+            "the guest could not turn the write cache off"
+        );
+    }
+    for (round, &signal) in case.restarts.iter().enumerate() {
+        sleep(BETWEEN_RESTARTS);
+        assert!(
+            guest.try_wait().expect("poll guest").is_none(),
+            "fio finished before restart {round}: the job is too short for this test"
+        );
+        assert_eq!(
+            setup.write_cache(),
+            !case.write_through,
+            "write cache before restart {round}"
+        );
+        let status = daemon.stop_with(signal);
+        if signal == libc::SIGTERM {
+            assert!(status.success(), "daemon exit after SIGTERM: {status}");
+        }
+        daemon = setup.start_daemon();
+        println!(
+            "vm_restart: restart {} of {} (signal {signal}) done",
+            round + 1,
+            case.restarts.len()
+        );
+    }
+    let status = guest.wait().expect("wait for run-guest.sh");
+    assert!(
+        status.success(),
+        "guest failed ({status})\n{}",
+        console_text(&console)
+    );
+    assert!(console_text(&console).contains("VMTEST-RESULT: PASS"));
+    // The restarted daemon still has the guest's write-cache choice.
+    assert_eq!(setup.write_cache(), !case.write_through);
+    assert!(daemon.terminate().success());
+    fs::remove_dir_all(&setup.dir).expect("remove temp dir");
+}
+
+#[test]
+fn guest_fio_verifies_across_sigterm_restarts_with_write_back_cache_two_queues() {
+    restart_under_fio(Case {
+        name: "cache_wb_2q",
+        queues: 2,
+        cache: true,
+        write_through: false,
+        restarts: TERM_ONLY,
+    });
+}
+
+#[test]
+fn guest_fio_verifies_across_sigterm_and_sigkill_restarts_without_cache_two_queues() {
+    restart_under_fio(Case {
+        name: "nocache_2q",
+        queues: 2,
+        cache: false,
+        write_through: false,
+        restarts: TERM_AND_KILL,
+    });
+}
+
+#[test]
+fn guest_fio_verifies_across_sigterm_and_sigkill_restarts_with_write_through_cache_one_queue() {
+    // Also checks that the guest's write-through choice survives every restart.
+    restart_under_fio(Case {
+        name: "cache_wt_1q",
+        queues: 1,
+        cache: true,
+        write_through: true,
+        restarts: TERM_AND_KILL,
+    });
+}
