@@ -45,6 +45,10 @@ fn server() -> &'static std::path::PathBuf {
     static SERVER: OnceLock<(ControlServer, std::path::PathBuf)> = OnceLock::new();
     &SERVER
         .get_or_init(|| {
+            // libFuzzer's main, not Rust's, starts this process: a server hanging up on a
+            // client must be an EPIPE, not a SIGPIPE that ends the run.
+            // SAFETY: setting a signal to SIG_IGN installs no handler code.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
             let dir = std::env::temp_dir().join(format!("pcache-fuzz-ctl-{}", std::process::id()));
             std::fs::create_dir_all(&dir).unwrap();
             let path = dir.join("ctl.sock");

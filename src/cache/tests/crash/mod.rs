@@ -30,6 +30,10 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
 
+/// Random images per cut in the campaign: a cut's fixed cost (taking the durable image, finding
+/// the non-durable lines) is shared by more crash states.
+const CAMPAIGN_RANDOM_IMAGES: u64 = 24;
+
 /// The configuration of `seed` in `model`.
 fn config(seed: u64, model: MediaModel) -> Config {
     Config {
@@ -39,8 +43,8 @@ fn config(seed: u64, model: MediaModel) -> Config {
 }
 
 /// Run one seed and print what it did.
-fn run_seed(seed: u64, model: MediaModel) -> Report {
-    let cfg = config(seed, model);
+fn run_seed(cfg: Config) -> Report {
+    let (seed, model) = (cfg.seed, cfg.model);
     let r = workload::run(&cfg);
     eprintln!(
         "crash {} seed {seed}: {} events, {} ops, {} cuts, {} images ({} with non-durable lines), {} violations; {} flushes, {} drains, {} busy, {} writeback steps, {} writeback errors, {} GC steps; cuts in {}; {cfg:?}",
@@ -56,7 +60,7 @@ fn explore(first: u64, stride: u64, want: u64) -> Report {
     let mut seed = first;
     let mut seeds = Vec::new();
     while total.images < want {
-        total.add(&run_seed(seed, MediaModel::Pmem));
+        total.add(&run_seed(config(seed, MediaModel::Pmem)));
         seeds.push(seed);
         seed += stride;
     }
@@ -110,10 +114,11 @@ fn crash_images_even_seeds() {
 }
 
 /// The persistence modes `PCACHE_CAMPAIGN_MODELS` names (comma-separated), every one when
-/// unset.
+/// unset or empty.
 fn campaign_models() -> Vec<MediaModel> {
     match std::env::var("PCACHE_CAMPAIGN_MODELS") {
         Err(_) => MediaModel::ALL.to_vec(),
+        Ok(list) if list.trim().is_empty() => MediaModel::ALL.to_vec(),
         Ok(list) => list
             .split(',')
             .map(str::trim)
@@ -131,7 +136,7 @@ fn campaign_models() -> Vec<MediaModel> {
 /// The crash campaign: seeds from `PCACHE_CRASH_FIRST_SEED` (default 1), each run in every
 /// persistence mode of `PCACHE_CAMPAIGN_MODELS`, on `PCACHE_CAMPAIGN_JOBS` threads (default:
 /// the available cores), until `PCACHE_CAMPAIGN_IMAGES` images (default 100,000) were
-/// explored. Prints one line of totals; `.ci/crash-campaign` runs it with the kill test.
+/// explored, with `PCACHE_CAMPAIGN_RANDOM_IMAGES` random images per cut (default 24). Prints one line of totals; `.ci/crash-campaign` runs it with the kill test.
 #[test]
 #[ignore = "the long crash campaign (docs/reliability.md)"]
 fn campaign() {
@@ -141,6 +146,7 @@ fn campaign() {
     let first = env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1);
     let jobs = env_u64("PCACHE_CAMPAIGN_JOBS")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get() as u64));
+    let random_images = env_u64("PCACHE_CAMPAIGN_RANDOM_IMAGES").unwrap_or(CAMPAIGN_RANDOM_IMAGES);
     let started = Instant::now();
     let next = AtomicU64::new(0);
     // Per model: its totals and its seeds.
@@ -153,7 +159,10 @@ fn campaign() {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let m = (i % models.len() as u64) as usize;
                     let seed = first + i / models.len() as u64;
-                    let r = run_seed(seed, models[m]);
+                    let r = run_seed(Config {
+                        random_images,
+                        ..config(seed, models[m])
+                    });
                     images.fetch_add(r.images, Ordering::Relaxed);
                     let mut t = totals.lock().unwrap();
                     t[m].0.add(&r);
@@ -176,7 +185,7 @@ fn campaign() {
         ));
     }
     eprintln!(
-        "crash campaign: {} images ({} with non-durable lines) at {} cuts, {} violations, seeds {first}..{} on {jobs} threads in {} s; {}; cuts in {}; {} drains, {} writeback errors",
+        "crash campaign: {} images ({} with non-durable lines) at {} cuts, {} violations, seeds {first}..{} on {jobs} threads in {} s, {random_images} random images a cut; {}; cuts in {}; {} drains, {} writeback errors",
         all.images,
         all.images_with_pending,
         all.cuts,
