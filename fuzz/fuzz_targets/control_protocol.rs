@@ -7,6 +7,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
 use vhost_user_pcache::control::{ControlServer, ControlTarget, EngineStatus, Request, Response};
@@ -41,26 +42,30 @@ impl ControlTarget for Target {
     }
 }
 
-fn server() -> &'static std::path::PathBuf {
-    static SERVER: OnceLock<(ControlServer, std::path::PathBuf)> = OnceLock::new();
-    &SERVER
-        .get_or_init(|| {
-            // libFuzzer's main, not Rust's, starts this process: a server hanging up on a
-            // client must be an EPIPE, not a SIGPIPE that ends the run.
-            // SAFETY: setting a signal to SIG_IGN installs no handler code.
-            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
-            let dir = std::env::temp_dir().join(format!("pcache-fuzz-ctl-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("ctl.sock");
-            let server = ControlServer::start(
-                &path,
-                Arc::new(Target),
-                Arc::new(ConnectionState::default()),
-            )
-            .unwrap();
-            (server, path)
-        })
-        .1
+/// Threads of this process.
+fn threads() -> usize {
+    std::fs::read_dir("/proc/self/task").map_or(0, |d| d.count())
+}
+
+/// The server, its socket, and the number of threads while it is idle.
+fn server() -> &'static (ControlServer, std::path::PathBuf, usize) {
+    static SERVER: OnceLock<(ControlServer, std::path::PathBuf, usize)> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        // libFuzzer's main, not Rust's, starts this process: a server hanging up on a
+        // client must be an EPIPE, not a SIGPIPE that ends the run.
+        // SAFETY: setting a signal to SIG_IGN installs no handler code.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+        let dir = std::env::temp_dir().join(format!("pcache-fuzz-ctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let server = ControlServer::start(
+            &path,
+            Arc::new(Target),
+            Arc::new(ConnectionState::default()),
+        )
+        .unwrap();
+        (server, path, threads())
+    })
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -70,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(serde_json::from_str::<Request>(&again).unwrap(), req);
         }
     }
-    let path = server();
+    let (_, path, idle_threads) = server();
     let mut stream = UnixStream::connect(path).unwrap();
     // The server may hang up before reading everything (a line too long): not an error.
     let _ = stream.write_all(data);
@@ -91,4 +96,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // At most one answer per request line.
     assert!(answers <= data.split(|&b| b == b'\n').count());
+    // The client's thread in the server closes the stream a moment before it ends; wait for
+    // the end, or LeakSanitizer takes the exiting thread's state for a leak.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while threads() > *idle_threads && Instant::now() < deadline {
+        std::thread::yield_now();
+    }
 });

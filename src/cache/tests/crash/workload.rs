@@ -670,7 +670,10 @@ pub fn run(cfg: &Config) -> Report {
     })));
     let on_flush = ctx.clone();
     backing.set_flush_hook(Some(Box::new(move || {
-        on_flush.lock().unwrap().on_backing_flush()
+        // Held already: a flush by an engine reopened inside a cut, not the workload's.
+        if let Ok(mut cuts) = on_flush.try_lock() {
+            cuts.on_backing_flush()
+        }
     })));
 
     let mut st = Stepper {
