@@ -3,7 +3,9 @@
 //! durability contract: every sector holds what it held at the last completed FLUSH or what
 //! one of the writes submitted after it wrote.
 //!
-//! `PCACHE_KILLS=N` runs N kills (default 20); `PCACHE_KILL_SEED=S` picks the seed.
+//! `PCACHE_KILLS=N` runs N kills (default 20); `PCACHE_KILL_SEED=S` picks the seed;
+//! `PCACHE_KILL_PERSISTENCE=msync|pmem` runs the daemon with that `--persistence` (pmem
+//! emulated on the ordinary cache file; default: what the daemon detects, msync here).
 
 mod common;
 
@@ -90,9 +92,9 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn start(dir: &TestDir) -> Daemon {
+fn start(dir: &TestDir, persistence: Option<&str>) -> Daemon {
     let image = dir.image();
-    let args = [
+    let mut args = vec![
         "--backing",
         image.to_str().unwrap(),
         "--cache-size",
@@ -101,6 +103,9 @@ fn start(dir: &TestDir) -> Daemon {
         "10",
         "--data-crc",
     ];
+    if let Some(p) = persistence {
+        args.extend(["--persistence", p]);
+    }
     Daemon::start(&dir.socket(), &args)
 }
 
@@ -120,6 +125,15 @@ fn pick(r: &mut Rng) -> (u64, u64) {
 fn sigkill_under_load_keeps_the_durability_contract() {
     let kills = env_u64("PCACHE_KILLS").unwrap_or(20);
     let seed = env_u64("PCACHE_KILL_SEED").unwrap_or(0x6b11);
+    let persistence = std::env::var("PCACHE_KILL_PERSISTENCE").ok();
+    let persistence = persistence.as_deref();
+    match persistence {
+        None | Some("msync") => {}
+        // A SIGKILL leaves the page cache alone, so emulated pmem is tested as pmem would be
+        // against a process crash (its flushes and fences, not power loss).
+        Some("pmem") => std::env::set_var("VHOST_USER_PCACHE_EMULATE_PMEM", "1"),
+        Some(other) => panic!("PCACHE_KILL_PERSISTENCE={other}: use msync or pmem"),
+    }
     let mut r = Rng(seed);
     let dir = TestDir::new();
     dir.create_image(IMAGE_SIZE);
@@ -128,7 +142,7 @@ fn sigkill_under_load_keeps_the_durability_contract() {
         since: vec![Vec::new(); SECTORS as usize],
     };
     let mut id = 0u64;
-    let mut daemon = start(&dir);
+    let mut daemon = start(&dir, persistence);
     let mut written = 0u64;
     for kill in 0..kills {
         let mut client = Client::connect(daemon.socket(), 2, false).expect("connect");
@@ -168,7 +182,7 @@ fn sigkill_under_load_keeps_the_durability_contract() {
         );
         drop(client);
 
-        daemon = start(&dir);
+        daemon = start(&dir, persistence);
         let mut client = Client::connect(daemon.socket(), 1, false).expect("reconnect");
         let mut bad = Vec::new();
         const CHUNK: u64 = 1 << 20;
@@ -202,7 +216,8 @@ fn sigkill_under_load_keeps_the_durability_contract() {
         );
     }
     eprintln!(
-        "{kills} SIGKILLs under load (seed {seed}, {} MiB written): every sector within the contract",
+        "{kills} SIGKILLs under load (seed {seed}, persistence {}, {} MiB written): every sector within the contract",
+        persistence.unwrap_or("detected"),
         written >> 20
     );
     drop(daemon);

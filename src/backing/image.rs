@@ -54,7 +54,14 @@ pub struct BackingImage {
     pub(crate) rmw_locks: RangeLocks,
     #[cfg(test)]
     fail_writes: std::sync::atomic::AtomicBool,
+    #[cfg(test)]
+    flush_hook: std::sync::Mutex<Option<FlushHook>>,
 }
+
+/// Test hook run by a `BackingQueue` just before it starts a flush; see
+/// [`BackingImage::set_flush_hook`].
+#[cfg(test)]
+pub type FlushHook = Box<dyn FnMut() + Send>;
 
 /// Alignments tried, smallest first, when the file system does not report its own.
 const PROBE_ALIGNMENTS: [usize; 4] = [512, 1024, 2048, 4096];
@@ -164,6 +171,8 @@ impl BackingImage {
             rmw_locks: RangeLocks::default(),
             #[cfg(test)]
             fail_writes: Default::default(),
+            #[cfg(test)]
+            flush_hook: Default::default(),
         }))
     }
 
@@ -242,6 +251,31 @@ impl BackingImage {
     #[cfg(test)]
     pub(crate) fn writes_fail(&self) -> bool {
         self.fail_writes.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Test hook: `hook` runs on the flushing thread each time a `BackingQueue` is about to
+    /// flush (every write it issued before has completed), so a crash test can cut there.
+    #[cfg(test)]
+    pub fn set_flush_hook(&self, hook: Option<FlushHook>) {
+        *self.flush_hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+    }
+
+    /// Run the flush hook, if any. It is taken out while it runs, so a flush it causes itself
+    /// does not run it again.
+    #[cfg(test)]
+    pub(crate) fn before_flush(&self) {
+        let taken = self
+            .flush_hook
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut hook) = taken {
+            hook();
+            let mut slot = self.flush_hook.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = Some(hook);
+            }
+        }
     }
 
     pub(crate) fn raw_fd(&self) -> RawFd {

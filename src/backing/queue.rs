@@ -110,6 +110,8 @@ impl BackingQueue {
     /// fdatasync: makes every write completed before it durable.
     pub fn flush(&mut self, user_data: u64) {
         #[cfg(test)]
+        self.image.before_flush();
+        #[cfg(test)]
         if self.image.writes_fail() {
             return self.finish_now(user_data, Err(injected_failure()));
         }

@@ -64,6 +64,17 @@ pub fn min_segments(queues: usize) -> u32 {
     queues as u32 + LOG_RESERVE + 2
 }
 
+/// Replay the cache on `media` exactly as opening the engine does (formatting it when the
+/// media is blank), without starting the engine or its threads: the fuzz targets' way in.
+#[cfg(feature = "fuzzing")]
+pub fn replay_only(
+    opts: &CacheOptions,
+    media: Arc<dyn Media>,
+    backing: &BackingImage,
+) -> Result<(), CacheError> {
+    open(opts, media, backing).map(drop)
+}
+
 pub(super) fn open(
     opts: &CacheOptions,
     media: Arc<dyn Media>,

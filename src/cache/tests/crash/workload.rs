@@ -5,6 +5,7 @@
 //! seed names one exact sequence of media events and a cut is just an event number.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::checker::{self, fill, Model, SECTOR, ZEROES};
@@ -12,7 +13,7 @@ use super::image::DurableFile;
 use crate::backing::{BackingImage, BackingOptions, BackingQueue};
 use crate::cache::driver::Driver;
 use crate::cache::format::Layout;
-use crate::cache::media::{CrashChoice, Media, RecordingMedia};
+use crate::cache::media::{CrashChoice, Media, PendingLines, RecordingMedia};
 use crate::cache::replay::min_segments;
 use crate::cache::{CacheEngine, CacheOptions};
 use crate::engine::{DataSeg, Engine, EngineQueue, IoResult, Request, RequestKind, Submit};
@@ -34,6 +35,104 @@ pub struct Config {
     pub random_images: u64,
     /// Cut only at this event (replaying a reported violation).
     pub only_cut: Option<u64>,
+    /// On average one cut inside writeback's backing flush every this many writeback steps.
+    pub flush_cut_every: u64,
+    /// Cut only inside the backing flush of this writeback step (replaying a violation).
+    pub only_flush_cut: Option<u64>,
+    /// How the media makes writes durable, i.e. which crash images a cut can leave.
+    pub model: MediaModel,
+}
+
+/// The persistence mode whose crash images a run explores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MediaModel {
+    /// pmem: `persist` writes back 64-byte lines, `fence` makes the calling thread's lines
+    /// durable; a crash keeps any mix of 8-byte words of a non-durable line.
+    Pmem,
+}
+
+impl MediaModel {
+    /// Every persistence mode the recording media can model.
+    pub const ALL: &'static [MediaModel] = &[MediaModel::Pmem];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaModel::Pmem => "pmem",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<MediaModel> {
+        Self::ALL.iter().copied().find(|m| m.name() == name)
+    }
+
+    fn media(self, len: u64) -> RecordingMedia {
+        match self {
+            MediaModel::Pmem => RecordingMedia::new(len).unwrap(),
+        }
+    }
+}
+
+/// What the workload was doing when a cut happened; a run counts its cuts by phase, so a
+/// campaign shows it crashed inside each operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Write,
+    Zeroes,
+    Flush,
+    Read,
+    /// `set_write_cache`, which persists open ksets when the cache goes off.
+    WriteCacheSwitch,
+    /// Writeback's media updates (dirty_tail).
+    Writeback,
+    /// Inside writeback's backing flush: its writes issued, the flush not yet done.
+    BackingFlush,
+    Gc,
+    /// `drain`: closing the open ksets, then writeback until dirty_tail reaches the head.
+    Drain,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 9] = [
+        Phase::Write,
+        Phase::Zeroes,
+        Phase::Flush,
+        Phase::Read,
+        Phase::WriteCacheSwitch,
+        Phase::Writeback,
+        Phase::BackingFlush,
+        Phase::Gc,
+        Phase::Drain,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Write => "write",
+            Phase::Zeroes => "zeroes",
+            Phase::Flush => "flush",
+            Phase::Read => "read",
+            Phase::WriteCacheSwitch => "write-cache switch",
+            Phase::Writeback => "writeback",
+            Phase::BackingFlush => "writeback backing flush",
+            Phase::Gc => "GC",
+            Phase::Drain => "drain",
+        }
+    }
+}
+
+/// The phase the workload is in, shared with the cut hooks.
+#[derive(Clone, Default)]
+struct PhaseCell(Arc<AtomicU8>);
+
+impl PhaseCell {
+    fn get(&self) -> Phase {
+        Phase::ALL[self.0.load(Ordering::Relaxed) as usize]
+    }
+
+    /// Enter `phase`; returns the phase to go back to.
+    fn enter(&self, phase: Phase) -> Phase {
+        Phase::ALL[self.0.swap(phase as u8, Ordering::Relaxed) as usize]
+    }
 }
 
 impl Config {
@@ -50,6 +149,9 @@ impl Config {
             cut_every: 120,
             random_images: 6,
             only_cut: None,
+            flush_cut_every: 24,
+            only_flush_cut: None,
+            model: MediaModel::Pmem,
         }
     }
 }
@@ -69,6 +171,39 @@ pub struct Report {
     pub writeback_errors: u64,
     pub gc_steps: u64,
     pub flushes: u64,
+    pub drains: u64,
+    /// Cuts per [`Phase`] (indexed by `Phase as usize`).
+    pub cuts_by_phase: [u64; Phase::ALL.len()],
+}
+
+impl Report {
+    /// Add another run's counts to these.
+    pub fn add(&mut self, r: &Report) {
+        self.events += r.events;
+        self.cuts += r.cuts;
+        self.images += r.images;
+        self.images_with_pending += r.images_with_pending;
+        self.violations.extend(r.violations.iter().cloned());
+        self.ops += r.ops;
+        self.busy += r.busy;
+        self.writeback_steps += r.writeback_steps;
+        self.writeback_errors += r.writeback_errors;
+        self.gc_steps += r.gc_steps;
+        self.flushes += r.flushes;
+        self.drains += r.drains;
+        for (a, b) in self.cuts_by_phase.iter_mut().zip(r.cuts_by_phase) {
+            *a += b;
+        }
+    }
+
+    /// Cuts per phase, as `name N, ...`.
+    pub fn phases(&self) -> String {
+        Phase::ALL
+            .iter()
+            .map(|p| format!("{} {}", p.name(), self.cuts_by_phase[*p as usize]))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// Small deterministic generator (SplitMix64).
@@ -89,28 +224,47 @@ impl Rng {
     }
 }
 
-/// Everything the cut needs, shared with the media hook.
+/// Everything a cut needs, shared by the media hook and the backing flush hook.
 struct CutCtx {
     cfg: Config,
     opts: CacheOptions,
+    media: Arc<RecordingMedia>,
     backing: Arc<BackingImage>,
     model: Arc<Mutex<Model>>,
     report: Arc<Mutex<Report>>,
     rng: Rng,
     durable: DurableFile,
+    phase: PhaseCell,
+    /// The backing image before the writeback step in progress, taken when that step's
+    /// backing flush is to be cut, with the step's number.
+    backing_before: Option<(u64, Vec<u8>)>,
+}
+
+/// How a cut inside writeback's backing flush leaves the sectors the step wrote (and has not
+/// flushed): all of them on the image, none, or a seeded mix sector by sector.
+#[derive(Clone, Copy, Debug)]
+enum BackingLoss {
+    None,
+    All,
+    Random(u64),
 }
 
 impl CutCtx {
     fn on_event(&mut self, media: &RecordingMedia, event: u64) {
+        let phase = self.phase.get();
+        // The rarer operations get denser cuts, so every run crashes inside each of them.
+        let every = match phase {
+            Phase::Write | Phase::Flush | Phase::Writeback => self.cfg.cut_every,
+            _ => self.cfg.cut_every / 4,
+        };
         let cut = match self.cfg.only_cut {
             Some(c) => c == event,
-            None => self.rng.below(self.cfg.cut_every) == 0,
+            None => self.cfg.only_flush_cut.is_none() && self.rng.below(every) == 0,
         };
         if !cut {
             return;
         }
         let pending = media.pending_lines();
-        let model = self.model.lock().unwrap().clone();
         let mut choices = vec![CrashChoice::AllLost];
         if !pending.is_empty() {
             choices.push(CrashChoice::AllKept);
@@ -125,14 +279,102 @@ impl CutCtx {
                 ));
             }
         }
+        let images: Vec<_> = choices
+            .into_iter()
+            .map(|c| (c, BackingLoss::None))
+            .collect();
+        self.cut(
+            media,
+            &pending,
+            &images,
+            phase,
+            &format!("cut {event}"),
+            None,
+        );
+    }
+
+    /// Whether writeback step `step` gets a cut inside its backing flush (then the backing
+    /// image is taken now, to know what the step's unflushed writes replaced).
+    fn plan_flush_cut(&mut self, step: u64) {
+        let cut = match (self.cfg.only_cut, self.cfg.only_flush_cut) {
+            (_, Some(s)) => s == step,
+            (Some(_), None) => false,
+            (None, None) => self.rng.below(self.cfg.flush_cut_every) == 0,
+        };
+        self.backing_before = cut.then(|| (step, read_backing(&self.backing, self.cfg.disk)));
+    }
+
+    /// The backing flush hook: a cut with the step's writes on the image, lost, or mixed.
+    fn on_backing_flush(&mut self) {
+        let Some((step, before)) = self.backing_before.take() else {
+            return;
+        };
+        let media = self.media.clone();
+        let pending = media.pending_lines();
+        let replay = self.cfg.only_flush_cut.is_some();
+        let n = if replay {
+            32
+        } else {
+            self.cfg.random_images / 2
+        }
+        .max(1);
+        let mut images = vec![(CrashChoice::AllLost, BackingLoss::All)];
+        if !pending.is_empty() {
+            images.push((CrashChoice::AllKept, BackingLoss::All));
+        }
+        images.push((CrashChoice::AllLost, BackingLoss::None));
+        for i in 0..n {
+            let r = self.cfg.seed ^ step.rotate_left(24) ^ i;
+            let choice = if pending.is_empty() {
+                CrashChoice::AllLost
+            } else {
+                CrashChoice::Random(r)
+            };
+            images.push((choice, BackingLoss::Random(r)));
+        }
+        let what = format!("writeback step {step} backing flush");
+        self.cut(
+            &media,
+            &pending,
+            &images,
+            Phase::BackingFlush,
+            &what,
+            Some(&before),
+        );
+    }
+
+    /// Check every image of one cut. `before` is the backing image as it was before the
+    /// unflushed writes of a backing-flush cut (which [`BackingLoss`] may take back).
+    fn cut(
+        &mut self,
+        media: &RecordingMedia,
+        pending: &PendingLines,
+        images: &[(CrashChoice, BackingLoss)],
+        phase: Phase,
+        what: &str,
+        before: Option<&[u8]>,
+    ) {
+        let model = self.model.lock().unwrap().clone();
+        let now = before.map(|_| read_backing(&self.backing, self.cfg.disk));
         let mut found = Vec::new();
         self.durable.capture(media);
-        for choice in &choices {
-            let image = Arc::new(self.durable.image(&pending, *choice));
+        for &(choice, loss) in images {
+            let changed = match (before, &now, loss) {
+                (Some(before), Some(now), BackingLoss::All | BackingLoss::Random(_)) => {
+                    set_backing(&self.backing, now, before, loss);
+                    Some((before, now))
+                }
+                _ => None,
+            };
+            let image = Arc::new(self.durable.image(pending, choice));
             let bad = check_image(image, &self.opts, &self.backing, &model, self.cfg.disk);
+            if let Some((before, now)) = changed {
+                set_backing(&self.backing, now, before, BackingLoss::None);
+            }
             if !bad.is_empty() {
                 found.push(format!(
-                    "seed {} cut {event} image {choice:?} ({} non-durable lines): {}",
+                    "{} seed {} {what} image {choice:?} backing loss {loss:?} ({} non-durable lines): {}",
+                    self.cfg.model.name(),
                     self.cfg.seed,
                     pending.len(),
                     bad.join("; ")
@@ -141,11 +383,51 @@ impl CutCtx {
         }
         let mut r = self.report.lock().unwrap();
         r.cuts += 1;
-        r.images += choices.len() as u64;
+        r.cuts_by_phase[phase as usize] += 1;
+        r.images += images.len() as u64;
         if !pending.is_empty() {
-            r.images_with_pending += choices.len() as u64;
+            r.images_with_pending += images.len() as u64;
         }
         r.violations.extend(found);
+    }
+}
+
+/// The whole backing image.
+fn read_backing(backing: &BackingImage, disk: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; disk as usize];
+    backing.read_at(0, &mut buf).unwrap();
+    buf
+}
+
+/// Make the sectors where `now` and `before` differ hold `before` where `loss` takes the
+/// write back, `now` elsewhere; consecutive sectors with the same choice are one write.
+fn set_backing(backing: &BackingImage, now: &[u8], before: &[u8], loss: BackingLoss) {
+    let mut rng = Rng(match loss {
+        BackingLoss::Random(seed) => seed,
+        _ => 0,
+    });
+    let sectors = now.len() / SECTOR;
+    // The run being gathered: first sector, and whether it takes `before`.
+    let mut run: Option<(usize, bool)> = None;
+    for s in 0..=sectors {
+        let at = s * SECTOR;
+        let choice =
+            (s < sectors && now[at..at + SECTOR] != before[at..at + SECTOR]).then(|| match loss {
+                BackingLoss::None => false,
+                BackingLoss::All => true,
+                BackingLoss::Random(_) => rng.below(2) == 0,
+            });
+        if let Some((first, lose)) = run {
+            if choice != Some(lose) {
+                let src = if lose { before } else { now };
+                let range = first * SECTOR..at;
+                backing.write_at(range.start as u64, &src[range]).unwrap();
+                run = None;
+            }
+        }
+        if let (None, Some(lose)) = (run, choice) {
+            run = Some((s, lose));
+        }
     }
 }
 
@@ -179,6 +461,10 @@ struct Stepper<'a> {
     wb: BackingQueue,
     tag: u64,
     report: Arc<Mutex<Report>>,
+    cuts: Arc<Mutex<CutCtx>>,
+    phase: PhaseCell,
+    /// Writeback steps started, which number the backing-flush cuts.
+    wb_calls: u64,
 }
 
 impl<'a> Stepper<'a> {
@@ -235,9 +521,19 @@ impl<'a> Stepper<'a> {
     }
 
     fn writeback(&mut self, n: u64) -> u64 {
+        let outer = self.phase.enter(Phase::Writeback);
+        let moved = self.writeback_in_phase(n);
+        self.phase.enter(outer);
+        moved
+    }
+
+    fn writeback_in_phase(&mut self, n: u64) -> u64 {
         let mut moved = 0;
         for _ in 0..n {
+            self.wb_calls += 1;
+            self.cuts.lock().unwrap().plan_flush_cut(self.wb_calls);
             let r = self.engine.writeback_step(&mut self.wb);
+            self.cuts.lock().unwrap().backing_before = None;
             let mut rep = self.report.lock().unwrap();
             match r {
                 Ok(true) => {
@@ -254,7 +550,37 @@ impl<'a> Stepper<'a> {
         moved
     }
 
+    /// What `CacheEngine::drain` does, with the writeback it waits for stepped here (there is
+    /// no writeback thread); then the real `drain`, which finds nothing left to wait for.
+    fn drain(&mut self) {
+        let outer = self.phase.enter(Phase::Drain);
+        let core = self.engine.core().clone();
+        let mut stuck = 0;
+        while core.close_all_ksets().is_err() {
+            stuck = self.make_room(stuck);
+        }
+        let target = core.log.head().seq;
+        while core.meta.dirty_tail().log_seq < target {
+            if self.writeback_in_phase(1) == 0 {
+                // A failing backing image: the drain waits until it recovers.
+                self.backing.set_fail_writes(false);
+                stuck += 1;
+                assert!(stuck < 1000, "drain: writeback makes no progress");
+            }
+        }
+        self.engine.drain().expect("drain");
+        self.report.lock().unwrap().drains += 1;
+        self.phase.enter(outer);
+    }
+
     fn gc(&mut self, n: u64) -> u64 {
+        let outer = self.phase.enter(Phase::Gc);
+        let moved = self.gc_in_phase(n);
+        self.phase.enter(outer);
+        moved
+    }
+
+    fn gc_in_phase(&mut self, n: u64) -> u64 {
         let mut moved = 0;
         for _ in 0..n {
             match self.engine.gc_step() {
@@ -305,8 +631,10 @@ pub fn run(cfg: &Config) -> Report {
     let dir = tempfile::tempdir().unwrap();
     let backing = initial_backing(dir.path(), cfg.disk);
     let sectors = cfg.disk / SECTOR as u64;
-    let media =
-        Arc::new(RecordingMedia::new(Layout::media_len_for(min_segments(cfg.queues))).unwrap());
+    let media = Arc::new(
+        cfg.model
+            .media(Layout::media_len_for(min_segments(cfg.queues))),
+    );
     let opts = CacheOptions {
         path: PathBuf::from("crash-test-cache"),
         create_size: None,
@@ -320,19 +648,33 @@ pub fn run(cfg: &Config) -> Report {
     let engine = CacheEngine::open_stepped(&opts, media.clone(), backing.clone()).unwrap();
     let model = Arc::new(Mutex::new(Model::new(sectors)));
     let report = Arc::new(Mutex::new(Report::default()));
-    let mut ctx = CutCtx {
+    let phase = PhaseCell::default();
+    let ctx = Arc::new(Mutex::new(CutCtx {
         cfg: cfg.clone(),
         opts: CacheOptions {
             gc_percent: None,
             ..opts.clone()
         },
+        media: media.clone(),
         backing: backing.clone(),
         model: model.clone(),
         report: report.clone(),
         rng: Rng(cfg.seed.wrapping_mul(31) ^ 0xC07),
         durable: DurableFile::new(),
-    };
-    media.set_event_hook(Some(Box::new(move |m, n| ctx.on_event(m, n))));
+        phase: phase.clone(),
+        backing_before: None,
+    }));
+    let on_event = ctx.clone();
+    media.set_event_hook(Some(Box::new(move |m, n| {
+        on_event.lock().unwrap().on_event(m, n)
+    })));
+    let on_flush = ctx.clone();
+    backing.set_flush_hook(Some(Box::new(move || {
+        // Held already: a flush by an engine reopened inside a cut, not the workload's.
+        if let Ok(mut cuts) = on_flush.try_lock() {
+            cuts.on_backing_flush()
+        }
+    })));
 
     let mut st = Stepper {
         engine: &engine,
@@ -343,6 +685,9 @@ pub fn run(cfg: &Config) -> Report {
         wb: BackingQueue::new(backing.clone(), 64).unwrap(),
         tag: 0,
         report: report.clone(),
+        cuts: ctx.clone(),
+        phase: phase.clone(),
+        wb_calls: 0,
     };
     let mut r = Rng(cfg.seed);
     let mut written = 0u64;
@@ -352,6 +697,13 @@ pub fn run(cfg: &Config) -> Report {
         ops += 1;
         let q = r.below(cfg.queues as u64) as usize;
         let dice = r.below(1000);
+        phase.enter(match dice {
+            0..=599 => Phase::Write,
+            600..=689 => Phase::Zeroes,
+            690..=759 => Phase::Flush,
+            760..=829 => Phase::Read,
+            _ => Phase::WriteCacheSwitch,
+        });
         match dice {
             0..=599 => {
                 let max = [16, 16, 16, 256, 2048][r.below(5) as usize];
@@ -428,12 +780,18 @@ pub fn run(cfg: &Config) -> Report {
             940..=984 => {
                 st.gc(1 + r.below(4));
             }
+            985..=989 => {
+                st.drain();
+                // Drain put every completed write on the backing image and flushed it.
+                model.lock().unwrap().flushed();
+            }
             _ => backing.set_fail_writes(r.below(2) == 0),
         }
     }
     backing.set_fail_writes(false);
     let events_total = media.events();
     media.set_event_hook(None);
+    backing.set_flush_hook(None);
     drop(st);
     engine.shutdown_for_crash_test();
     let stats = engine.stats();
@@ -441,7 +799,7 @@ pub fn run(cfg: &Config) -> Report {
     out.events = events_total;
     out.ops = ops;
     assert!(
-        stats.gc_runs > 0 || cfg.only_cut.is_some(),
+        stats.gc_runs > 0 || cfg.only_cut.is_some() || cfg.only_flush_cut.is_some(),
         "seed {}: GC never ran: {stats:?}",
         cfg.seed
     );
