@@ -1,15 +1,17 @@
 //! One worker thread's handle on the cache engine: the request paths' shared state.
 //!
-//! Writes are copied into the cache and persisted in `submit`, then all writes of a batch are
-//! made durable by one fence in `reap`, inserted into the index and logged, and completed: a
-//! write completes once its data is persisted; its key may still wait in an open kset (see
-//! `log`). Reads are served from the cache where it holds the data and from the backing image
+//! Writes are copied into the cache in `submit`. In pmem mode they are persisted there too,
+//! and all writes of a batch are made durable by one fence in `reap`; in msync mode (group
+//! commit) nothing is synced per write, because the log syncs the data of a kset's keys before
+//! it writes the kset. Either way the writes are then inserted into the index and logged, and
+//! completed: a write completes once its data is in the cache media and will reach it before
+//! its key does; the key may still wait in an open kset (see `log`). Reads are served from the cache where it holds the data and from the backing image
 //! where it does not, filling the cache on the way (`read`). The 1 s kset timer and the "room
 //! again" eventfd are part of this queue's poll fds, so they run in the worker's event loop.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -18,6 +20,7 @@ use vmm_sys_util::timerfd::TimerFd;
 use super::engine::Core;
 use super::format::KeyRecord;
 use super::index::FillTicket;
+use super::media::Persistence;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::{DataSeg, EngineQueue, IoError, IoResult, Request, RequestKind, Submit};
@@ -77,6 +80,9 @@ pub struct CacheQueue {
     pub(super) core: Arc<Core>,
     pub(super) qid: usize,
     pub(super) backing: BackingQueue,
+    /// Pmem mode: each write is persisted on submit and the batch fenced before its keys are
+    /// logged. Off in msync mode (the log syncs data before the kset naming it) and volatile.
+    pub(super) persist_per_write: bool,
     timer: TimerFd,
     room: EventFd,
     pub(super) staged: Vec<StagedWrite>,
@@ -88,6 +94,8 @@ pub struct CacheQueue {
     pub(super) completed: Vec<(u64, IoResult)>,
     in_flight: usize,
     backing_done: Vec<(u64, std::io::Result<()>)>,
+    /// Msync mode: the thread that closes this queue's kset when it fills, and its stop flag.
+    committer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl CacheQueue {
@@ -102,10 +110,17 @@ impl CacheQueue {
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         core.segments
             .add_waiter(room.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+        let persist_per_write = core.media.persistence() == Persistence::Pmem;
+        let committer = if core.media.persistence() == Persistence::Msync && core.background() {
+            Some(spawn_committer(core.clone(), qid)?)
+        } else {
+            None
+        };
         Ok(CacheQueue {
             core,
             qid,
             backing,
+            persist_per_write,
             timer,
             room,
             staged: Vec::new(),
@@ -116,6 +131,7 @@ impl CacheQueue {
             completed: Vec::new(),
             in_flight: 0,
             backing_done: Vec::new(),
+            committer,
         })
     }
 
@@ -129,7 +145,12 @@ impl CacheQueue {
         if self.staged.is_empty() {
             return;
         }
-        if let Err(e) = self.core.media.fence() {
+        let fenced = if self.persist_per_write {
+            self.core.media.fence()
+        } else {
+            Ok(())
+        };
+        if let Err(e) = fenced {
             log::error!(
                 "cache media fence failed; failing {} writes: {e}",
                 self.staged.len()
@@ -285,7 +306,30 @@ impl Drop for CacheQueue {
         self.drain(&mut done);
         self.core.segments.remove_waiter(self.room.as_raw_fd());
         self.core.release_head(self.qid);
+        if let Some((stop, thread)) = self.committer.take() {
+            stop.store(true, Ordering::Release);
+            self.core.log.wake_committer(self.qid);
+            let _ = thread.join();
+        }
     }
+}
+
+/// Start the thread that closes kset `qid` when it fills (msync mode): closing syncs the
+/// data its keys name and then the kset, and no writer should wait for that.
+fn spawn_committer(
+    core: Arc<Core>,
+    qid: usize,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("pcache-log-{qid}"))
+        .spawn(move || {
+            core.log
+                .run_committer(qid, &flag, &*core.media, &core.segments)
+        })
+        .map_err(|e| format!("cannot start the log committer of queue {qid}: {e}"))?;
+    Ok((stop, thread))
 }
 
 /// Small extension so the timer can be polled without blocking.

@@ -1,8 +1,10 @@
 //! The write side of the request paths: WRITE, WRITE_ZEROES, DISCARD and FLUSH.
 //!
 //! A write is split at 4 MiB region boundaries (a key never spans index regions) and at the
-//! end of the queue's data segment. Each piece is copied from guest memory into the cache and
-//! persisted; its key waits in `staged` until the batch's fence (`CacheQueue::commit_staged`).
+//! end of the queue's data segment. Each piece is copied from guest memory into the cache; in
+//! pmem mode it is also persisted, and its key waits in `staged` until the batch's fence
+//! (`CacheQueue::commit_staged`). In msync mode nothing is synced per write (group commit): the
+//! log syncs the data of a kset's keys before it writes the kset (`log`).
 //! A write that finds no room gives back everything it took and is handed back to the worker
 //! whole, to be redone when space is freed: redoing a write is harmless.
 
@@ -64,7 +66,9 @@ impl CacheQueue {
                 // contract); `dst` is freshly allocated cache space of `alloc.len` bytes that
                 // nothing else writes or reads as current data until its key is inserted.
                 unsafe { DataSeg::gather(&src, dst) };
-                core.persist_data(alloc.pos, alloc.len);
+                if self.persist_per_write {
+                    core.persist_data(alloc.pos, alloc.len);
+                }
                 keys.push(KeyRecord {
                     off: off + (piece - left) as u64,
                     len: alloc.len,

@@ -5,7 +5,10 @@
 //!
 //! `PCACHE_CRASH_IMAGES=N` explores at least N images (default 2000, split over two tests that
 //! run in parallel); `PCACHE_CRASH_SEED=S [PCACHE_CRASH_CUT=E]` with `--ignored` replays one
-//! seed (and one cut) printed by a failure.
+//! seed (and one cut) printed by a failure (`PCACHE_CRASH_MODE=msync` for an msync-mode seed).
+//!
+//! The same workload runs again on a media modelled as msync mode's page cache (whole 4 KiB
+//! pages, any unsynced page kept or lost, in any order): `PCACHE_CRASH_MSYNC_IMAGES=N`.
 
 mod checker;
 mod corrupt;
@@ -13,6 +16,8 @@ mod image;
 mod workload;
 
 use workload::{Config, Report};
+
+use crate::cache::media::Persistence;
 
 /// Images the default suite explores.
 const DEFAULT_IMAGES: u64 = 2000;
@@ -23,11 +28,19 @@ fn env_u64(name: &str) -> Option<u64> {
 
 /// Run seeds `first, first + stride, ...` until `want` images were explored.
 fn explore(first: u64, stride: u64, want: u64) -> Report {
+    explore_in(Persistence::Pmem, first, stride, want)
+}
+
+/// [`explore`] on a media following the model of `persistence`.
+fn explore_in(persistence: Persistence, first: u64, stride: u64, want: u64) -> Report {
     let mut total = Report::default();
     let mut seed = first;
     let mut seeds = Vec::new();
     while total.images < want {
-        let cfg = Config::for_seed(seed);
+        let cfg = Config {
+            persistence,
+            ..Config::for_seed(seed)
+        };
         let r = workload::run(&cfg);
         eprintln!(
             "crash seed {seed}: {} events, {} ops, {} cuts, {} images ({} with non-durable lines), {} violations; {} flushes, {} busy, {} writeback steps, {} writeback errors, {} GC steps; {cfg:?}",
@@ -46,7 +59,7 @@ fn explore(first: u64, stride: u64, want: u64) -> Report {
         seed += stride;
     }
     eprintln!(
-        "crash images explored: {} at {} cuts over seeds {seeds:?} ({} with non-durable lines); violations: {}",
+        "{persistence} crash images explored: {} at {} cuts over seeds {seeds:?} ({} with non-durable lines); violations: {}",
         total.images,
         total.cuts,
         total.images_with_pending,
@@ -83,6 +96,26 @@ fn crash_images_even_seeds() {
     assert_clean(&r);
 }
 
+/// Msync mode (group commit): the media is a page-cache mapping whose unsynced 4 KiB pages
+/// may each reach the disk or not, in any order. `PCACHE_CRASH_MSYNC_IMAGES=N` sets the count.
+#[test]
+fn crash_images_msync_odd_seeds() {
+    let want = env_u64("PCACHE_CRASH_MSYNC_IMAGES")
+        .unwrap_or(DEFAULT_IMAGES)
+        .div_ceil(2);
+    let first = env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1);
+    let r = explore_in(Persistence::Msync, first, 2, want);
+    assert_clean(&r);
+}
+
+#[test]
+fn crash_images_msync_even_seeds() {
+    let want = env_u64("PCACHE_CRASH_MSYNC_IMAGES").unwrap_or(DEFAULT_IMAGES) / 2;
+    let first = env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1) + 1;
+    let r = explore_in(Persistence::Msync, first, 2, want);
+    assert_clean(&r);
+}
+
 /// Seeds and cuts that once found a violation; each must stay clean.
 const REGRESSIONS: &[(u64, u64)] = &[];
 
@@ -109,6 +142,9 @@ fn replay() {
     };
     let mut cfg = Config::for_seed(seed);
     cfg.only_cut = env_u64("PCACHE_CRASH_CUT");
+    if let Ok(mode) = std::env::var("PCACHE_CRASH_MODE") {
+        cfg.persistence = mode.parse().expect("PCACHE_CRASH_MODE: pmem or msync");
+    }
     let r = workload::run(&cfg);
     eprintln!("{r:#?}");
     assert!(r.violations.is_empty(), "{}", r.violations.join("\n"));

@@ -12,7 +12,7 @@ use super::image::DurableFile;
 use crate::backing::{BackingImage, BackingOptions, BackingQueue};
 use crate::cache::driver::Driver;
 use crate::cache::format::Layout;
-use crate::cache::media::{CrashChoice, Media, RecordingMedia};
+use crate::cache::media::{CrashChoice, Media, Persistence, RecordingMedia};
 use crate::cache::replay::min_segments;
 use crate::cache::{CacheEngine, CacheOptions};
 use crate::engine::{DataSeg, Engine, EngineQueue, IoResult, Request, RequestKind, Submit};
@@ -34,6 +34,8 @@ pub struct Config {
     pub random_images: u64,
     /// Cut only at this event (replaying a reported violation).
     pub only_cut: Option<u64>,
+    /// Media model: `Pmem` (cache lines, 8-byte words) or `Msync` (4 KiB pages).
+    pub persistence: Persistence,
 }
 
 impl Config {
@@ -50,6 +52,7 @@ impl Config {
             cut_every: 120,
             random_images: 6,
             only_cut: None,
+            persistence: Persistence::Pmem,
         }
     }
 }
@@ -305,8 +308,8 @@ pub fn run(cfg: &Config) -> Report {
     let dir = tempfile::tempdir().unwrap();
     let backing = initial_backing(dir.path(), cfg.disk);
     let sectors = cfg.disk / SECTOR as u64;
-    let media =
-        Arc::new(RecordingMedia::new(Layout::media_len_for(min_segments(cfg.queues))).unwrap());
+    let media_len = Layout::media_len_for(min_segments(cfg.queues));
+    let media = Arc::new(RecordingMedia::with_persistence(media_len, cfg.persistence).unwrap());
     let opts = CacheOptions {
         path: PathBuf::from("crash-test-cache"),
         create_size: None,
