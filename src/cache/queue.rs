@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -27,6 +28,12 @@ use crate::engine::{DataSeg, EngineQueue, IoError, IoResult, Request, RequestKin
 
 /// io_uring depth of a queue's backing reads.
 const BACKING_DEPTH: u32 = 128;
+
+/// Period of the kset timer: ksets are closed by age at least this often.
+const TICK: Duration = Duration::from_millis(super::log::KSET_MAX_AGE.as_millis() as u64 / 2);
+
+/// Longest time the room eventfd goes unread while no request of this queue waits for room.
+const ROOM_CHECK: Duration = Duration::from_micros(200);
 
 /// What a request path did with a request.
 pub(super) enum Outcome {
@@ -84,7 +91,15 @@ pub struct CacheQueue {
     /// logged. Off in msync mode (the log syncs data before the kset naming it) and volatile.
     pub(super) persist_per_write: bool,
     timer: TimerFd,
+    /// The timer's fd is only looked at from this moment on (no syscall per reap).
+    next_tick: Instant,
     room: EventFd,
+    /// When the room eventfd is looked at next, unless a request found no room (then at once).
+    next_room_check: Instant,
+    saw_busy: bool,
+    /// Backing reads were in flight at the last reap, so the doorbell must be cleared once more
+    /// after the last of them (a completion can ring it after the clear that preceded it).
+    backing_armed: bool,
     pub(super) staged: Vec<StagedWrite>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
@@ -103,9 +118,8 @@ impl CacheQueue {
         let backing = BackingQueue::new(core.backing.clone(), BACKING_DEPTH)
             .map_err(|e| format!("cannot set up backing I/O for queue {qid}: {e}"))?;
         let mut timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
-        let tick = super::log::KSET_MAX_AGE / 2;
         timer
-            .reset(tick, Some(tick))
+            .reset(TICK, Some(TICK))
             .map_err(|e| format!("timerfd: {e}"))?;
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         core.segments
@@ -122,7 +136,11 @@ impl CacheQueue {
             backing,
             persist_per_write,
             timer,
+            next_tick: Instant::now(),
             room,
+            next_room_check: Instant::now(),
+            saw_busy: false,
+            backing_armed: false,
             staged: Vec::new(),
             unclosed: Vec::new(),
             reads: HashMap::new(),
@@ -249,7 +267,10 @@ impl EngineQueue for CacheQueue {
                 self.in_flight += 1;
                 Submit::Pending
             }
-            Outcome::Busy => Submit::Busy(req),
+            Outcome::Busy => {
+                self.saw_busy = true;
+                Submit::Busy(req)
+            }
             Outcome::Done(r) => Submit::Done(r),
         }
     }
@@ -264,14 +285,31 @@ impl EngineQueue for CacheQueue {
 
     fn reap(&mut self, done: &mut Vec<(u64, IoResult)>) {
         self.commit_staged();
-        if self.timer.wait_nonblocking() {
+        // The fds are looked at only when they may have fired: the timer from a moment before
+        // its next tick on (advanced only once a tick was read), the room
+        // eventfd when a request found no room or at most every ROOM_CHECK otherwise (a wake-up
+        // while nothing waits for room then costs a short spin at most), the backing doorbell
+        // while backing reads are in flight.
+        let now = Instant::now();
+        if now >= self.next_tick && self.timer.wait_nonblocking() {
+            // 9/10 of a period after reading a tick comes before the next tick when ticks are
+            // read within 1/10 of a period of firing; later, the fd spins the loop for as long
+            // as the reading was late.
+            self.next_tick = now + TICK * 9 / 10;
             if let Err(e) = self.core.close_aged_ksets() {
                 log::debug!("queue {}: aged kset not closed yet: {e}", self.qid);
             }
         }
-        let _ = self.room.read();
+        if self.saw_busy || now >= self.next_room_check {
+            let _ = self.room.read();
+            self.saw_busy = false;
+            self.next_room_check = now + ROOM_CHECK;
+        }
         self.close_unclosed();
-        self.handle_backing_completions();
+        if self.backing_armed || !self.misses.is_empty() {
+            self.backing_armed = !self.misses.is_empty();
+            self.handle_backing_completions();
+        }
         self.in_flight -= self.completed.len();
         done.append(&mut self.completed);
     }
@@ -339,8 +377,6 @@ trait NonBlockingTimer {
 
 impl NonBlockingTimer for TimerFd {
     fn wait_nonblocking(&mut self) -> bool {
-        self.is_armed().unwrap_or(false)
-            && crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some()
-            && self.wait().is_ok()
+        crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some() && self.wait().is_ok()
     }
 }
