@@ -43,11 +43,13 @@ pub(super) enum Outcome {
     Busy,
 }
 
-/// A write whose data is in the cache and persisted, waiting for the batch's fence.
+/// A write whose data is in the cache (and persisted in pmem mode), waiting for the batch's
+/// fence.
 pub(super) struct StagedWrite {
     pub tag: u64,
-    /// Keys to log, each with the pin on its segment taken at allocation.
-    pub keys: Vec<KeyRecord>,
+    /// Its keys in the queue's `staged_keys`, each with the pin on its segment taken at
+    /// allocation (one vector for the whole batch: no allocation per write).
+    pub keys: std::ops::Range<usize>,
 }
 
 /// A write that completes only once the ksets holding its keys are on the media (write cache
@@ -101,6 +103,7 @@ pub struct CacheQueue {
     /// after the last of them (a completion can ring it after the clear that preceded it).
     backing_armed: bool,
     pub(super) staged: Vec<StagedWrite>,
+    pub(super) staged_keys: Vec<KeyRecord>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
@@ -142,6 +145,7 @@ impl CacheQueue {
             saw_busy: false,
             backing_armed: false,
             staged: Vec::new(),
+            staged_keys: Vec::new(),
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
@@ -168,28 +172,37 @@ impl CacheQueue {
         } else {
             Ok(())
         };
+        // Taken out and put back empty, so their allocations serve the next batch too.
+        let mut staged = std::mem::take(&mut self.staged);
+        let mut keys = std::mem::take(&mut self.staged_keys);
         if let Err(e) = fenced {
             log::error!(
                 "cache media fence failed; failing {} writes: {e}",
-                self.staged.len()
+                staged.len()
             );
-            for w in std::mem::take(&mut self.staged) {
-                w.keys.iter().for_each(|k| self.core.unpin(k.seg));
+            for w in staged.drain(..) {
+                keys[w.keys].iter().for_each(|k| self.core.unpin(k.seg));
                 self.completed
                     .push((w.tag, Err(IoError::Media(e.to_string()))));
             }
-            return;
-        }
-        for w in std::mem::take(&mut self.staged) {
-            for key in &w.keys {
-                self.core.insert_and_log(*key);
-                self.core.unpin(key.seg);
+        } else {
+            for w in staged.drain(..) {
+                let mine = &keys[w.keys];
+                for key in mine {
+                    self.core.insert_and_log(*key);
+                    self.core.unpin(key.seg);
+                }
+                if !self.must_hold() {
+                    self.completed.push((w.tag, Ok(())));
+                } else {
+                    let offs = mine.iter().map(|k| k.off).collect();
+                    self.hold(w.tag, offs);
+                }
             }
-            let offs = w.keys.iter().map(|k| k.off).collect();
-            if !self.hold_if_needed(w.tag, offs) {
-                self.completed.push((w.tag, Ok(())));
-            }
         }
+        keys.clear();
+        self.staged = staged;
+        self.staged_keys = keys;
         self.close_unclosed();
     }
 
@@ -198,17 +211,25 @@ impl CacheQueue {
     /// mode is read afterwards (SeqCst, paired with `CacheEngine::drain_and_hold`), so a write
     /// that sees it off has its keys in a kset that the drain's close covers.
     pub(super) fn hold_if_needed(&mut self, tag: u64, offs: Vec<u64>) -> bool {
-        let drained = self.core.drained.load(Ordering::SeqCst);
-        if !drained && self.core.write_cache.load(Ordering::Acquire) {
+        if !self.must_hold() {
             return false;
         }
+        self.hold(tag, offs);
+        true
+    }
+
+    /// Whether a write whose keys were just logged must be held (see `hold_if_needed`).
+    fn must_hold(&self) -> bool {
+        self.core.drained.load(Ordering::SeqCst) || !self.core.write_cache.load(Ordering::Acquire)
+    }
+
+    fn hold(&mut self, tag: u64, offs: Vec<u64>) {
         self.unclosed.push(HeldWrite {
             tag,
             offs,
-            write_back: drained,
+            write_back: self.core.drained.load(Ordering::SeqCst),
             until_seq: None,
         });
-        true
     }
 
     /// Complete held writes, oldest first, once their ksets are persisted (and, in drained

@@ -38,7 +38,7 @@ impl CacheQueue {
             return Outcome::Done(Err(IoError::ReadOnly));
         }
         let len = DataSeg::total_len(bufs);
-        let mut keys: Vec<KeyRecord> = Vec::new();
+        let first_key = self.staged_keys.len();
         let mut copied = 0u64;
         for (off, piece) in region_pieces(offset, len) {
             let mut left = piece;
@@ -46,7 +46,7 @@ impl CacheQueue {
                 let alloc = match core.alloc_data(self.qid, left, false) {
                     Ok(Some(a)) => a,
                     Ok(None) => {
-                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        self.unstage_keys(first_key);
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
                         // Space comes back only through writeback and GC, which see only
                         // closed ksets: do not make them wait for the kset timer.
@@ -56,20 +56,27 @@ impl CacheQueue {
                         return Outcome::Busy;
                     }
                     Err(e) => {
-                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        self.unstage_keys(first_key);
                         return Outcome::Done(Err(IoError::Media(e)));
                     }
                 };
-                let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
                 let dst = core.data_ptr(alloc.pos, alloc.len);
-                // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
-                // contract); `dst` is freshly allocated cache space of `alloc.len` bytes that
-                // nothing else writes or reads as current data until its key is inserted.
-                unsafe { DataSeg::gather(&src, dst) };
+                if copied == 0 && alloc.len as u64 == len {
+                    // The usual case, the whole write in one piece: no sub-list to build.
+                    // SAFETY: as below, with `bufs` itself as the source.
+                    unsafe { DataSeg::gather(bufs, dst) };
+                } else {
+                    let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
+                    // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
+                    // contract); `dst` is freshly allocated cache space of `alloc.len` bytes
+                    // that nothing else writes or reads as current data until its key is
+                    // inserted.
+                    unsafe { DataSeg::gather(&src, dst) };
+                }
                 if self.persist_per_write {
                     core.persist_data(alloc.pos, alloc.len);
                 }
-                keys.push(KeyRecord {
+                self.staged_keys.push(KeyRecord {
                     off: off + (piece - left) as u64,
                     len: alloc.len,
                     flags: 0,
@@ -83,8 +90,16 @@ impl CacheQueue {
             }
         }
         core.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        let keys = first_key..self.staged_keys.len();
         self.staged.push(StagedWrite { tag, keys });
         Outcome::Pending
+    }
+
+    /// Give back the keys a write staged from `first` on (it found no room or failed).
+    fn unstage_keys(&mut self, first: usize) {
+        for k in self.staged_keys.drain(first..) {
+            self.core.unpin(k.seg);
+        }
     }
 
     /// WRITE_ZEROES and DISCARD: data-less keys that read as zeroes and reach the backing
