@@ -20,7 +20,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::engine::Core;
 use super::format::KeyRecord;
-use super::index::FillTicket;
+use super::index::{FillTicket, Piece};
 use super::media::Persistence;
 use super::CachePos;
 use crate::backing::BackingQueue;
@@ -104,6 +104,8 @@ pub struct CacheQueue {
     backing_armed: bool,
     pub(super) staged: Vec<StagedWrite>,
     pub(super) staged_keys: Vec<KeyRecord>,
+    /// The index's answer for the read being served, reused from read to read.
+    pub(super) pieces: Vec<Piece>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
@@ -146,6 +148,7 @@ impl CacheQueue {
             backing_armed: false,
             staged: Vec::new(),
             staged_keys: Vec::new(),
+            pieces: Vec::new(),
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
