@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # One colour per target, the same in every plot; peers in greys, ours in colour.
 COLOURS = {
-    "qsd-file": "#7f7f7f",
-    "qsd-tmpfs": "#b0b0b0",
-    "qsd-null": "#d9d9d9",
+    "qsd-file": "#636363",
+    "qsd-tmpfs": "#969696",
+    "qsd-null": "#252525",
     "ours-none": "#9ecae1",
     "ours-msync": "#3182bd",
     "ours-pmem-shm": "#e6550d",
@@ -105,7 +105,9 @@ def plot_latency(rows, out):
             if r["case"] != c or r["status"] != "ok" or not r.get("cdf"):
                 continue
             pts = [(us, p) for p, us in r["cdf"] if us > 0]
+            peer = r["target"].startswith("qsd")
             ax.plot([u for u, _ in pts], [p for _, p in pts], marker=".",
+                    linestyle="--" if peer else "-",
                     label=f'{LABELS.get(r["target"], r["target"])} (p50 {r["p50_us"]:.0f} µs)',
                     color=COLOURS.get(r["target"]))
         ax.set_xscale("log")
@@ -142,7 +144,8 @@ def plot_timeline(rows, results_dir, out, kind, filename, title):
         step = r["timeline"]["step_s"]
         ios = r["timeline"]["ios"][:-1]
         ax.plot([i * step for i in range(len(ios))], [n / step / 1000 for n in ios],
-                label=LABELS.get(r["target"], r["target"]), color=COLOURS.get(r["target"]))
+                label=LABELS.get(r["target"], r["target"]), color=COLOURS.get(r["target"]),
+                linestyle="--" if r["target"].startswith("qsd") else "-")
     ax.set_xlabel("seconds from the start of the load")
     ax.set_ylabel("thousand IOPS")
     ax.set_yscale("symlog", linthresh=1)
