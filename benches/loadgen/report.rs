@@ -6,6 +6,12 @@ use std::fmt::Write as _;
 
 const MIB: f64 = 1024.0 * 1024.0;
 
+/// Percentiles of the latency distribution kept in the JSON summary.
+const CDF_POINTS: [f64; 19] = [
+    0.1, 1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 97.0, 99.0, 99.5,
+    99.9, 99.99, 100.0,
+];
+
 pub struct PassReport {
     pub name: &'static str,
     pub stats: Stats,
@@ -30,6 +36,11 @@ fn op_json(op: &OpStats, elapsed: f64) -> Value {
             "p99.9": us(op.latency.percentile_ns(99.9)),
             "max": us(op.latency.max_ns()),
         },
+        // The latency distribution, for plots: [percent, µs] pairs.
+        "lat_cdf_us": CDF_POINTS
+            .iter()
+            .map(|&p| json!([p, us(op.latency.percentile_ns(p))]))
+            .collect::<Vec<_>>(),
     })
 }
 
@@ -56,6 +67,10 @@ impl PassReport {
             "blocks_wanted": self.blocks_wanted,
             "blocks_done": self.blocks_done,
             "messages": self.stats.samples,
+            "timeline": {
+                "step_s": crate::stats::TIMELINE_STEP_S,
+                "ios": self.stats.timeline,
+            },
         })
     }
 

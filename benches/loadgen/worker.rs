@@ -286,6 +286,7 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
             op_stats.latency.record(latency_ns);
             if request.op != Op::Flush {
                 op_stats.bytes += job.block_size;
+                stats.tick(now.duration_since(started).as_secs_f64());
             }
             if request.op == Op::Read && matches!(job.work, Work::VerifyRead { .. }) {
                 if let Err(mismatch) = pattern::check(slots[slot], request.offset, job.generation) {

@@ -241,12 +241,16 @@ impl Core {
                 .dirty_bytes
                 .fetch_add(rec.len as u64, Ordering::Relaxed);
         }
+        let mut full = false;
         self.index.insert(key, &mut |_| {
             if rec.flags & format::KEY_ZEROES == 0 {
                 self.segments.get(rec.seg);
             }
-            self.append(rec);
+            full |= self.log.append(rec);
         });
+        if full {
+            self.close_full_kset(rec.off);
+        }
     }
 
     /// Hand a fill to the fill thread, which makes it durable and logs it.
@@ -272,10 +276,11 @@ impl Core {
             len,
             crc: self.crc_of(pos, len),
         };
+        let mut full = None;
         self.index
             .complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
                 self.segments.get(k.pos.seg);
-                self.append(KeyRecord {
+                let filled = self.log.append(KeyRecord {
                     off: k.off,
                     len: k.len,
                     flags: format::KEY_CLEAN,
@@ -284,14 +289,19 @@ impl Core {
                     gen: k.gen,
                     data_crc: self.crc_of(k.pos, k.len),
                 });
+                if filled {
+                    full = Some(k.off);
+                }
             });
+        if let Some(off) = full {
+            self.close_full_kset(off);
+        }
     }
 
-    fn append(&self, rec: KeyRecord) {
-        if self.log.append(rec) {
-            if let Err(e) = self.log.close_for(rec.off, &*self.media, &self.segments) {
-                log::debug!("full kset stays open for now: {e}");
-            }
+    /// Close a kset that filled up, outside the index region lock its key was added under.
+    fn close_full_kset(&self, off: u64) {
+        if let Err(e) = self.log.close_full(off, &*self.media, &self.segments) {
+            log::debug!("full kset stays open for now: {e}");
         }
     }
 
@@ -301,6 +311,11 @@ impl Core {
 
     pub fn close_all_ksets(&self) -> Result<(), LogError> {
         self.log.close_all(&*self.media, &self.segments)
+    }
+
+    /// Whether background threads run (off in stepped tests).
+    pub fn background(&self) -> bool {
+        self.background
     }
 
     pub fn close_aged_ksets(&self) -> Result<(), LogError> {

@@ -1,11 +1,10 @@
 //! Committing read fills off the request path.
 //!
 //! A read miss is read from the backing image into cache space, copied to the guest and
-//! answered at once. Before its clean key may be logged the data must be durable, and in msync
-//! mode making it durable is a synchronous write to the cache file's device: far too slow to
-//! sit between a guest and its next request. So each fill goes to this thread, which persists
-//! and fences a batch of fills itself (persist and fence must come from one thread), then
-//! logs them. A fill that is lost here (shutdown, a failed fence) only means the data is not
+//! answered at once. Before its clean key may be logged the data must be durable. In pmem mode
+//! this thread persists and fences a batch of fills itself (persist and fence must come from
+//! one thread), then logs them; in msync mode it only logs them, since the log syncs the data
+//! of a kset's keys before writing the kset. A fill that is lost here (shutdown, a failed fence) only means the data is not
 //! cached.
 
 use std::sync::atomic::Ordering;
@@ -16,6 +15,7 @@ use std::time::Duration;
 
 use super::engine::Core;
 use super::index::FillTicket;
+use super::media::Persistence;
 use super::CachePos;
 
 /// Backing data already copied into the cache (and to the guest), to be made durable and
@@ -52,10 +52,11 @@ fn run(core: &Core, fills: &Receiver<Filled>) {
     }
 }
 
-/// Persist a batch with one fence, then log each fill (or give it up).
+/// Persist a batch with one fence, then log each fill (or give it up). In msync mode the log
+/// syncs the data of a kset's keys before it writes the kset, so nothing is synced here.
 pub(super) fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
     let mut ok = keep;
-    if keep {
+    if keep && core.media.persistence() == Persistence::Pmem {
         for f in &batch {
             if let Err(e) = core.media.persist(core.media_offset(f.pos), f.len as u64) {
                 log::warn!("persisting a read fill failed, not caching it: {e}");

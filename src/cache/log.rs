@@ -3,19 +3,27 @@
 //! There is one open kset per queue in count, and a key goes to the kset of its 4 MiB region
 //! (`region % n`), never to its submitter's: so every version of one block reaches the log in
 //! the order the index saw them, which replay and writeback rely on. The caller appends while
-//! holding the index region lock (lock order: index region → kset → head → segment map).
+//! holding the index region lock, and closes after releasing it (lock order: index region →
+//! open kset; closing kset → open kset, closing kset → head → segment map).
 //!
-//! Closing writes the keys at key_head as one or more ksets of at most 128 keys, each followed
-//! by a zeroed header and carrying the next log sequence number. When a log segment cannot hold
+//! A close takes the open kset's keys out under its short lock, so writers go on appending
+//! while the close does its I/O; a second lock per kset keeps closes of one kset in order.
+//! In msync mode (group commit) the close first syncs the cached data every key names, with
+//! one msync for the whole set, so a kset on the media never names data that a crash could
+//! lose. Closing writes the keys at key_head as one or more ksets of at most 128 keys, each
+//! followed by a zeroed header, carrying the next log sequence number and fenced before the
+//! next one is written (replay relies on only the newest kset ever being torn). When a log
+//! segment cannot hold
 //! the next kset plus a LAST kset, a LAST kset chains to a fresh log segment. If no segment is
 //! free the keys stay in memory and the close is retried later; writes are held back by the
 //! data-segment reserve long before that can starve the log.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::format::{self, KeyRecord, KsetCodec};
-use super::media::Media;
+use super::media::{Media, Persistence};
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
 
@@ -38,6 +46,30 @@ struct OpenKset {
     since: Option<Instant>,
 }
 
+/// One open kset: the keys writers append to, and the lock that orders its closes (holding
+/// the spare vector the keys are swapped into, so steady state allocates nothing).
+#[derive(Default)]
+struct KsetSlot {
+    open: Mutex<OpenKset>,
+    closing: Mutex<Vec<KeyRecord>>,
+    /// Msync mode: a committer thread closes this kset when it fills, so the writer whose
+    /// key filled it does not wait for the syncs.
+    committer: Mutex<CommitState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct CommitState {
+    /// Committer threads serving this kset.
+    attached: usize,
+    /// A close was asked for since the committer last started one.
+    wanted: bool,
+}
+
+/// Keys a full kset may hold while it waits for its committer; beyond that the writer closes
+/// it itself (back-pressure when the media cannot keep up).
+const COMMIT_BACKLOG: usize = 8 * format::KSET_MAX_KEYS;
+
 /// Position of the next kset and the sequence number it will carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogHead {
@@ -46,7 +78,7 @@ pub struct LogHead {
 }
 
 pub struct Log {
-    ksets: Vec<Mutex<OpenKset>>,
+    ksets: Vec<KsetSlot>,
     head: Mutex<LogHead>,
     /// Signalled after every close, for writeback waiting on new ksets.
     closed: Condvar,
@@ -58,7 +90,7 @@ impl Log {
     /// A log whose next kset goes at `head`; `n_ksets` is the number of queues.
     pub fn new(layout: format::Layout, codec: KsetCodec, head: LogHead, n_ksets: usize) -> Log {
         Log {
-            ksets: (0..n_ksets.max(1)).map(|_| Mutex::default()).collect(),
+            ksets: (0..n_ksets.max(1)).map(|_| KsetSlot::default()).collect(),
             head: Mutex::new(head),
             closed: Condvar::new(),
             layout,
@@ -76,12 +108,68 @@ impl Log {
     }
 
     /// Add a key to its region's kset. Returns true when that kset is full and should be
-    /// closed now.
+    /// closed (after the caller released the index region lock).
     pub fn append(&self, key: KeyRecord) -> bool {
-        let mut k = self.ksets[self.kset_for(key.off)].lock().unwrap();
+        let mut k = self.ksets[self.kset_for(key.off)].open.lock().unwrap();
         k.keys.push(key);
         k.since.get_or_insert_with(Instant::now);
         k.keys.len() >= format::KSET_MAX_KEYS
+    }
+
+    /// A key appended for backing offset `off` filled its kset: have the kset's committer
+    /// close it, or close it here when it has none or is too far behind.
+    pub fn close_full(
+        &self,
+        off: u64,
+        media: &dyn Media,
+        segments: &SegmentMap,
+    ) -> Result<(), LogError> {
+        let idx = self.kset_for(off);
+        let slot = &self.ksets[idx];
+        let mut c = slot.committer.lock().unwrap();
+        if c.attached > 0 && slot.open.lock().unwrap().keys.len() < COMMIT_BACKLOG {
+            if !c.wanted {
+                c.wanted = true;
+                slot.wake.notify_one();
+            }
+            return Ok(());
+        }
+        drop(c);
+        self.close(idx, media, segments)
+    }
+
+    /// Serve kset `idx` as its committer until `stop` is set (and [`Log::wake_committer`]
+    /// called): close it whenever [`Log::close_full`] asks.
+    pub fn run_committer(
+        &self,
+        idx: usize,
+        stop: &AtomicBool,
+        media: &dyn Media,
+        segments: &SegmentMap,
+    ) {
+        let slot = &self.ksets[idx];
+        slot.committer.lock().unwrap().attached += 1;
+        loop {
+            let mut c = slot.committer.lock().unwrap();
+            while !c.wanted && !stop.load(Ordering::Acquire) {
+                c = slot.wake.wait_timeout(c, KSET_MAX_AGE).unwrap().0;
+            }
+            if stop.load(Ordering::Acquire) {
+                c.attached -= 1;
+                return;
+            }
+            c.wanted = false;
+            drop(c);
+            if let Err(e) = self.close(idx, media, segments) {
+                log::debug!("kset {idx} stays open for now: {e}");
+            }
+        }
+    }
+
+    /// Wake kset `idx`'s committers so one whose stop flag is set returns.
+    pub fn wake_committer(&self, idx: usize) {
+        let _c = self.ksets[idx].committer.lock().unwrap();
+        self.ksets[idx].wake.notify_all();
     }
 
     /// Persist kset `idx` if it holds keys.
@@ -91,37 +179,14 @@ impl Log {
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        let mut kset = self.ksets[idx].lock().unwrap();
-        if kset.keys.is_empty() {
-            return Ok(());
-        }
-        let mut head = self.head.lock().unwrap();
-        let mut written = 0;
-        let result = (|| {
-            for chunk in kset.keys.chunks(format::KSET_MAX_KEYS) {
-                self.write_kset(&mut head, chunk, media, segments)?;
-                written += chunk.len();
-            }
-            Ok(())
-        })();
-        kset.keys.drain(..written);
-        if kset.keys.is_empty() {
-            kset.since = None;
-        }
-        drop(head);
-        drop(kset);
-        if written > 0 {
-            self.closed.notify_all();
-        }
-        result
+        self.close_set(&[idx], media, segments)
     }
 
-    /// Persist every kset that holds keys (FLUSH, write cache off, shutdown).
+    /// Persist every kset that holds keys (FLUSH, write cache off, shutdown): their keys go out
+    /// together, so a FLUSH costs one data sync and one fence per 128 keys, not per queue.
     pub fn close_all(&self, media: &dyn Media, segments: &SegmentMap) -> Result<(), LogError> {
-        for idx in 0..self.ksets.len() {
-            self.close(idx, media, segments)?;
-        }
-        Ok(())
+        let all: Vec<usize> = (0..self.ksets.len()).collect();
+        self.close_set(&all, media, segments)
     }
 
     /// Persist the kset holding keys for backing offset `off`.
@@ -138,6 +203,7 @@ impl Log {
     pub fn close_aged(&self, media: &dyn Media, segments: &SegmentMap) -> Result<(), LogError> {
         for idx in 0..self.ksets.len() {
             let aged = self.ksets[idx]
+                .open
                 .lock()
                 .unwrap()
                 .since
@@ -147,6 +213,99 @@ impl Log {
             }
         }
         Ok(())
+    }
+
+    /// Close the open ksets `idxs` (ascending) as one run of keys in the log.
+    ///
+    /// Each kset's closing lock is held from taking its keys until they are on the media, so
+    /// the versions of a block (which all go to one kset) reach the log in append order even
+    /// when several threads close. Keys that could not be written go back to the front of
+    /// their kset.
+    fn close_set(
+        &self,
+        idxs: &[usize],
+        media: &dyn Media,
+        segments: &SegmentMap,
+    ) -> Result<(), LogError> {
+        let mut closing: Vec<_> = idxs
+            .iter()
+            .map(|&i| self.ksets[i].closing.lock().unwrap())
+            .collect();
+        let mut taken = 0;
+        for (n, &i) in idxs.iter().enumerate() {
+            let mut open = self.ksets[i].open.lock().unwrap();
+            if !open.keys.is_empty() {
+                std::mem::swap(&mut open.keys, &mut *closing[n]);
+                open.since = None;
+                taken += closing[n].len();
+            }
+        }
+        if taken == 0 {
+            return Ok(());
+        }
+        let mut written = 0;
+        let result = self.write_keys(&closing, media, segments, &mut written);
+        for (n, &i) in idxs.iter().enumerate() {
+            let keys = &mut *closing[n];
+            let done = written.min(keys.len());
+            written -= done;
+            if done < keys.len() {
+                let mut open = self.ksets[i].open.lock().unwrap();
+                open.keys.splice(0..0, keys.drain(done..));
+                open.since = Some(Instant::now());
+            }
+            keys.clear();
+        }
+        drop(closing);
+        self.closed.notify_all();
+        result
+    }
+
+    /// Sync the data the keys name (msync mode), then write them as ksets at the head.
+    /// `written` counts the keys on the media, in the order of `lists`.
+    fn write_keys(
+        &self,
+        lists: &[std::sync::MutexGuard<'_, Vec<KeyRecord>>],
+        media: &dyn Media,
+        segments: &SegmentMap,
+        written: &mut usize,
+    ) -> Result<(), LogError> {
+        if media.persistence() == Persistence::Msync {
+            self.sync_data(lists.iter().flat_map(|l| l.iter()), media)?;
+        }
+        let mut head = self.head.lock().unwrap();
+        let mut chunk: Vec<KeyRecord> = Vec::with_capacity(format::KSET_MAX_KEYS);
+        for key in lists.iter().flat_map(|l| l.iter()) {
+            chunk.push(*key);
+            if chunk.len() == format::KSET_MAX_KEYS {
+                self.write_kset(&mut head, &chunk, media, segments)?;
+                *written += chunk.len();
+                chunk.clear();
+            }
+        }
+        if !chunk.is_empty() {
+            self.write_kset(&mut head, &chunk, media, segments)?;
+            *written += chunk.len();
+        }
+        Ok(())
+    }
+
+    /// Make the cached data of `keys` durable before a kset names it (msync group commit).
+    fn sync_data<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k KeyRecord>,
+        media: &dyn Media,
+    ) -> Result<(), LogError> {
+        for k in keys.filter(|k| k.flags & format::KEY_ZEROES == 0) {
+            let at = self.layout.media_offset(CachePos {
+                seg: k.seg,
+                off: k.seg_off,
+            });
+            media
+                .persist(at, k.len as u64)
+                .map_err(|e| LogError::Media(e.to_string()))?;
+        }
+        fence(media)
     }
 
     /// Wait until the head moves past `seq` or `timeout` passes; returns the head.

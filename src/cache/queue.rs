@@ -1,29 +1,39 @@
 //! One worker thread's handle on the cache engine: the request paths' shared state.
 //!
-//! Writes are copied into the cache and persisted in `submit`, then all writes of a batch are
-//! made durable by one fence in `reap`, inserted into the index and logged, and completed: a
-//! write completes once its data is persisted; its key may still wait in an open kset (see
-//! `log`). Reads are served from the cache where it holds the data and from the backing image
+//! Writes are copied into the cache in `submit`. In pmem mode they are persisted there too,
+//! and all writes of a batch are made durable by one fence in `reap`; in msync mode (group
+//! commit) nothing is synced per write, because the log syncs the data of a kset's keys before
+//! it writes the kset. Either way the writes are then inserted into the index and logged, and
+//! completed: a write completes once its data is in the cache media and will reach it before
+//! its key does; the key may still wait in an open kset (see `log`). Reads are served from the cache where it holds the data and from the backing image
 //! where it does not, filling the cache on the way (`read`). The 1 s kset timer and the "room
 //! again" eventfd are part of this queue's poll fds, so they run in the worker's event loop.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::engine::Core;
 use super::format::KeyRecord;
-use super::index::FillTicket;
+use super::index::{FillTicket, Piece};
+use super::media::Persistence;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::{DataSeg, EngineQueue, IoError, IoResult, Request, RequestKind, Submit};
 
 /// io_uring depth of a queue's backing reads.
 const BACKING_DEPTH: u32 = 128;
+
+/// Period of the kset timer: ksets are closed by age at least this often.
+const TICK: Duration = Duration::from_millis(super::log::KSET_MAX_AGE.as_millis() as u64 / 2);
+
+/// Longest time the room eventfd goes unread while no request of this queue waits for room.
+const ROOM_CHECK: Duration = Duration::from_micros(200);
 
 /// What a request path did with a request.
 pub(super) enum Outcome {
@@ -33,11 +43,13 @@ pub(super) enum Outcome {
     Busy,
 }
 
-/// A write whose data is in the cache and persisted, waiting for the batch's fence.
+/// A write whose data is in the cache (and persisted in pmem mode), waiting for the batch's
+/// fence.
 pub(super) struct StagedWrite {
     pub tag: u64,
-    /// Keys to log, each with the pin on its segment taken at allocation.
-    pub keys: Vec<KeyRecord>,
+    /// Its keys in the queue's `staged_keys`, each with the pin on its segment taken at
+    /// allocation (one vector for the whole batch: no allocation per write).
+    pub keys: std::ops::Range<usize>,
 }
 
 /// A write that completes only once the ksets holding its keys are on the media (write cache
@@ -77,9 +89,23 @@ pub struct CacheQueue {
     pub(super) core: Arc<Core>,
     pub(super) qid: usize,
     pub(super) backing: BackingQueue,
+    /// Pmem mode: each write is persisted on submit and the batch fenced before its keys are
+    /// logged. Off in msync mode (the log syncs data before the kset naming it) and volatile.
+    pub(super) persist_per_write: bool,
     timer: TimerFd,
+    /// The timer's fd is only looked at from this moment on (no syscall per reap).
+    next_tick: Instant,
     room: EventFd,
+    /// When the room eventfd is looked at next, unless a request found no room (then at once).
+    next_room_check: Instant,
+    saw_busy: bool,
+    /// Backing reads were in flight at the last reap, so the doorbell must be cleared once more
+    /// after the last of them (a completion can ring it after the clear that preceded it).
+    backing_armed: bool,
     pub(super) staged: Vec<StagedWrite>,
+    pub(super) staged_keys: Vec<KeyRecord>,
+    /// The index's answer for the read being served, reused from read to read.
+    pub(super) pieces: Vec<Piece>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
@@ -88,6 +114,8 @@ pub struct CacheQueue {
     pub(super) completed: Vec<(u64, IoResult)>,
     in_flight: usize,
     backing_done: Vec<(u64, std::io::Result<()>)>,
+    /// Msync mode: the thread that closes this queue's kset when it fills, and its stop flag.
+    committer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
 impl CacheQueue {
@@ -95,20 +123,32 @@ impl CacheQueue {
         let backing = BackingQueue::new(core.backing.clone(), BACKING_DEPTH)
             .map_err(|e| format!("cannot set up backing I/O for queue {qid}: {e}"))?;
         let mut timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
-        let tick = super::log::KSET_MAX_AGE / 2;
         timer
-            .reset(tick, Some(tick))
+            .reset(TICK, Some(TICK))
             .map_err(|e| format!("timerfd: {e}"))?;
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
         core.segments
             .add_waiter(room.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+        let persist_per_write = core.media.persistence() == Persistence::Pmem;
+        let committer = if core.media.persistence() == Persistence::Msync && core.background() {
+            Some(spawn_committer(core.clone(), qid)?)
+        } else {
+            None
+        };
         Ok(CacheQueue {
             core,
             qid,
             backing,
+            persist_per_write,
             timer,
+            next_tick: Instant::now(),
             room,
+            next_room_check: Instant::now(),
+            saw_busy: false,
+            backing_armed: false,
             staged: Vec::new(),
+            staged_keys: Vec::new(),
+            pieces: Vec::new(),
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
@@ -116,6 +156,7 @@ impl CacheQueue {
             completed: Vec::new(),
             in_flight: 0,
             backing_done: Vec::new(),
+            committer,
         })
     }
 
@@ -129,28 +170,42 @@ impl CacheQueue {
         if self.staged.is_empty() {
             return;
         }
-        if let Err(e) = self.core.media.fence() {
+        let fenced = if self.persist_per_write {
+            self.core.media.fence()
+        } else {
+            Ok(())
+        };
+        // Taken out and put back empty, so their allocations serve the next batch too.
+        let mut staged = std::mem::take(&mut self.staged);
+        let mut keys = std::mem::take(&mut self.staged_keys);
+        if let Err(e) = fenced {
             log::error!(
                 "cache media fence failed; failing {} writes: {e}",
-                self.staged.len()
+                staged.len()
             );
-            for w in std::mem::take(&mut self.staged) {
-                w.keys.iter().for_each(|k| self.core.unpin(k.seg));
+            for w in staged.drain(..) {
+                keys[w.keys].iter().for_each(|k| self.core.unpin(k.seg));
                 self.completed
                     .push((w.tag, Err(IoError::Media(e.to_string()))));
             }
-            return;
-        }
-        for w in std::mem::take(&mut self.staged) {
-            for key in &w.keys {
-                self.core.insert_and_log(*key);
-                self.core.unpin(key.seg);
+        } else {
+            for w in staged.drain(..) {
+                let mine = &keys[w.keys];
+                for key in mine {
+                    self.core.insert_and_log(*key);
+                    self.core.unpin(key.seg);
+                }
+                if !self.must_hold() {
+                    self.completed.push((w.tag, Ok(())));
+                } else {
+                    let offs = mine.iter().map(|k| k.off).collect();
+                    self.hold(w.tag, offs);
+                }
             }
-            let offs = w.keys.iter().map(|k| k.off).collect();
-            if !self.hold_if_needed(w.tag, offs) {
-                self.completed.push((w.tag, Ok(())));
-            }
         }
+        keys.clear();
+        self.staged = staged;
+        self.staged_keys = keys;
         self.close_unclosed();
     }
 
@@ -159,17 +214,25 @@ impl CacheQueue {
     /// mode is read afterwards (SeqCst, paired with `CacheEngine::drain_and_hold`), so a write
     /// that sees it off has its keys in a kset that the drain's close covers.
     pub(super) fn hold_if_needed(&mut self, tag: u64, offs: Vec<u64>) -> bool {
-        let drained = self.core.drained.load(Ordering::SeqCst);
-        if !drained && self.core.write_cache.load(Ordering::Acquire) {
+        if !self.must_hold() {
             return false;
         }
+        self.hold(tag, offs);
+        true
+    }
+
+    /// Whether a write whose keys were just logged must be held (see `hold_if_needed`).
+    fn must_hold(&self) -> bool {
+        self.core.drained.load(Ordering::SeqCst) || !self.core.write_cache.load(Ordering::Acquire)
+    }
+
+    fn hold(&mut self, tag: u64, offs: Vec<u64>) {
         self.unclosed.push(HeldWrite {
             tag,
             offs,
-            write_back: drained,
+            write_back: self.core.drained.load(Ordering::SeqCst),
             until_seq: None,
         });
-        true
     }
 
     /// Complete held writes, oldest first, once their ksets are persisted (and, in drained
@@ -228,7 +291,10 @@ impl EngineQueue for CacheQueue {
                 self.in_flight += 1;
                 Submit::Pending
             }
-            Outcome::Busy => Submit::Busy(req),
+            Outcome::Busy => {
+                self.saw_busy = true;
+                Submit::Busy(req)
+            }
             Outcome::Done(r) => Submit::Done(r),
         }
     }
@@ -243,14 +309,31 @@ impl EngineQueue for CacheQueue {
 
     fn reap(&mut self, done: &mut Vec<(u64, IoResult)>) {
         self.commit_staged();
-        if self.timer.wait_nonblocking() {
+        // The fds are looked at only when they may have fired: the timer from a moment before
+        // its next tick on (advanced only once a tick was read), the room
+        // eventfd when a request found no room or at most every ROOM_CHECK otherwise (a wake-up
+        // while nothing waits for room then costs a short spin at most), the backing doorbell
+        // while backing reads are in flight.
+        let now = Instant::now();
+        if now >= self.next_tick && self.timer.wait_nonblocking() {
+            // 9/10 of a period after reading a tick comes before the next tick when ticks are
+            // read within 1/10 of a period of firing; later, the fd spins the loop for as long
+            // as the reading was late.
+            self.next_tick = now + TICK * 9 / 10;
             if let Err(e) = self.core.close_aged_ksets() {
                 log::debug!("queue {}: aged kset not closed yet: {e}", self.qid);
             }
         }
-        let _ = self.room.read();
+        if self.saw_busy || now >= self.next_room_check {
+            let _ = self.room.read();
+            self.saw_busy = false;
+            self.next_room_check = now + ROOM_CHECK;
+        }
         self.close_unclosed();
-        self.handle_backing_completions();
+        if self.backing_armed || !self.misses.is_empty() {
+            self.backing_armed = !self.misses.is_empty();
+            self.handle_backing_completions();
+        }
         self.in_flight -= self.completed.len();
         done.append(&mut self.completed);
     }
@@ -285,7 +368,30 @@ impl Drop for CacheQueue {
         self.drain(&mut done);
         self.core.segments.remove_waiter(self.room.as_raw_fd());
         self.core.release_head(self.qid);
+        if let Some((stop, thread)) = self.committer.take() {
+            stop.store(true, Ordering::Release);
+            self.core.log.wake_committer(self.qid);
+            let _ = thread.join();
+        }
     }
+}
+
+/// Start the thread that closes kset `qid` when it fills (msync mode): closing syncs the
+/// data its keys name and then the kset, and no writer should wait for that.
+fn spawn_committer(
+    core: Arc<Core>,
+    qid: usize,
+) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("pcache-log-{qid}"))
+        .spawn(move || {
+            core.log
+                .run_committer(qid, &flag, &*core.media, &core.segments)
+        })
+        .map_err(|e| format!("cannot start the log committer of queue {qid}: {e}"))?;
+    Ok((stop, thread))
 }
 
 /// Small extension so the timer can be polled without blocking.
@@ -295,8 +401,6 @@ trait NonBlockingTimer {
 
 impl NonBlockingTimer for TimerFd {
     fn wait_nonblocking(&mut self) -> bool {
-        self.is_armed().unwrap_or(false)
-            && crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some()
-            && self.wait().is_ok()
+        crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some() && self.wait().is_ok()
     }
 }

@@ -20,7 +20,8 @@ impl CacheQueue {
     pub(super) fn submit_read(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
         let core = self.core.clone();
         let len = DataSeg::total_len(bufs);
-        let mut pieces = Vec::new();
+        // The queue's vector, put back below: no allocation per read.
+        let mut pieces = std::mem::take(&mut self.pieces);
         loop {
             pieces.clear();
             core.index
@@ -33,17 +34,19 @@ impl CacheQueue {
                 }
                 Err(e) => {
                     abort_fills(self, pieces.drain(..));
+                    self.pieces = pieces;
                     return Outcome::Done(Err(e));
                 }
             }
         }
         let misses: Vec<_> = pieces
-            .into_iter()
+            .drain(..)
             .filter_map(|p| match p {
                 Piece::Miss { off, len, ticket } => Some((off, len, ticket)),
                 _ => None,
             })
             .collect();
+        self.pieces = pieces;
         core.stats.read_bytes.fetch_add(len, Ordering::Relaxed);
         if misses.is_empty() {
             core.stats.read_hits.fetch_add(1, Ordering::Relaxed);
@@ -119,11 +122,18 @@ impl CacheQueue {
                             len: *len,
                         });
                     }
+                    let src = core.data_ptr(key.pos, *len);
+                    if *off == offset && *len as u64 == DataSeg::total_len(bufs) {
+                        // One hit covering the whole read: no sub-list to build.
+                        // SAFETY: as below, with `bufs` itself as the destination.
+                        unsafe { DataSeg::scatter(bufs, src) };
+                        continue;
+                    }
                     let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);
                     // SAFETY: `dst` is guest memory valid for this request (DataSeg contract);
                     // the source is cache space inside the mapping (bounds-checked by
                     // `data_ptr`). A concurrent reuse of the segment is caught below.
-                    unsafe { DataSeg::scatter(&dst, core.data_ptr(key.pos, *len)) };
+                    unsafe { DataSeg::scatter(&dst, src) };
                 }
                 Piece::Zeroes { off, len } => {
                     let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);

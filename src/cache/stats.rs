@@ -1,14 +1,68 @@
 //! Counters the engine keeps for `status` and metrics. Relaxed atomics: they are statistics,
-//! not synchronisation.
+//! not synchronisation. The ones every request touches are sharded per thread, so queue
+//! workers on different CPUs do not pass one cache line back and forth.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+/// Slots of a [`ShardedCounter`]; threads beyond this many share slots.
+const SHARDS: usize = 16;
+
+/// One counter slot on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Slot(AtomicU64);
+
+/// A counter with one slot per thread (up to [`SHARDS`]): adding touches only the calling
+/// thread's cache line, reading sums the slots.
+#[derive(Default)]
+pub struct ShardedCounter {
+    slots: [Slot; SHARDS],
+}
+
+thread_local! {
+    static SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+fn my_shard() -> usize {
+    SHARD.with(|s| {
+        if s.get() == usize::MAX {
+            s.set(NEXT_SHARD.fetch_add(1, Ordering::Relaxed) % SHARDS);
+        }
+        s.get()
+    })
+}
+
+impl ShardedCounter {
+    /// Add `n` (the ordering is accepted for the same call shape as an atomic; always
+    /// relaxed).
+    pub fn fetch_add(&self, n: u64, _order: Ordering) {
+        self.slots[my_shard()].0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum of all slots.
+    pub fn load(&self, _order: Ordering) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.0.load(Ordering::Relaxed))
+            .fold(0, u64::wrapping_add)
+    }
+}
+
+impl std::fmt::Debug for ShardedCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.load(Ordering::Relaxed))
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub read_hits: AtomicU64,
-    pub read_misses: AtomicU64,
-    pub read_bytes: AtomicU64,
-    pub write_bytes: AtomicU64,
+    pub read_hits: ShardedCounter,
+    pub read_misses: ShardedCounter,
+    pub read_bytes: ShardedCounter,
+    pub write_bytes: ShardedCounter,
     /// Requests handed back to their queue because the cache had no room.
     pub busy: AtomicU64,
     pub crc_errors: AtomicU64,
@@ -43,10 +97,10 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {
-            read_hits: g(&self.read_hits),
-            read_misses: g(&self.read_misses),
-            read_bytes: g(&self.read_bytes),
-            write_bytes: g(&self.write_bytes),
+            read_hits: self.read_hits.load(Ordering::Relaxed),
+            read_misses: self.read_misses.load(Ordering::Relaxed),
+            read_bytes: self.read_bytes.load(Ordering::Relaxed),
+            write_bytes: self.write_bytes.load(Ordering::Relaxed),
             busy: g(&self.busy),
             crc_errors: g(&self.crc_errors),
             writeback_bytes: g(&self.writeback_bytes),
@@ -57,5 +111,25 @@ impl Stats {
             segments_used: 0,
             segments_free: 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sharded_counter_sums_every_thread() {
+        let c = std::sync::Arc::new(ShardedCounter::default());
+        let threads: Vec<_> = (0..20)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    (0..1000).for_each(|_| c.fetch_add(3, Ordering::Relaxed))
+                })
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(c.load(Ordering::Relaxed), 20 * 1000 * 3);
     }
 }

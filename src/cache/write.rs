@@ -1,8 +1,10 @@
 //! The write side of the request paths: WRITE, WRITE_ZEROES, DISCARD and FLUSH.
 //!
 //! A write is split at 4 MiB region boundaries (a key never spans index regions) and at the
-//! end of the queue's data segment. Each piece is copied from guest memory into the cache and
-//! persisted; its key waits in `staged` until the batch's fence (`CacheQueue::commit_staged`).
+//! end of the queue's data segment. Each piece is copied from guest memory into the cache; in
+//! pmem mode it is also persisted, and its key waits in `staged` until the batch's fence
+//! (`CacheQueue::commit_staged`). In msync mode nothing is synced per write (group commit): the
+//! log syncs the data of a kset's keys before it writes the kset (`log`).
 //! A write that finds no room gives back everything it took and is handed back to the worker
 //! whole, to be redone when space is freed: redoing a write is harmless.
 
@@ -36,7 +38,7 @@ impl CacheQueue {
             return Outcome::Done(Err(IoError::ReadOnly));
         }
         let len = DataSeg::total_len(bufs);
-        let mut keys: Vec<KeyRecord> = Vec::new();
+        let first_key = self.staged_keys.len();
         let mut copied = 0u64;
         for (off, piece) in region_pieces(offset, len) {
             let mut left = piece;
@@ -44,7 +46,7 @@ impl CacheQueue {
                 let alloc = match core.alloc_data(self.qid, left, false) {
                     Ok(Some(a)) => a,
                     Ok(None) => {
-                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        self.unstage_keys(first_key);
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
                         // Space comes back only through writeback and GC, which see only
                         // closed ksets: do not make them wait for the kset timer.
@@ -54,18 +56,27 @@ impl CacheQueue {
                         return Outcome::Busy;
                     }
                     Err(e) => {
-                        keys.iter().for_each(|k| core.unpin(k.seg));
+                        self.unstage_keys(first_key);
                         return Outcome::Done(Err(IoError::Media(e)));
                     }
                 };
-                let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
                 let dst = core.data_ptr(alloc.pos, alloc.len);
-                // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
-                // contract); `dst` is freshly allocated cache space of `alloc.len` bytes that
-                // nothing else writes or reads as current data until its key is inserted.
-                unsafe { DataSeg::gather(&src, dst) };
-                core.persist_data(alloc.pos, alloc.len);
-                keys.push(KeyRecord {
+                if copied == 0 && alloc.len as u64 == len {
+                    // The usual case, the whole write in one piece: no sub-list to build.
+                    // SAFETY: as below, with `bufs` itself as the source.
+                    unsafe { DataSeg::gather(bufs, dst) };
+                } else {
+                    let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
+                    // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
+                    // contract); `dst` is freshly allocated cache space of `alloc.len` bytes
+                    // that nothing else writes or reads as current data until its key is
+                    // inserted.
+                    unsafe { DataSeg::gather(&src, dst) };
+                }
+                if self.persist_per_write {
+                    core.persist_data(alloc.pos, alloc.len);
+                }
+                self.staged_keys.push(KeyRecord {
                     off: off + (piece - left) as u64,
                     len: alloc.len,
                     flags: 0,
@@ -79,8 +90,16 @@ impl CacheQueue {
             }
         }
         core.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+        let keys = first_key..self.staged_keys.len();
         self.staged.push(StagedWrite { tag, keys });
         Outcome::Pending
+    }
+
+    /// Give back the keys a write staged from `first` on (it found no room or failed).
+    fn unstage_keys(&mut self, first: usize) {
+        for k in self.staged_keys.drain(first..) {
+            self.core.unpin(k.seg);
+        }
     }
 
     /// WRITE_ZEROES and DISCARD: data-less keys that read as zeroes and reach the backing

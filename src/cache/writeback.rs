@@ -236,19 +236,25 @@ pub(super) fn visible_parts(keys: &[format::KeyRecord]) -> Vec<(usize, u64, u32)
         let mut parts = vec![(k.off, k.off + k.len as u64)];
         for later in &keys[i + 1..] {
             let (ls, le) = (later.off, later.off + later.len as u64);
-            parts = parts
-                .into_iter()
-                .flat_map(|(s, e)| {
-                    if le <= s || ls >= e {
-                        vec![(s, e)]
-                    } else {
+            // Most later keys miss this one: only an overlap rebuilds the parts (rebuilding for
+            // every pair of a kset's keys, with two allocations each, was most of the daemon's
+            // instructions under 4 KiB random writes).
+            if !parts.iter().any(|&(s, e)| ls < e && le > s) {
+                continue;
+            }
+            let mut cut = Vec::with_capacity(parts.len() + 1);
+            for (s, e) in parts {
+                if le <= s || ls >= e {
+                    cut.push((s, e));
+                } else {
+                    cut.extend(
                         [(s, ls.max(s)), (le.min(e), e)]
                             .into_iter()
-                            .filter(|(a, b)| a < b)
-                            .collect()
-                    }
-                })
-                .collect();
+                            .filter(|(a, b)| a < b),
+                    );
+                }
+            }
+            parts = cut;
         }
         out.extend(parts.into_iter().map(|(s, e)| (i, s, (e - s) as u32)));
     }
@@ -309,5 +315,34 @@ mod tests {
             Duration::ZERO,
             "an empty capacity never divides by zero"
         );
+    }
+
+    #[test]
+    fn visible_parts_match_a_per_sector_model() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            seed >> 33
+        };
+        for _ in 0..200 {
+            let keys: Vec<_> = (0..1 + next() % 40)
+                .map(|_| key((next() % 64) * 512, (1 + next() % 8) as u32 * 512))
+                .collect();
+            let mut newest = std::collections::HashMap::new();
+            for (i, k) in keys.iter().enumerate() {
+                for s in (k.off..k.off + k.len as u64).step_by(512) {
+                    newest.insert(s, i);
+                }
+            }
+            let mut seen = std::collections::HashMap::new();
+            for (i, off, len) in visible_parts(&keys) {
+                for s in (off..off + len as u64).step_by(512) {
+                    assert!(seen.insert(s, i).is_none(), "sector {s} written twice");
+                }
+            }
+            assert_eq!(seen, newest);
+        }
     }
 }

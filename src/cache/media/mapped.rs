@@ -55,7 +55,7 @@ impl MappedMedia {
             path: path.to_path_buf(),
             reason,
         };
-        let (file, target) = open_target(path, opts.create_size)?;
+        let (file, target, created) = open_target(path, opts.create_size)?;
         let size = match target {
             Target::DevDax { size } | Target::File { size } => size,
         };
@@ -129,6 +129,7 @@ impl MappedMedia {
                 Err(e) => return Err(io_err("mmap")(e)),
             },
         };
+        prepare_mapping(path, base, len, created, is_devdax);
         let flush = cpu_flush::detect();
         log::info!(
             "{}: mapped {} bytes, persistence {}{}",
@@ -162,7 +163,9 @@ impl MappedMedia {
     }
 }
 
-fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target), MediaError> {
+/// Open the media; for an ordinary file, create it when asked and allocate every block of it.
+/// Returns whether the file was created here.
+fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target, bool), MediaError> {
     let io_err = |what: &'static str, source: io::Error| MediaError::Io {
         path: path.to_path_buf(),
         what,
@@ -191,7 +194,7 @@ fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target), 
                 path: path.to_path_buf(),
                 reason: format!("{sys} holds {:?}, not a size", text.trim()),
             })?;
-        return Ok((file, Target::DevDax { size }));
+        return Ok((file, Target::DevDax { size }, false));
     }
     if !meta.file_type().is_file() {
         return Err(MediaError::Unsupported {
@@ -200,10 +203,12 @@ fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target), 
         });
     }
     let mut size = meta.len();
+    let mut created = false;
     if size == 0 {
         if let Some(want) = create_size {
             file.set_len(want).map_err(|e| io_err("set size", e))?;
             size = want;
+            created = true;
         }
     } else if let Some(want) = create_size {
         if want != size {
@@ -213,7 +218,109 @@ fn open_target(path: &Path, create_size: Option<u64>) -> Result<(File, Target), 
             );
         }
     }
-    Ok((file, Target::File { size }))
+    if size > 0 {
+        if let Err(e) = preallocate(&file, path, size) {
+            if created {
+                // Leave nothing behind: the file was empty or missing before.
+                let _ = file.set_len(0);
+                if !exists {
+                    let _ = std::fs::remove_file(path);
+                }
+            }
+            return Err(e);
+        }
+    }
+    Ok((file, Target::File { size }, created))
+}
+
+/// Give every byte of the file a block now, so that a full host file system is an error here
+/// and never a SIGBUS later, when a guest write first touches a hole of the mapping. Blocks
+/// already allocated are left as they are (contents never change).
+fn preallocate(file: &File, path: &Path, size: u64) -> Result<(), MediaError> {
+    let fd = file.as_raw_fd();
+    let len = libc::off_t::try_from(size).map_err(|_| MediaError::Unsupported {
+        path: path.to_path_buf(),
+        reason: "media too large".into(),
+    })?;
+    // SAFETY: fallocate on an fd this function borrows; no memory is passed.
+    let rc = unsafe { libc::fallocate(fd, 0, 0, len) };
+    let err = if rc == 0 {
+        return Ok(());
+    } else {
+        io::Error::last_os_error()
+    };
+    let err = if err.raw_os_error() == Some(libc::EOPNOTSUPP) {
+        // File systems without fallocate: the C library allocates by writing each block.
+        // SAFETY: as above.
+        match unsafe { libc::posix_fallocate(fd, 0, len) } {
+            0 => return Ok(()),
+            code => io::Error::from_raw_os_error(code),
+        }
+    } else {
+        err
+    };
+    if err.raw_os_error() == Some(libc::ENOSPC) {
+        return Err(MediaError::NoSpace {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Err(MediaError::Io {
+        path: path.to_path_buf(),
+        what: "allocate the cache file's blocks",
+        source: err,
+    })
+}
+
+/// Fault the whole mapping in once, so no guest write pays a page fault, and ask for
+/// transparent huge pages where the media allows them. Failures only cost speed: logged.
+///
+/// A file created here is populated for writing (its pages become dirty zeroes that the kernel
+/// writes back once, which also turns preallocated extents into written ones, so later msyncs
+/// write data only). An existing file is populated for reading: marking all of it dirty would
+/// make the kernel write the whole cache back again at every start. A file larger than half
+/// the machine's memory is not populated at all (the page cache could not hold it).
+fn prepare_mapping(path: &Path, base: *mut u8, len: usize, created: bool, is_devdax: bool) {
+    // SAFETY: base/len describe a live mapping made by `map`; madvise changes no contents.
+    let advise = |advice| unsafe { libc::madvise(base.cast(), len, advice) };
+    if !is_devdax && advise(libc::MADV_HUGEPAGE) != 0 {
+        log::debug!(
+            "{}: no transparent huge pages on this mapping: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+    if len as u64 > total_memory() / 2 {
+        log::info!(
+            "{}: {len} bytes is more than half the memory; the mapping is faulted in on use",
+            path.display()
+        );
+        return;
+    }
+    let (advice, how) = if created {
+        (libc::MADV_POPULATE_WRITE, "write")
+    } else {
+        (libc::MADV_POPULATE_READ, "read")
+    };
+    if advise(advice) != 0 {
+        log::warn!(
+            "{}: populating the mapping ({how}) failed, pages fault in on first use: {}",
+            path.display(),
+            io::Error::last_os_error()
+        );
+    }
+}
+
+fn total_memory() -> u64 {
+    // SAFETY: sysinfo fills the struct it is given and reads nothing else.
+    unsafe {
+        let mut info: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut info) == 0 {
+            info.totalram as u64 * info.mem_unit as u64
+        } else {
+            u64::MAX
+        }
+    }
 }
 
 fn map(file: &File, len: usize, flags: libc::c_int) -> io::Result<*mut u8> {
@@ -273,8 +380,10 @@ impl Media for MappedMedia {
         match self.persistence {
             Persistence::Pmem => cpu_flush::store_fence(),
             Persistence::Msync => {
+                // One msync over the span of everything pending: each msync ends in a cache
+                // flush of the device, and writing back a dirty page early is always allowed.
                 let base = self.base as usize;
-                for (s, e) in msync::take_merged(base, self.map_end()) {
+                if let Some((s, e)) = msync::take_span(base, self.map_end()) {
                     // SAFETY: [s, e) is page-aligned and inside this live mapping.
                     let rc = unsafe { libc::msync(s as *mut libc::c_void, e - s, libc::MS_SYNC) };
                     if rc != 0 {

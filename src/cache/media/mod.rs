@@ -102,6 +102,12 @@ pub enum MediaError {
     },
     #[error("{path}: {reason}")]
     Unsupported { path: PathBuf, reason: String },
+    #[error(
+        "{path}: the file system has no room to allocate the {size}-byte cache file; free space \
+         on it or choose a smaller cache size (a cache file is allocated in full up front, so \
+         a full disk is found now and not in the middle of a guest write)"
+    )]
+    NoSpace { path: PathBuf, size: u64 },
     #[error("msync of media range {offset}+{len} failed: {source}")]
     Msync {
         offset: u64,

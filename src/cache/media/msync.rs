@@ -1,7 +1,7 @@
 //! Per-thread pending ranges for msync mode.
 //!
-//! `persist` only records the page range in the calling thread's list; `fence` merges the
-//! ranges that belong to one mapping and `msync`s each merged run once. Ranges are kept as
+//! `persist` only records the page range in the calling thread's list; `fence` takes the ranges
+//! that belong to one mapping and `msync`s their span once. Ranges are kept as
 //! absolute addresses, so one thread can work on several mappings without mixing them up.
 
 use std::cell::RefCell;
@@ -29,28 +29,23 @@ pub(crate) fn record(start: usize, end: usize) {
     PENDING.with(|p| p.borrow_mut().push((start, end)));
 }
 
-/// Take this thread's pending ranges inside `[map_start, map_end)`, merged and sorted.
-pub(crate) fn take_merged(map_start: usize, map_end: usize) -> Vec<(usize, usize)> {
-    let mut mine: Vec<(usize, usize)> = PENDING.with(|p| {
+/// Take this thread's pending ranges inside `[map_start, map_end)` and return the span from
+/// the first to the end of the last, or `None` when there are none.
+pub(crate) fn take_span(map_start: usize, map_end: usize) -> Option<(usize, usize)> {
+    PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        let mut mine = Vec::new();
+        let mut span: Option<(usize, usize)> = None;
         p.retain(|&(s, e)| {
             if s >= map_start && e <= map_end {
-                mine.push((s, e));
+                span = Some(match span {
+                    Some((a, b)) => (a.min(s), b.max(e)),
+                    None => (s, e),
+                });
                 false
             } else {
                 true
             }
         });
-        mine
-    });
-    mine.sort_unstable();
-    let mut merged: Vec<(usize, usize)> = Vec::with_capacity(mine.len());
-    for (s, e) in mine {
-        match merged.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => merged.push((s, e)),
-        }
-    }
-    merged
+        span
+    })
 }

@@ -1,7 +1,10 @@
 //! [`RecordingMedia`]: an in-memory media that records what became durable, so tests can
 //! produce the images a crash could leave behind.
 //!
-//! Model (pmem semantics, 64-byte lines, 8-byte atomic words):
+//! Two models, chosen at creation ([`RecordingMedia::new`] for pmem,
+//! [`RecordingMedia::new_msync`] for a page-cache mapping).
+//!
+//! Pmem model (64-byte lines, 8-byte atomic words):
 //! - the *current* bytes are what reads return;
 //! - the *durable image* is what survives any crash;
 //! - `persist` snapshots each covered line into the calling thread's flushing list;
@@ -10,6 +13,14 @@
 //! - any line whose current bytes differ from the durable image, or that has a snapshot not
 //!   yet fenced, is *non-durable*: a crash may leave any mix of its aligned 8-byte words from
 //!   the durable image, its pending snapshots and its current bytes.
+//!
+//! Msync model (a `MAP_SHARED` mapping of an ordinary file; 4 KiB pages):
+//! - `persist` records the covered pages in the calling thread's list; `fence` (msync) copies
+//!   the *current* bytes of those pages into the durable image, as msync writes whatever the
+//!   page holds when it runs, whoever wrote it;
+//! - the kernel may write back any dirty page at any moment, in any order: a crash leaves each
+//!   non-durable page either as it is in the durable image or whole in one of the states it
+//!   held since (the states seen before each `write` that touched it, and its current bytes).
 //!
 //! Writes through [`Media::slice_ptr`] are therefore tracked too: non-durability is found by
 //! comparing bytes, not by hooking writes.
@@ -25,16 +36,21 @@ use super::{check_range, Media, MediaError, Persistence, CACHE_LINE};
 
 const LINE: usize = CACHE_LINE as usize;
 const WORD: usize = 8;
-/// Comparison block for finding non-durable lines quickly.
+/// Comparison block for finding non-durable lines quickly; also the page of the msync model.
 const BLOCK: usize = 4096;
+/// Page of the msync model (the page cache's unit of write-back).
+const PAGE: usize = BLOCK;
 
 /// In-memory media that records persistence; see the module documentation.
 pub struct RecordingMedia {
     base: *mut u8,
     len: u64,
+    /// `Pmem` or `Msync`: which model this media follows.
+    mode: Persistence,
     _current: MmapMut,
     state: Mutex<State>,
     events: AtomicU64,
+    fences: AtomicU64,
     hook: Mutex<Option<EventHook>>,
 }
 
@@ -43,9 +59,13 @@ struct State {
     durable: Vec<u8>,
     /// Stamp of the snapshot each line of `durable` came from (0: initial contents).
     durable_stamp: Vec<u64>,
-    /// Per thread: snapshots persisted but not yet fenced, in persist order.
+    /// Per thread: snapshots persisted but not yet fenced, in persist order (pmem model).
     flushing: HashMap<ThreadId, Vec<Snapshot>>,
     next_stamp: u64,
+    /// Per thread: pages persisted but not yet fenced (msync model).
+    msync_pending: HashMap<ThreadId, Vec<usize>>,
+    /// Earlier states of non-durable pages, oldest first (msync model).
+    page_history: HashMap<usize, Vec<Box<[u8]>>>,
 }
 
 struct Snapshot {
@@ -64,17 +84,33 @@ unsafe impl Sync for RecordingMedia {}
 impl RecordingMedia {
     /// A zero-filled media of `len` bytes whose zeroes are all durable.
     pub fn new(len: u64) -> Result<Self, MediaError> {
-        Self::build(len, None)
+        Self::build(len, None, Persistence::Pmem)
+    }
+
+    /// A zero-filled media of `len` bytes that behaves as a page-cache mapping synced with
+    /// msync (see the module documentation).
+    pub fn new_msync(len: u64) -> Result<Self, MediaError> {
+        Self::build(len, None, Persistence::Msync)
+    }
+
+    /// A zero-filled media following the model of `mode` (`Pmem` or `Msync`; `Volatile` is
+    /// modelled as `Pmem`, which promises more than a volatile media does).
+    pub fn with_persistence(len: u64, mode: Persistence) -> Result<Self, MediaError> {
+        let mode = match mode {
+            Persistence::Msync => Persistence::Msync,
+            _ => Persistence::Pmem,
+        };
+        Self::build(len, None, mode)
     }
 
     /// Reopen an image (for example one from [`RecordingMedia::crash_image`]): its bytes are
     /// both current and durable.
     pub fn from_image(image: Vec<u8>) -> Result<Self, MediaError> {
         let len = image.len() as u64;
-        Self::build(len, Some(image))
+        Self::build(len, Some(image), Persistence::Pmem)
     }
 
-    fn build(len: u64, image: Option<Vec<u8>>) -> Result<Self, MediaError> {
+    fn build(len: u64, image: Option<Vec<u8>>, mode: Persistence) -> Result<Self, MediaError> {
         let too_big = || MediaError::OutOfRange {
             offset: 0,
             len,
@@ -100,14 +136,18 @@ impl RecordingMedia {
         Ok(RecordingMedia {
             base,
             len,
+            mode,
             _current: current,
             state: Mutex::new(State {
                 durable,
                 durable_stamp: vec![0; alloc_len / LINE],
                 flushing: HashMap::new(),
                 next_stamp: 1,
+                msync_pending: HashMap::new(),
+                page_history: HashMap::new(),
             }),
             events: AtomicU64::new(0),
+            fences: AtomicU64::new(0),
             hook: Mutex::new(None),
         })
     }
@@ -146,10 +186,14 @@ impl RecordingMedia {
         image
     }
 
-    /// The lines a crash right now may leave in more than one state, with every value each
-    /// could hold besides its durable one (persisted snapshots oldest first, then the current
-    /// bytes). Take it while no thread is writing; it stays valid until the media changes.
+    /// The lines (pmem model) or pages (msync model) a crash right now may leave in more than
+    /// one state, with every value each could hold besides its durable one (oldest first, the
+    /// current bytes last). Take it while no thread is writing; it stays valid until the media
+    /// changes.
     pub fn pending_lines(&self) -> PendingLines {
+        if self.mode == Persistence::Msync {
+            return self.pending_pages();
+        }
         let st = self.lock();
         let current = self.current();
         let mut snaps: BTreeMap<usize, Vec<(u64, [u8; LINE])>> = BTreeMap::new();
@@ -181,20 +225,77 @@ impl RecordingMedia {
         let lines = lines
             .into_iter()
             .map(|line| {
-                let mut versions: Vec<[u8; LINE]> = match snaps.remove(&line) {
+                let mut versions: Vec<Box<[u8]>> = match snaps.remove(&line) {
                     Some(mut v) => {
                         v.sort_by_key(|(stamp, _)| *stamp);
-                        v.into_iter().map(|(_, b)| b).collect()
+                        v.into_iter().map(|(_, b)| Box::from(&b[..])).collect()
                     }
                     None => Vec::new(),
                 };
-                let mut cur = [0u8; LINE];
-                cur.copy_from_slice(&current[line * LINE..(line + 1) * LINE]);
-                versions.push(cur);
+                versions.push(Box::from(&current[line * LINE..(line + 1) * LINE]));
                 (line, versions)
             })
             .collect();
-        PendingLines { lines }
+        PendingLines {
+            unit: LINE,
+            mix_words: true,
+            lines,
+        }
+    }
+
+    /// [`RecordingMedia::pending_lines`] of the msync model: whole pages.
+    fn pending_pages(&self) -> PendingLines {
+        let st = self.lock();
+        let current = self.current();
+        let mut pages: Vec<usize> = st.page_history.keys().copied().collect();
+        for (p, (cur, dur)) in current
+            .chunks_exact(PAGE)
+            .zip(st.durable.chunks_exact(PAGE))
+            .enumerate()
+        {
+            if cur != dur {
+                pages.push(p);
+            }
+        }
+        pages.sort_unstable();
+        pages.dedup();
+        let lines = pages
+            .into_iter()
+            .map(|page| {
+                let mut versions = st.page_history.get(&page).cloned().unwrap_or_default();
+                versions.push(Box::from(&current[page * PAGE..(page + 1) * PAGE]));
+                (page, versions)
+            })
+            .collect();
+        PendingLines {
+            unit: PAGE,
+            mix_words: false,
+            lines,
+        }
+    }
+
+    /// Remember the state of the non-durable pages `[offset, offset + len)` touches before a
+    /// write changes them: the kernel may have written any of them back in that state.
+    fn remember_pages(&self, offset: u64, len: u64) {
+        if self.mode != Persistence::Msync || len == 0 {
+            return;
+        }
+        let first = offset as usize / PAGE;
+        let last = (offset + len - 1) as usize / PAGE;
+        let current = self.current();
+        let mut st = self.lock();
+        for page in first..=last {
+            let cur = &current[page * PAGE..(page + 1) * PAGE];
+            let dirty = cur != &st.durable[page * PAGE..(page + 1) * PAGE];
+            let history = st.page_history.entry(page).or_default();
+            // A clean page's old state is its durable one, already a choice of the crash.
+            if dirty && history.last().map_or(true, |h| &h[..] != cur) {
+                history.push(Box::from(cur));
+            }
+            if history.is_empty() {
+                st.page_history.remove(&page);
+            }
+        }
     }
 
     /// Write into `image` the crash image `choice` picks from `pending` (which must have been
@@ -233,6 +334,11 @@ impl RecordingMedia {
         self.events.load(Ordering::SeqCst)
     }
 
+    /// Fences (msync calls, in the msync model) since the media was created.
+    pub fn fences(&self) -> u64 {
+        self.fences.load(Ordering::SeqCst)
+    }
+
     fn event(&self) {
         let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
         let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
@@ -256,9 +362,15 @@ pub enum CrashChoice {
     Random(u64),
 }
 
-/// The non-durable lines of a media at one moment; see [`RecordingMedia::pending_lines`].
+/// The non-durable lines (or pages) of a media at one moment; see
+/// [`RecordingMedia::pending_lines`].
 pub struct PendingLines {
-    lines: Vec<(usize, Vec<[u8; LINE]>)>,
+    /// Bytes per entry: a cache line (pmem model) or a page (msync model).
+    unit: usize,
+    /// Pmem: each aligned 8-byte word of a line picks its value on its own. Msync: a page
+    /// reaches the media whole, in one of its states.
+    mix_words: bool,
+    lines: Vec<(usize, Vec<Box<[u8]>>)>,
 }
 
 impl PendingLines {
@@ -266,6 +378,7 @@ impl PendingLines {
     /// image `choice` picks.
     pub fn apply(&self, choice: CrashChoice, image: &mut [u8]) {
         let len = image.len();
+        let unit = self.unit;
         let mut put = |at: usize, src: &[u8]| {
             if at < len {
                 let n = src.len().min(len - at);
@@ -276,7 +389,7 @@ impl PendingLines {
             CrashChoice::AllLost => {}
             CrashChoice::AllKept => {
                 for (line, versions) in &self.lines {
-                    put(line * LINE, versions.last().expect("current bytes"));
+                    put(line * unit, versions.last().expect("current bytes"));
                 }
             }
             CrashChoice::Random(seed) => {
@@ -285,22 +398,27 @@ impl PendingLines {
                     if rng.next() & 1 == 0 {
                         continue;
                     }
+                    if !self.mix_words {
+                        let pick = rng.next() % versions.len() as u64;
+                        put(line * unit, &versions[pick as usize]);
+                        continue;
+                    }
                     // Versions: 0 = durable (already in the image), 1..=n = snapshots, current.
                     let n = versions.len() as u64 + 1;
-                    for w in 0..LINE / WORD {
+                    for w in 0..unit / WORD {
                         let pick = rng.next() % n;
                         if pick == 0 {
                             continue;
                         }
                         let word = &versions[pick as usize - 1][w * WORD..(w + 1) * WORD];
-                        put(line * LINE + w * WORD, word);
+                        put(line * unit + w * WORD, word);
                     }
                 }
             }
         }
     }
 
-    /// Number of lines a crash may leave in more than one state.
+    /// Number of lines (or pages) a crash may leave in more than one state.
     pub fn len(&self) -> usize {
         self.lines.len()
     }
@@ -329,13 +447,23 @@ impl Media for RecordingMedia {
     }
 
     fn persistence(&self) -> Persistence {
-        Persistence::Pmem
+        self.mode
     }
 
     fn persist(&self, offset: u64, len: u64) -> Result<(), MediaError> {
         check_range(offset, len, self.len)?;
         self.event();
         if len == 0 {
+            return Ok(());
+        }
+        if self.mode == Persistence::Msync {
+            let first = offset as usize / PAGE;
+            let last = (offset + len - 1) as usize / PAGE;
+            self.lock()
+                .msync_pending
+                .entry(std::thread::current().id())
+                .or_default()
+                .extend(first..=last);
             return Ok(());
         }
         let first = offset as usize / LINE;
@@ -364,6 +492,22 @@ impl Media for RecordingMedia {
 
     fn fence(&self) -> Result<(), MediaError> {
         self.event();
+        self.fences.fetch_add(1, Ordering::SeqCst);
+        if self.mode == Persistence::Msync {
+            let current = self.current();
+            let mut st = self.lock();
+            let Some(mut pages) = st.msync_pending.remove(&std::thread::current().id()) else {
+                return Ok(());
+            };
+            pages.sort_unstable();
+            pages.dedup();
+            for page in pages {
+                let r = page * PAGE..(page + 1) * PAGE;
+                st.durable[r.clone()].copy_from_slice(&current[r]);
+                st.page_history.remove(&page);
+            }
+            return Ok(());
+        }
         let mut st = self.lock();
         let Some(snaps) = st.flushing.remove(&std::thread::current().id()) else {
             return Ok(());
@@ -380,6 +524,7 @@ impl Media for RecordingMedia {
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
         check_range(offset, data.len() as u64, self.len)?;
         self.event();
+        self.remember_pages(offset, data.len() as u64);
         // SAFETY: bounds-checked; disjointness of concurrent writes is the caller's contract.
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.base.add(offset as usize), data.len())

@@ -221,3 +221,57 @@ fn cpu_write_back_runs_on_ordinary_memory() {
     cpu_flush::store_fence();
     assert!(buf.iter().all(|&b| b == 3));
 }
+
+#[test]
+fn recording_msync_pages_reach_the_media_whole_and_fence_syncs_current_bytes() {
+    let m = RecordingMedia::new_msync(4 * 4096).unwrap();
+    assert_eq!(m.persistence(), Persistence::Msync);
+    m.write(0, &[1; 100]).unwrap();
+    m.persist(0, 100).unwrap();
+    // Written after persist but before the fence: msync writes the page as it is then.
+    m.write(200, &[2; 100]).unwrap();
+    m.fence().unwrap();
+    let d = m.durable_image();
+    assert_eq!(&d[..100], &[1u8; 100][..]);
+    assert_eq!(&d[200..300], &[2u8; 100][..]);
+
+    // Page 1 goes through two states, page 2 through one; neither is synced.
+    m.write(4096, &[3; 4096]).unwrap();
+    m.write(4096, &[4; 10]).unwrap();
+    let p = m.slice_ptr(2 * 4096 + 8, 8).unwrap();
+    // SAFETY: 8 bytes inside the media, no concurrent access in this test.
+    unsafe { std::ptr::write_bytes(p, 5, 8) };
+    let pending = m.pending_lines();
+    assert_eq!(pending.len(), 2, "pages 1 and 2 are not durable");
+    let mut seen = std::collections::HashSet::new();
+    for seed in 0..200 {
+        let img = m.crash_image(seed);
+        assert_eq!(img[..4096], d[..4096], "a synced page changed");
+        let page1 = &img[4096..8192];
+        let state = if page1 == [0; 4096] {
+            0
+        } else if page1 == [3; 4096] {
+            3
+        } else {
+            assert_eq!(
+                &page1[..10],
+                &[4; 10][..],
+                "page 1 torn: {:?}",
+                &page1[..12]
+            );
+            assert!(page1[10..].iter().all(|&b| b == 3), "page 1 torn");
+            4
+        };
+        seen.insert(state);
+        let page2 = &img[2 * 4096..3 * 4096];
+        assert!(page2 == &[0; 4096][..] || page2[8..16] == [5; 8]);
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "every state of page 1 is a possible crash image"
+    );
+    m.persist(4096, 1).unwrap();
+    m.fence().unwrap();
+    assert_eq!(m.pending_lines().len(), 1, "page 1 synced whole");
+}

@@ -4,6 +4,7 @@
 mod crash;
 mod faults;
 mod gc;
+mod group_commit;
 mod model;
 mod paths;
 mod writeback;

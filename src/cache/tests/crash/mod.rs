@@ -9,6 +9,10 @@
 //! run in parallel); `PCACHE_CRASH_SEED=S [PCACHE_CRASH_CUT=E | PCACHE_CRASH_FLUSH_CUT=W]
 //! [PCACHE_CRASH_MODEL=M]` with `--ignored` replays one seed (and one cut) printed by a
 //! failure. The long campaign over every persistence mode is [`campaign`].
+//!
+//! The same workload runs again on a media modelled as msync mode's page cache (whole 4 KiB
+//! pages, any unsynced page kept or lost, in any order): `PCACHE_CRASH_MSYNC_IMAGES=N`;
+//! `PCACHE_CRASH_MODEL=msync` replays an msync-mode seed.
 
 mod checker;
 mod corrupt;
@@ -56,16 +60,22 @@ fn run_seed(cfg: Config) -> Report {
 
 /// Run seeds `first, first + stride, ...` until `want` images were explored.
 fn explore(first: u64, stride: u64, want: u64) -> Report {
+    explore_in(MediaModel::Pmem, first, stride, want)
+}
+
+/// [`explore`] on a media following `model`.
+fn explore_in(model: MediaModel, first: u64, stride: u64, want: u64) -> Report {
     let mut total = Report::default();
     let mut seed = first;
     let mut seeds = Vec::new();
     while total.images < want {
-        total.add(&run_seed(config(seed, MediaModel::Pmem)));
+        total.add(&run_seed(config(seed, model)));
         seeds.push(seed);
         seed += stride;
     }
     eprintln!(
-        "crash images explored: {} at {} cuts over seeds {seeds:?} ({} with non-durable lines); cuts in {}; violations: {}",
+        "{} crash images explored: {} at {} cuts over seeds {seeds:?} ({} with non-durable lines); cuts in {}; violations: {}",
+        model.name(),
         total.images,
         total.cuts,
         total.images_with_pending,
@@ -200,6 +210,26 @@ fn campaign() {
         all.writeback_errors
     );
     assert_clean(&all);
+}
+
+/// Msync mode (group commit): the media is a page-cache mapping whose unsynced 4 KiB pages
+/// may each reach the disk or not, in any order. `PCACHE_CRASH_MSYNC_IMAGES=N` sets the count.
+#[test]
+fn crash_images_msync_odd_seeds() {
+    let want = env_u64("PCACHE_CRASH_MSYNC_IMAGES")
+        .unwrap_or(DEFAULT_IMAGES)
+        .div_ceil(2);
+    let first = env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1);
+    let r = explore_in(MediaModel::Msync, first, 2, want);
+    assert_clean(&r);
+}
+
+#[test]
+fn crash_images_msync_even_seeds() {
+    let want = env_u64("PCACHE_CRASH_MSYNC_IMAGES").unwrap_or(DEFAULT_IMAGES) / 2;
+    let first = env_u64("PCACHE_CRASH_FIRST_SEED").unwrap_or(1) + 1;
+    let r = explore_in(MediaModel::Msync, first, 2, want);
+    assert_clean(&r);
 }
 
 /// Seeds and cuts that once found a violation; each must stay clean.

@@ -49,15 +49,19 @@ pub enum MediaModel {
     /// pmem: `persist` writes back 64-byte lines, `fence` makes the calling thread's lines
     /// durable; a crash keeps any mix of 8-byte words of a non-durable line.
     Pmem,
+    /// msync: the media is a page-cache mapping; every unsynced 4 KiB page may reach the disk
+    /// whole, in any state it held, or not at all, in any order.
+    Msync,
 }
 
 impl MediaModel {
     /// Every persistence mode the recording media can model.
-    pub const ALL: &'static [MediaModel] = &[MediaModel::Pmem];
+    pub const ALL: &'static [MediaModel] = &[MediaModel::Pmem, MediaModel::Msync];
 
     pub fn name(self) -> &'static str {
         match self {
             MediaModel::Pmem => "pmem",
+            MediaModel::Msync => "msync",
         }
     }
 
@@ -68,6 +72,7 @@ impl MediaModel {
     fn media(self, len: u64) -> RecordingMedia {
         match self {
             MediaModel::Pmem => RecordingMedia::new(len).unwrap(),
+            MediaModel::Msync => RecordingMedia::new_msync(len).unwrap(),
         }
     }
 }
