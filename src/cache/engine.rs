@@ -192,11 +192,6 @@ impl Core {
         }
     }
 
-    /// Whether the extent a key was cut from still matches its CRC.
-    pub fn crc_matches(&self, span: &CrcSpan) -> bool {
-        self.crc_of(span.pos, span.len) == span.crc
-    }
-
     /// Allocate cache space from queue `qid`'s data head. The returned space is pinned.
     pub fn alloc_data(
         &self,

@@ -6,6 +6,7 @@ mod faults;
 mod gc;
 mod model;
 mod paths;
+mod races;
 mod writeback;
 
 use std::path::PathBuf;
