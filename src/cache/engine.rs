@@ -297,6 +297,28 @@ impl Core {
         self.log.close_all(&*self.media, &self.segments)
     }
 
+    /// Persist every open kset, waiting for log room as long as the engine runs. A media
+    /// error is retried too: nothing else can make those writes durable.
+    pub fn persist_open_ksets(&self, why: &str) {
+        let mut warned = false;
+        loop {
+            match self.close_all_ksets() {
+                Ok(()) => return,
+                Err(e) => {
+                    if self.stopping.load(Ordering::Acquire) {
+                        log::error!("{why}: open ksets not persisted at shutdown: {e}");
+                        return;
+                    }
+                    if !warned {
+                        log::warn!("{why}: waiting to persist the open ksets: {e}");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
     pub fn close_aged_ksets(&self) -> Result<(), LogError> {
         if !self.background {
             return Ok(());
@@ -509,10 +531,10 @@ impl Engine for CacheEngine {
     fn set_write_cache(&self, enabled: bool) {
         let was = self.core.write_cache.swap(enabled, Ordering::AcqRel);
         if was && !enabled {
-            // Writes completed while the cache was on become durable now, as if flushed.
-            if let Err(e) = self.core.close_all_ksets() {
-                log::warn!("persisting open ksets on write-cache off: {e}");
-            }
+            // Writes completed while the cache was on become durable now, as if flushed: a
+            // guest that switched to write-through sends no more FLUSH, so the switch is not
+            // done until they are. A full log frees up as writeback and GC proceed.
+            self.core.persist_open_ksets("turning the write cache off");
         }
         log::info!(
             "guest set write cache {}",

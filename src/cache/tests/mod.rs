@@ -7,6 +7,7 @@ mod gc;
 mod model;
 mod paths;
 mod races;
+mod write_cache;
 mod writeback;
 
 use std::path::PathBuf;
