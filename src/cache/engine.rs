@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::data_head::{Allocation, DataHead};
 use super::fill::{self, Filled};
 use super::format::{self, KeyRecord, Layout};
+use super::health::Health;
 use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
 use super::log::{Log, LogError};
 use super::media::{self, Media, MediaOptions, Persistence};
@@ -78,6 +79,8 @@ pub(crate) struct Core {
     pub read_only: bool,
     pub write_cache: AtomicBool,
     pub stats: Stats,
+    /// Losses and stalls of the background work, for `status`.
+    pub health: Health,
     /// Set when the engine shuts down; background threads stop.
     pub stopping: AtomicBool,
     /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
@@ -443,6 +446,7 @@ impl CacheEngine {
                 dirty_bytes: opened.dirty_bytes.into(),
                 ..Stats::default()
             },
+            health: Health::default(),
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
             drained: AtomicBool::new(false),

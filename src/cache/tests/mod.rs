@@ -2,6 +2,7 @@
 //! and a real backing file.
 
 mod crash;
+mod damaged;
 mod faults;
 mod gc;
 mod model;

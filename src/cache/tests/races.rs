@@ -36,7 +36,7 @@ fn churn(
         if core.segments.free_count() <= 3 {
             write_back_and_collect(engine, wb);
         }
-        let off = (4 << 20) + (n % 56 << 20);
+        let off = (4 << 20) + ((n % 56) << 20);
         d.write(0, off, &pattern(off, 1 << 20, n)).unwrap();
         n += 1;
     }
