@@ -2,7 +2,7 @@
 //! work on, the background writeback and GC threads, and the [`Engine`] implementation.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -81,6 +81,10 @@ pub(crate) struct Core {
     pub stats: Stats,
     /// Losses and stalls of the background work, for `status`.
     pub health: Health,
+    /// The next zeroes key's stamp. Zeroes keys have no segment, so their generation field
+    /// carries a number unique to each instead, letting GC drop exactly the index entries of
+    /// the zeroes keys it reclaims.
+    pub zero_stamp: AtomicU64,
     /// Set when the engine shuts down; background threads stop.
     pub stopping: AtomicBool,
     /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
@@ -231,7 +235,10 @@ impl Core {
 
     /// Put a new key in the index and, under the same region lock, in the log: so the log
     /// holds the versions of every block in index order.
-    pub fn insert_and_log(&self, rec: KeyRecord) {
+    pub fn insert_and_log(&self, mut rec: KeyRecord) {
+        if rec.flags & format::KEY_ZEROES != 0 {
+            rec.gen = self.zero_stamp.fetch_add(1, Ordering::Relaxed);
+        }
         let key = index_key(&rec, true);
         if rec.flags & format::KEY_CLEAN == 0 {
             self.stats
@@ -447,6 +454,7 @@ impl CacheEngine {
                 ..Stats::default()
             },
             health: Health::default(),
+            zero_stamp: AtomicU64::new(opened.zero_stamp + 1),
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
             drained: AtomicBool::new(false),

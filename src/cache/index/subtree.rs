@@ -13,7 +13,8 @@ use crate::cache::{CachePos, REGION_SIZE};
 /// A key without its offset (the map key). 36 bytes with 4-byte alignment, so a B-tree slot
 /// (entry plus `u32` offset) is 40 bytes: the kind lives in the top bits of the length (an
 /// entry never exceeds its 4 MiB region), and the generation is stored as two halves. For a
-/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment.
+/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment; for a
+/// zeroes key, the key's stamp (see `Index::remove_zeroes`).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     len_kind: u32,
@@ -316,6 +317,20 @@ impl Subtree {
             at = off;
         }
         (removed, at)
+    }
+
+    /// Remove the zeroes entries starting in `[from, to)` whose generation field holds
+    /// `stamp` (the fragments of one key all lie inside its range). Returns how many went.
+    pub(super) fn remove_zeroes(&mut self, from: u64, to: u64, stamp: u64) -> usize {
+        let is_it = |e: &Entry| e.kind() == KeyKind::Zeroes && e.gen() == stamp;
+        let mut removed = 0;
+        let mut at = from;
+        while let Some(off) = self.find(at, to, is_it) {
+            self.take(off);
+            removed += 1;
+            at = off;
+        }
+        removed
     }
 
     pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {

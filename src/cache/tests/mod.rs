@@ -5,6 +5,7 @@ mod crash;
 mod damaged;
 mod faults;
 mod gc;
+mod index_memory;
 mod model;
 mod paths;
 mod races;
