@@ -38,6 +38,24 @@ pub(super) struct StagedWrite {
     pub tag: u64,
     /// Keys to log, each with the pin on its segment taken at allocation.
     pub keys: Vec<KeyRecord>,
+    /// False for a leading part of a write larger than the free space: it is logged, and
+    /// the write completes with its last part.
+    pub last: bool,
+    /// Backing offsets of the keys of the write's earlier parts.
+    pub earlier: Vec<u64>,
+}
+
+/// How far a write that went Busy after some of it was staged has come; the worker hands the
+/// same request back, and it goes on from there.
+pub(super) struct PartialWrite {
+    pub tag: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// The request's first buffer, so a different request with the same tag is not mistaken
+    /// for it.
+    pub first_buf: usize,
+    pub copied: u64,
+    pub offs: Vec<u64>,
 }
 
 /// A write that completes only once the ksets holding its keys are on the media (write cache
@@ -80,6 +98,7 @@ pub struct CacheQueue {
     timer: TimerFd,
     room: EventFd,
     pub(super) staged: Vec<StagedWrite>,
+    pub(super) partial: Option<PartialWrite>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
@@ -109,6 +128,7 @@ impl CacheQueue {
             timer,
             room,
             staged: Vec::new(),
+            partial: None,
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
@@ -146,7 +166,12 @@ impl CacheQueue {
                 self.core.insert_and_log(*key);
                 self.core.unpin(key.seg);
             }
-            let offs = w.keys.iter().map(|k| k.off).collect();
+            if !w.last {
+                continue;
+            }
+            let offs = (w.earlier.into_iter())
+                .chain(w.keys.iter().map(|k| k.off))
+                .collect();
             if !self.hold_if_needed(w.tag, offs) {
                 self.completed.push((w.tag, Ok(())));
             }

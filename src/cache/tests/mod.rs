@@ -6,6 +6,7 @@ mod damaged;
 mod faults;
 mod gc;
 mod index_memory;
+mod large_write;
 mod model;
 mod paths;
 mod races;
