@@ -326,6 +326,11 @@ impl BackingImage {
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
+        self.write_checked(offset, buf, true)
+    }
+
+    /// `write_at` after its checks; `lock` false when the caller holds the aligned range.
+    fn write_checked(&self, offset: u64, buf: &[u8], lock: bool) -> io::Result<()> {
         let align = self.io_align();
         let (start, end) = (
             align_down(offset, align),
@@ -339,7 +344,9 @@ impl BackingImage {
             bounce.as_mut_slice().copy_from_slice(buf);
             return self.file.write_all_at(bounce.as_slice(), offset);
         }
-        self.rmw_locks.lock_blocking(start, end);
+        if lock {
+            self.rmw_locks.lock_blocking(start, end);
+        }
         let result = (|| {
             let mut bounce = AlignedBuf::zeroed((end - start) as usize, align);
             self.file.read_exact_at(bounce.as_mut_slice(), start)?;
@@ -347,7 +354,9 @@ impl BackingImage {
             bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
             self.file.write_all_at(bounce.as_slice(), start)
         })();
-        self.rmw_locks.unlock(start, end);
+        if lock {
+            self.rmw_locks.unlock(start, end);
+        }
         result
     }
 
@@ -362,6 +371,17 @@ impl BackingImage {
         if len == 0 {
             return Ok(());
         }
+        // A read-modify-write of a block this zeroing touches would write the block's old
+        // bytes back over the zeroes: hold the aligned range, as those cycles do.
+        let align = self.io_align();
+        let (start, end) = (align_down(offset, align), align_up(offset + len, align));
+        self.rmw_locks.lock_blocking(start, end);
+        let result = self.zero_locked(offset, len, may_unmap);
+        self.rmw_locks.unlock(start, end);
+        result
+    }
+
+    fn zero_locked(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
         for &mode in sys::zeroing_modes(may_unmap) {
             match sys::fallocate(&self.file, mode, offset, len) {
                 Ok(()) => return Ok(()),
@@ -373,7 +393,11 @@ impl BackingImage {
         let (mut cursor, end) = (offset, offset + len);
         while cursor < end {
             let next = next_zero_chunk_end(cursor, end, self.io_align());
-            self.write_at(cursor, &zeroes.as_slice()[..(next - cursor) as usize])?;
+            self.write_checked(
+                cursor,
+                &zeroes.as_slice()[..(next - cursor) as usize],
+                false,
+            )?;
             cursor = next;
         }
         Ok(())

@@ -147,6 +147,8 @@ pub(crate) struct Job {
     pub(crate) locked: Option<(u64, u64)>,
     fill: Option<ZeroFill>,
     then_fsync: bool,
+    /// For a zeroing job, the aligned range it holds while it runs.
+    zeroing_range: Option<(u64, u64)>,
 }
 
 // SAFETY: the raw pointers in a job point at caller segments (Send by contract), its own bounce
@@ -219,15 +221,19 @@ impl Job {
             locked: None,
             fill: None,
             then_fsync: false,
+            zeroing_range: None,
         }
     }
 
     /// A write-zeroes or discard: fallocate with `modes` in turn, then plain zero writes from
-    /// `zeroes`; `durable` adds an fdatasync at the end.
+    /// `zeroes`; `durable` adds an fdatasync at the end. The job holds `range` (the aligned
+    /// blocks it touches) in the image's `RangeLocks` from its first operation to its end: a
+    /// read-modify-write of one of those blocks running meanwhile would write the block's old
+    /// bytes back over the zeroes.
     pub(crate) fn zeroing(
         user_data: u64,
-        offset: u64,
-        len: u64,
+        (offset, len): (u64, u64),
+        range: (u64, u64),
         modes: &'static [i32],
         zeroes: *const u8,
         durable: bool,
@@ -245,6 +251,7 @@ impl Job {
             zeroes,
         });
         job.then_fsync = durable;
+        job.zeroing_range = Some(range);
         job
     }
 
@@ -252,6 +259,7 @@ impl Job {
     pub(crate) fn wants_lock(&self) -> Option<(u64, u64)> {
         match (&self.phase, self.locked) {
             (Phase::RmwRead { range, .. }, None) => Some(*range),
+            (Phase::Fallocate { .. }, None) => self.zeroing_range,
             _ => None,
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use io_uring::IoUring;
 
-use super::bounce::{AlignedBuf, ZERO_CHUNK};
+use super::bounce::{align_down, align_up, AlignedBuf, ZERO_CHUNK};
 use super::error::BackingError;
 use super::image::BackingImage;
 use super::job::{plan_read, plan_write, Job, Step, WriteSrc};
@@ -205,7 +205,19 @@ impl BackingQueue {
             .get_or_insert_with(|| AlignedBuf::zeroed(ZERO_CHUNK, align))
             .as_ptr();
         let modes = sys::zeroing_modes(may_unmap);
-        self.start(Job::zeroing(user_data, offset, len, modes, zeroes, durable));
+        let io_align = self.image.io_align();
+        let range = (
+            align_down(offset, io_align),
+            align_up(offset + len, io_align),
+        );
+        self.start(Job::zeroing(
+            user_data,
+            (offset, len),
+            range,
+            modes,
+            zeroes,
+            durable,
+        ));
     }
 
     fn finish_now(&mut self, user_data: u64, result: io::Result<()>) {

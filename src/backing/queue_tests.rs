@@ -375,3 +375,44 @@ fn doorbell_rings_when_completions_are_ready() {
     let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
     assert_eq!(ready, 0);
 }
+
+/// A zeroing must not run while a read-modify-write cycle holds one of its blocks: the cycle
+/// would write the block's old bytes back over the zeroes.
+#[test]
+fn zeroing_waits_for_a_read_modify_write_of_its_block() {
+    let dir = direct_dir();
+    let (path, image) = new_image(dir.path(), "img", 2 * MIB, &BackingOptions::default());
+    let old = pattern(5, 4096);
+    image.write_at(0, &old).unwrap();
+    let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
+
+    // Another queue's cycle on block [0, 4096) has read the block and not written it back.
+    assert!(image.rmw_locks.try_lock(0, 4096));
+    queue.write_zeroes(512, 512, false, 7);
+    let mut done = Vec::new();
+    let started = std::time::Instant::now();
+    while done.is_empty() && started.elapsed() < std::time::Duration::from_millis(300) {
+        queue.reap(&mut done);
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(
+        done.is_empty(),
+        "the zeroing ran while the block was held: {done:?}"
+    );
+    // The cycle writes the block back (its own sector changed, the rest as it read it).
+    let mut patched = old.clone();
+    patched[3584..].fill(0xAB);
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &patched, 0).unwrap();
+    file.sync_data().unwrap();
+    image.rmw_locks.unlock(0, 4096);
+
+    queue.wait(&mut done);
+    assert_eq!(done.len(), 1);
+    assert!(done[0].1.is_ok(), "{:?}", done[0].1);
+    let mut back = vec![0xEEu8; 4096];
+    image.read_at(0, &mut back).unwrap();
+    let mut expect = patched;
+    expect[512..1024].fill(0);
+    assert!(back == expect, "the zeroing was undone by the cycle");
+}

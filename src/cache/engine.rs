@@ -2,7 +2,7 @@
 //! work on, the background writeback and GC threads, and the [`Engine`] implementation.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use std::time::Duration;
 use super::data_head::{Allocation, DataHead};
 use super::fill::{self, Filled};
 use super::format::{self, KeyRecord, Layout};
+use super::health::Health;
 use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
 use super::log::{Log, LogError};
 use super::media::{self, Media, MediaOptions, Persistence};
@@ -79,6 +80,12 @@ pub(crate) struct Core {
     pub read_only: bool,
     pub write_cache: AtomicBool,
     pub stats: Stats,
+    /// Losses and stalls of the background work, for `status`.
+    pub health: Health,
+    /// The next zeroes key's stamp. Zeroes keys have no segment, so their generation field
+    /// carries a number unique to each instead, letting GC drop exactly the index entries of
+    /// the zeroes keys it reclaims.
+    pub zero_stamp: AtomicU64,
     /// Set when the engine shuts down; background threads stop.
     pub stopping: AtomicBool,
     /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
@@ -193,11 +200,6 @@ impl Core {
         }
     }
 
-    /// Whether the extent a key was cut from still matches its CRC.
-    pub fn crc_matches(&self, span: &CrcSpan) -> bool {
-        self.crc_of(span.pos, span.len) == span.crc
-    }
-
     /// Allocate cache space from queue `qid`'s data head. The returned space is pinned.
     pub fn alloc_data(
         &self,
@@ -234,7 +236,10 @@ impl Core {
 
     /// Put a new key in the index and, under the same region lock, in the log: so the log
     /// holds the versions of every block in index order.
-    pub fn insert_and_log(&self, rec: KeyRecord) {
+    pub fn insert_and_log(&self, mut rec: KeyRecord) {
+        if rec.flags & format::KEY_ZEROES != 0 {
+            rec.gen = self.zero_stamp.fetch_add(1, Ordering::Relaxed);
+        }
         let key = index_key(&rec, true);
         if rec.flags & format::KEY_CLEAN == 0 {
             self.stats
@@ -316,6 +321,32 @@ impl Core {
     /// Whether background threads run (off in stepped tests).
     pub fn background(&self) -> bool {
         self.background
+    }
+
+    /// Persist every open kset, waiting for log room as long as the engine runs. A media
+    /// error is retried too: nothing else can make those writes durable.
+    pub fn persist_open_ksets(&self, why: &str) {
+        let mut warned = false;
+        let started = std::time::Instant::now();
+        loop {
+            match self.close_all_ksets() {
+                Ok(()) => return,
+                Err(e) => {
+                    // Stepped tests have no writeback or GC thread to free room: unless
+                    // another thread of the test does within a while, nothing will.
+                    let hopeless = !self.background && started.elapsed() > Duration::from_secs(2);
+                    if self.stopping.load(Ordering::Acquire) || hopeless {
+                        log::error!("{why}: open ksets not persisted: {e}");
+                        return;
+                    }
+                    if !warned {
+                        log::warn!("{why}: waiting to persist the open ksets: {e}");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
     }
 
     pub fn close_aged_ksets(&self) -> Result<(), LogError> {
@@ -442,6 +473,8 @@ impl CacheEngine {
                 dirty_bytes: opened.dirty_bytes.into(),
                 ..Stats::default()
             },
+            health: Health::default(),
+            zero_stamp: AtomicU64::new(opened.zero_stamp + 1),
             stopping: AtomicBool::new(false),
             draining: AtomicUsize::new(0),
             drained: AtomicBool::new(false),
@@ -530,10 +563,10 @@ impl Engine for CacheEngine {
     fn set_write_cache(&self, enabled: bool) {
         let was = self.core.write_cache.swap(enabled, Ordering::AcqRel);
         if was && !enabled {
-            // Writes completed while the cache was on become durable now, as if flushed.
-            if let Err(e) = self.core.close_all_ksets() {
-                log::warn!("persisting open ksets on write-cache off: {e}");
-            }
+            // Writes completed while the cache was on become durable now, as if flushed: a
+            // guest that switched to write-through sends no more FLUSH, so the switch is not
+            // done until they are. A full log frees up as writeback and GC proceed.
+            self.core.persist_open_ksets("turning the write cache off");
         }
         log::info!(
             "guest set write cache {}",

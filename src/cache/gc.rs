@@ -7,6 +7,10 @@
 //! log segment it ends, again only after key_tail has left it. A kset is decoded whole before
 //! anything changes, so a decode error leaves nothing half-collected: it is reported and GC
 //! stops, the cache keeps serving and writing back, and `check` can tell what is wrong.
+//!
+//! The same thread keeps the index proportional to what the cache holds: the zeroes keys of a
+//! reclaimed kset leave the index with it, and after segments were freed a cleaner pass drops
+//! the keys that pointed into them (dm-pcache's clean work).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -33,9 +37,54 @@ pub(super) fn need_gc(used: u32, total: u32, gc_percent: u8) -> bool {
     used as u64 * 100 >= total as u64 * gc_percent as u64 || total - used <= LOG_RESERVE + 1
 }
 
+/// Least time between two passes of the index cleaner while segments keep being freed.
+const CLEAN_INTERVAL: Duration = Duration::from_millis(200);
+/// Stale keys removed under one region lock at most, so the cleaner never holds up requests.
+const CLEAN_BATCH: usize = 256;
+
+/// The index cleaner's progress: the invalidation count its last pass covered.
+#[derive(Default)]
+pub(super) struct Cleaner {
+    covered: u64,
+    last: Option<std::time::Instant>,
+}
+
+impl Cleaner {
+    /// A pass over the whole index when segments were invalidated since the last one and
+    /// the last is at least `min_interval` ago. Returns the stale keys removed.
+    pub(super) fn maybe_clean(&mut self, core: &Core, min_interval: Duration) -> usize {
+        let invalidations = core.segments.invalidations();
+        if invalidations == self.covered || self.last.is_some_and(|t| t.elapsed() < min_interval) {
+            return 0;
+        }
+        self.covered = invalidations;
+        self.last = Some(std::time::Instant::now());
+        clean_stale(core)
+    }
+}
+
+/// Drop every index key whose segment was invalidated since the key was made: dm-pcache's
+/// clean work. Without it such keys stay until a lookup meets them, so the index would grow
+/// with every block of the disk ever written rather than with what the cache holds. Runs on
+/// the GC thread, one region lock at a time, batch by batch: nothing on the request paths.
+pub(super) fn clean_stale(core: &Core) -> usize {
+    let gen_of = |s| core.segments.gen(s);
+    let mut total = 0;
+    loop {
+        let n = core.index.remove_stale(&gen_of, CLEAN_BATCH);
+        total += n;
+        if n < CLEAN_BATCH || core.stopping.load(Ordering::Acquire) {
+            return total;
+        }
+    }
+}
+
 fn run(core: &Core) {
+    let mut cleaner = Cleaner::default();
     while !core.stopping.load(Ordering::Acquire) {
-        match collect_one(core) {
+        let collected = collect_one(core);
+        cleaner.maybe_clean(core, CLEAN_INTERVAL);
+        match collected {
             Ok(true) => {}
             Ok(false) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
@@ -101,6 +150,12 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
                 core.segments
                     .put(seg, &core.meta)
                     .map_err(|e| format!("freeing data segment {seg}: {e}"))?;
+            }
+            // The image holds these zeroes (GC never passes dirty_tail), so reads can go to
+            // it: the index keeps only what the log still holds. Unstamped keys (written by
+            // older versions) cannot be told from later ones and stay until overwritten.
+            for k in keys.iter().filter(|k| k.is_zeroes() && k.gen != 0) {
+                core.index.remove_zeroes(k.off, k.len, k.gen);
             }
         }
     }

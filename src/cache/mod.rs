@@ -27,6 +27,7 @@ mod engine;
 mod fill;
 pub mod format;
 mod gc;
+pub mod health;
 pub mod index;
 pub mod inspect;
 mod log;

@@ -50,6 +50,24 @@ pub(super) struct StagedWrite {
     /// Its keys in the queue's `staged_keys`, each with the pin on its segment taken at
     /// allocation (one vector for the whole batch: no allocation per write).
     pub keys: std::ops::Range<usize>,
+    /// False for a leading part of a write larger than the free space: it is logged, and
+    /// the write completes with its last part.
+    pub last: bool,
+    /// Backing offsets of the keys of the write's earlier parts.
+    pub earlier: Vec<u64>,
+}
+
+/// How far a write that went Busy after some of it was staged has come; the worker hands the
+/// same request back, and it goes on from there.
+pub(super) struct PartialWrite {
+    pub tag: u64,
+    pub offset: u64,
+    pub len: u64,
+    /// The request's first buffer, so a different request with the same tag is not mistaken
+    /// for it.
+    pub first_buf: usize,
+    pub copied: u64,
+    pub offs: Vec<u64>,
 }
 
 /// A write that completes only once the ksets holding its keys are on the media (write cache
@@ -106,6 +124,7 @@ pub struct CacheQueue {
     pub(super) staged_keys: Vec<KeyRecord>,
     /// The index's answer for the read being served, reused from read to read.
     pub(super) pieces: Vec<Piece>,
+    pub(super) partial: Option<PartialWrite>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
     pub(super) reads: HashMap<u64, ReadInFlight>,
@@ -149,6 +168,7 @@ impl CacheQueue {
             staged: Vec::new(),
             staged_keys: Vec::new(),
             pieces: Vec::new(),
+            partial: None,
             unclosed: Vec::new(),
             reads: HashMap::new(),
             misses: HashMap::new(),
@@ -185,8 +205,13 @@ impl CacheQueue {
             );
             for w in staged.drain(..) {
                 keys[w.keys].iter().for_each(|k| self.core.unpin(k.seg));
-                self.completed
-                    .push((w.tag, Err(IoError::Media(e.to_string()))));
+                if w.last {
+                    self.completed
+                        .push((w.tag, Err(IoError::Media(e.to_string()))));
+                } else if self.partial.as_ref().is_some_and(|p| p.tag == w.tag) {
+                    // A leading part that was not logged: the write, handed back, starts over.
+                    self.partial = None;
+                }
             }
         } else {
             for w in staged.drain(..) {
@@ -195,11 +220,14 @@ impl CacheQueue {
                     self.core.insert_and_log(*key);
                     self.core.unpin(key.seg);
                 }
-                if !self.must_hold() {
+                if !w.last {
+                    continue;
+                }
+                let offs = (w.earlier.into_iter())
+                    .chain(mine.iter().map(|k| k.off))
+                    .collect();
+                if !self.hold_if_needed(w.tag, offs) {
                     self.completed.push((w.tag, Ok(())));
-                } else {
-                    let offs = mine.iter().map(|k| k.off).collect();
-                    self.hold(w.tag, offs);
                 }
             }
         }

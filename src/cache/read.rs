@@ -1,8 +1,8 @@
 //! The read path: hits from the cache, misses from the backing image, filling the cache.
 //!
 //! The index describes the requested range as pieces. Cached pieces are copied out of the
-//! cache (their data CRC checked first when data CRC is on: a mismatch is an I/O error, never
-//! data), data-less pieces read as zeroes, and every gap becomes a backing read. A gap that got
+//! cache (with data CRC on, from a checked copy of their whole extent: a mismatch while the
+//! segment's generation still holds is an I/O error, never data), data-less pieces read as zeroes, and every gap becomes a backing read. A gap that got
 //! a placeholder is read into freshly allocated cache space, copied to the guest, and logged as
 //! a clean key — unless a write cut the placeholder meanwhile, in which case only what is left
 //! of it is kept. Segment reuse under a reader is detected by re-checking the generation after
@@ -12,6 +12,7 @@ use std::io;
 use std::sync::atomic::{fence, Ordering};
 
 use super::fill::Filled;
+use super::format;
 use super::index::Piece;
 use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
 use crate::engine::{DataSeg, IoError};
@@ -101,39 +102,65 @@ impl CacheQueue {
 
     /// Copy hits and zeroes into the guest buffers. `Ok(false)` when a segment was reused
     /// while we copied from it, so the lookup must be redone.
-    fn copy_cached(
+    ///
+    /// With data CRC on, the CRC covers the whole on-media extent a key was cut from, so a hit
+    /// on part of it reads the whole extent once into a buffer, checks the CRC of that copy and
+    /// serves the guest from the same copy: the bytes served are exactly bytes that were
+    /// verified. A mismatch only counts as corruption when the segment's generation still
+    /// holds after the copy; a changed generation means GC and a new write reused the space
+    /// under us, and the lookup is redone instead.
+    pub(super) fn copy_cached(
         &self,
         offset: u64,
         bufs: &[DataSeg],
         pieces: &[Piece],
     ) -> Result<bool, IoError> {
         let core = &self.core;
+        let mut extent = Vec::new();
         for piece in pieces {
             match piece {
                 Piece::Hit { off, len, key } => {
-                    if core.data_crc && !core.crc_matches(&key.crc) {
+                    if !core.data_crc {
+                        let src = core.data_ptr(key.pos, *len);
+                        if *off == offset && *len as u64 == DataSeg::total_len(bufs) {
+                            // One hit covering the whole read: no sub-list to build.
+                            // SAFETY: as below, with `bufs` itself as the destination.
+                            unsafe { DataSeg::scatter(bufs, src) };
+                            continue;
+                        }
+                        let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);
+                        // SAFETY: `dst` is guest memory valid for this request (DataSeg
+                        // contract); the source is cache space inside the mapping
+                        // (bounds-checked by `data_ptr`). A concurrent reuse of the segment is
+                        // caught by the generation check below.
+                        unsafe { DataSeg::scatter(&dst, src) };
+                        continue;
+                    }
+                    let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);
+                    let span = &key.crc;
+                    extent.resize(span.len as usize, 0);
+                    let read = core.media.read(core.media_offset(span.pos), &mut extent);
+                    let intact = read.is_ok() && format::data_crc(&extent) == span.crc;
+                    fence(Ordering::Acquire);
+                    if core.segments.gen(key.pos.seg) != key.gen {
+                        return Ok(false);
+                    }
+                    if !intact {
                         core.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
                         log::error!(
                             "data CRC mismatch in cached extent at backing byte {} (cache segment {} offset {}); answering the read with an I/O error",
-                            key.off, key.crc.pos.seg, key.crc.pos.off
+                            key.off, span.pos.seg, span.pos.off
                         );
                         return Err(IoError::DataCrc {
                             offset: *off,
                             len: *len,
                         });
                     }
-                    let src = core.data_ptr(key.pos, *len);
-                    if *off == offset && *len as u64 == DataSeg::total_len(bufs) {
-                        // One hit covering the whole read: no sub-list to build.
-                        // SAFETY: as below, with `bufs` itself as the destination.
-                        unsafe { DataSeg::scatter(bufs, src) };
-                        continue;
-                    }
-                    let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);
+                    let skip = key.pos.off.wrapping_sub(span.pos.off) as usize;
+                    let served = &extent[skip..skip + *len as usize];
                     // SAFETY: `dst` is guest memory valid for this request (DataSeg contract);
-                    // the source is cache space inside the mapping (bounds-checked by
-                    // `data_ptr`). A concurrent reuse of the segment is caught below.
-                    unsafe { DataSeg::scatter(&dst, src) };
+                    // the source is our own buffer of exactly `len` bytes.
+                    unsafe { DataSeg::scatter(&dst, served.as_ptr()) };
                 }
                 Piece::Zeroes { off, len } => {
                     let dst = DataSeg::sub_range(bufs, off - offset, *len as u64);

@@ -31,6 +31,8 @@ pub(super) struct Opened {
     pub log: Log,
     pub data_crc: bool,
     pub dirty_bytes: u64,
+    /// Highest stamp of a zeroes key on the log (0 when none carries one).
+    pub zero_stamp: u64,
 }
 
 /// What the log walk found (also used by offline inspection).
@@ -42,6 +44,8 @@ pub struct ReplayReport {
     pub dirty_bytes: u64,
     pub stale_keys: u64,
     pub log_segments: u32,
+    /// Highest stamp of a zeroes key seen (see `Core::insert_and_log`).
+    pub zero_stamp: u64,
 }
 
 /// The fingerprint that ties a cache to its backing image: its size, and for a regular file
@@ -176,6 +180,7 @@ pub(super) fn open(
         log,
         data_crc: info.data_crc,
         dirty_bytes: report.dirty_bytes,
+        zero_stamp: report.zero_stamp,
     })
 }
 
@@ -310,7 +315,9 @@ pub fn walk_visit(
                         dirty: key_dirty,
                         stale,
                     });
-                    if !k.is_zeroes() {
+                    if k.is_zeroes() {
+                        report.zero_stamp = report.zero_stamp.max(k.gen);
+                    } else {
                         if stale {
                             report.stale_keys += 1;
                             continue;

@@ -40,6 +40,8 @@ pub struct SegmentMap {
     gens: Vec<AtomicU64>,
     /// Queues that found no room; each is woken when a segment is freed.
     waiters: Mutex<Vec<EventFd>>,
+    /// Segments invalidated so far, so the index cleaner knows when keys may have gone stale.
+    invalidations: AtomicU64,
 }
 
 impl SegmentMap {
@@ -55,7 +57,13 @@ impl SegmentMap {
             refs: (0..n).map(|_| AtomicU32::new(0)).collect(),
             gens: gens.iter().map(|&g| AtomicU64::new(g)).collect(),
             waiters: Mutex::new(Vec::new()),
+            invalidations: AtomicU64::new(0),
         }
+    }
+
+    /// How many segments were invalidated since the map was made.
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations.load(Ordering::Acquire)
     }
 
     pub fn count(&self) -> u32 {
@@ -140,6 +148,7 @@ impl SegmentMap {
         let gen = self.gens[seg as usize].load(Ordering::Acquire) + 1;
         store.store_gen(seg, gen)?;
         self.gens[seg as usize].store(gen, Ordering::Release);
+        self.invalidations.fetch_add(1, Ordering::AcqRel);
         {
             let mut a = self.alloc.lock().unwrap();
             if a.kind[seg as usize] != SegmentKind::Free {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::engine::CacheEngine;
 use super::format::{TailPos, MAX_GC_PERCENT};
+use super::health::HealthStatus;
 use super::log::LogError;
 use super::stats::StatsSnapshot;
 use crate::engine::{Engine, EngineError};
@@ -74,6 +75,9 @@ pub struct CacheStatus {
     pub key_tail: LogPosition,
     pub flags: CacheFlags,
     pub stats: StatsSnapshot,
+    /// Data given up and background work that cannot go on (absent from older daemons).
+    #[serde(default)]
+    pub health: HealthStatus,
 }
 
 impl CacheEngine {
@@ -105,6 +109,7 @@ impl CacheEngine {
                 read_only: core.read_only,
             },
             stats: self.stats(),
+            health: core.health.status(),
         }
     }
 

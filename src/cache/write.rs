@@ -5,14 +5,16 @@
 //! pmem mode it is also persisted, and its key waits in `staged` until the batch's fence
 //! (`CacheQueue::commit_staged`). In msync mode nothing is synced per write (group commit): the
 //! log syncs the data of a kset's keys before it writes the kset (`log`).
-//! A write that finds no room gives back everything it took and is handed back to the worker
-//! whole, to be redone when space is freed: redoing a write is harmless.
+//! A write that finds no room keeps what it copied so far (logged like any write, but not
+//! completed) and is handed back to the worker, which resubmits it when space is freed; it goes
+//! on where it stopped. So a write larger than all the space the cache can free completes
+//! piece by piece.
 
 use std::sync::atomic::Ordering;
 
 use super::format::{self, KeyRecord};
 use super::log::LogError;
-use super::queue::{CacheQueue, Outcome, StagedWrite};
+use super::queue::{CacheQueue, Outcome, PartialWrite, StagedWrite};
 use super::REGION_SIZE;
 use crate::engine::{DataSeg, IoError};
 
@@ -39,14 +41,42 @@ impl CacheQueue {
         }
         let len = DataSeg::total_len(bufs);
         let first_key = self.staged_keys.len();
-        let mut copied = 0u64;
-        for (off, piece) in region_pieces(offset, len) {
+        let first_buf = bufs.first().map_or(0, |b| b.ptr as usize);
+        let (mut copied, earlier) = match self.partial.take() {
+            Some(p) if (p.tag, p.offset, p.len, p.first_buf) == (tag, offset, len, first_buf) => {
+                (p.copied, p.offs)
+            }
+            _ => (0, Vec::new()),
+        };
+        for (off, piece) in region_pieces(offset + copied, len - copied) {
             let mut left = piece;
             while left > 0 {
                 let alloc = match core.alloc_data(self.qid, left, false) {
                     Ok(Some(a)) => a,
                     Ok(None) => {
-                        self.unstage_keys(first_key);
+                        // What was copied is kept (logged at the next reap) and the request
+                        // goes on from there when it comes back, so a write larger than
+                        // the space the cache can ever free completes piece by piece.
+                        if copied > 0 {
+                            let mut offs = earlier;
+                            offs.extend(self.staged_keys[first_key..].iter().map(|k| k.off));
+                            self.partial = Some(PartialWrite {
+                                tag,
+                                offset,
+                                len,
+                                first_buf,
+                                copied,
+                                offs,
+                            });
+                        }
+                        if self.staged_keys.len() > first_key {
+                            self.staged.push(StagedWrite {
+                                tag,
+                                keys: first_key..self.staged_keys.len(),
+                                last: false,
+                                earlier: Vec::new(),
+                            });
+                        }
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
                         // Space comes back only through writeback and GC, which see only
                         // closed ksets: do not make them wait for the kset timer.
@@ -91,7 +121,12 @@ impl CacheQueue {
         }
         core.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
         let keys = first_key..self.staged_keys.len();
-        self.staged.push(StagedWrite { tag, keys });
+        self.staged.push(StagedWrite {
+            tag,
+            keys,
+            last: true,
+            earlier,
+        });
         Outcome::Pending
     }
 

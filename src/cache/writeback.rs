@@ -19,6 +19,7 @@ use super::data_head::LOG_RESERVE;
 use super::engine::Core;
 use super::format::TailPos as Tail;
 use super::format::{self, Kset};
+use super::index::Piece;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
@@ -81,6 +82,7 @@ fn run(core: &Core) {
                     continue;
                 }
                 core.writeback_progress();
+                core.health.writeback_moving();
                 if failing {
                     log::info!("writeback recovered; writing dirty data back again");
                     failing = false;
@@ -133,9 +135,14 @@ fn sleep_unless_stopping(core: &Core, d: Duration) {
 
 /// Write back the kset at `tail`; returns the position after it.
 fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<Tail, String> {
-    let kset = core
-        .read_kset(tail)
-        .map_err(|e| format!("reading the kset at dirty_tail {tail:?}: {e}"))?;
+    let kset = core.read_kset(tail).map_err(|e| {
+        let why = format!(
+            "the kset at dirty_tail (segment {} offset {}, kset {}) cannot be read: {e}",
+            tail.pos.seg, tail.pos.off, tail.log_seq
+        );
+        core.health.writeback_stalled(&why);
+        why
+    })?;
     let keys = match kset {
         Kset::Last { next_seg, .. } => {
             return Ok(Tail {
@@ -151,7 +158,12 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
     let size = format::kset_size(keys.len()) as u32;
     let mut bytes = 0u64;
     let mut issued = 0u64;
-    for k in keys.iter().filter(|k| !k.is_clean()) {
+    // Keys whose data is not written: damaged in the cache. One that a later write replaced
+    // is passed over quietly (the newer version is written back in its turn); one still
+    // holding the newest data of some bytes is a loss, reported and accounted, and writeback
+    // goes on, since retrying cannot repair it and stopping would stall the whole device.
+    let mut damaged = vec![false; keys.len()];
+    for (i, k) in keys.iter().enumerate().filter(|(_, k)| !k.is_clean()) {
         bytes += k.len as u64;
         if !k.is_zeroes() && core.data_crc {
             let pos = CachePos {
@@ -159,11 +171,17 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
                 off: k.seg_off,
             };
             if core.crc_of(pos, k.len) != k.data_crc {
+                damaged[i] = true;
+                let live = live_bytes(core, k);
+                if live == 0 {
+                    log::debug!(
+                        "writeback: damaged dirty extent at backing byte {} was overwritten since; passing over it",
+                        k.off
+                    );
+                    continue;
+                }
                 core.stats.crc_errors.fetch_add(1, Ordering::Relaxed);
-                return Err(format!(
-                    "dirty data for backing byte {} fails its CRC in cache segment {}; refusing to write it back",
-                    k.off, k.seg
-                ));
+                core.health.lost(k.off, k.len, live, k.seg);
             }
         }
     }
@@ -172,7 +190,7 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
     // order.
     for (i, off, len) in visible_parts(&keys) {
         let k = &keys[i];
-        if k.is_clean() {
+        if k.is_clean() || damaged[i] {
             continue;
         }
         let id = i as u64;
@@ -226,6 +244,33 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
         },
         log_seq: tail.log_seq + 1,
     })
+}
+
+/// Bytes of `k`'s extent the index still serves from it: the newest version of those bytes.
+fn live_bytes(core: &Core, k: &format::KeyRecord) -> u64 {
+    let at = CachePos {
+        seg: k.seg,
+        off: k.seg_off,
+    };
+    let mut pieces = Vec::new();
+    core.index.lookup(
+        k.off,
+        u64::from(k.len),
+        false,
+        &|s| core.segments.gen(s),
+        &mut pieces,
+    );
+    pieces
+        .iter()
+        .filter_map(|p| match p {
+            Piece::Hit { len, key, .. }
+                if key.crc.pos == at && key.crc.len == k.len && key.gen == k.gen =>
+            {
+                Some(u64::from(*len))
+            }
+            _ => None,
+        })
+        .sum()
 }
 
 /// The parts of each key that no later key of the same kset overwrites, as

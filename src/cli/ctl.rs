@@ -216,5 +216,13 @@ pub fn human_status(s: &Status) -> String {
         format!("{} runs, {} errors", st.gc_runs, st.gc_errors),
     );
     line("crc errors", st.crc_errors.to_string());
+    let h = &c.health;
+    line(
+        "lost",
+        format!("{} extents, {} bytes", h.lost_extents, h.lost_bytes),
+    );
+    if let Some(why) = &h.writeback_stalled {
+        line("ALARM", format!("writeback stopped: {why}"));
+    }
     o
 }

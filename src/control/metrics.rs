@@ -185,6 +185,25 @@ pub fn render_metrics(status: &Status) -> String {
     for (name, help, value) in counters {
         w.metric(name, Counter, help, value);
     }
+    let h = &c.health;
+    w.metric(
+        "lost_extents_total",
+        Counter,
+        "Dirty extents given up because their cached data failed its CRC.",
+        h.lost_extents,
+    );
+    w.metric(
+        "lost_bytes_total",
+        Counter,
+        "Bytes of newest data in those extents, which never reached the backing image.",
+        h.lost_bytes,
+    );
+    w.metric(
+        "writeback_stalled",
+        Gauge,
+        "1 while writeback cannot go on (see ctl status), else 0.",
+        u64::from(h.writeback_stalled.is_some()),
+    );
     w.0
 }
 

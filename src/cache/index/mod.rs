@@ -51,7 +51,8 @@ pub struct IndexKey {
     pub kind: KeyKind,
     /// Where byte `off` lives in the cache (meaningless for `Zeroes` and `Empty`).
     pub pos: CachePos,
-    /// Generation of segment `pos.seg` when the key was made.
+    /// Generation of segment `pos.seg` when the key was made; for a `Zeroes` key, its stamp
+    /// (unique per zeroes key, 0 on caches written by older versions).
     pub gen: u64,
     /// The on-media extent this key was cut from.
     pub crc: CrcSpan,
@@ -303,6 +304,25 @@ impl Index {
             }
         }
         self.stale_scan_at.store(start, Ordering::Relaxed);
+        removed
+    }
+
+    /// Remove the zeroes keys (and fragments of them) in `[off, off + len)` that carry
+    /// `stamp`: GC calls this for a zeroes key it reclaims, whose zeroes the backing image
+    /// holds by then. Keys of later writes carry other stamps and stay. Returns how many went.
+    pub fn remove_zeroes(&self, off: u64, len: u32, stamp: u64) -> usize {
+        let end = off.saturating_add(u64::from(len)).min(self.capacity);
+        let mut at = off;
+        let mut removed = 0;
+        while at < end {
+            let part_end = region_end(at).min(end);
+            let mut region = self.lock(at);
+            let before = region.extents();
+            removed += region.remove_zeroes(at, part_end, stamp);
+            self.account(before, region.extents());
+            drop(region);
+            at = part_end;
+        }
         removed
     }
 

@@ -10,16 +10,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
 use crate::cache::{CachePos, REGION_SIZE};
 
-/// A key without its offset (the map key). 36 bytes with 4-byte alignment, so a B-tree slot
-/// (entry plus `u32` offset) is 40 bytes: the kind lives in the top bits of the length (an
+/// A key without its offset (the map key). 32 bytes with 4-byte alignment, so a B-tree slot
+/// (entry plus `u32` offset) is 36 bytes: the CRC span's segment is the key's own, the kind lives in the top bits of the length (an
 /// entry never exceeds its 4 MiB region), and the generation is stored as two halves. For a
-/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment.
+/// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment; for a
+/// zeroes key, the key's stamp (see `Index::remove_zeroes`).
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     len_kind: u32,
     pos: CachePos,
     gen: [u32; 2],
-    crc: CrcSpan,
+    /// The CRC span, whose segment is always `pos.seg` (a key is cut from one extent).
+    crc_off: u32,
+    crc_len: u32,
+    crc: u32,
 }
 
 const KIND_SHIFT: u32 = 30;
@@ -37,11 +41,17 @@ impl Entry {
             KeyKind::Zeroes => 2,
             KeyKind::Empty => 3,
         };
+        debug_assert!(
+            crc.pos.seg == pos.seg,
+            "a CRC span in another segment than its key"
+        );
         Entry {
             len_kind: (len & LEN_MASK) | kind_bits << KIND_SHIFT,
             pos,
             gen: [gen as u32, (gen >> 32) as u32],
-            crc,
+            crc_off: crc.pos.off,
+            crc_len: crc.len,
+            crc: crc.crc,
         }
     }
 
@@ -82,6 +92,17 @@ impl Entry {
             kind: self.kind(),
             pos: self.pos,
             gen: self.gen(),
+            crc: self.crc_span(),
+        }
+    }
+
+    fn crc_span(&self) -> CrcSpan {
+        CrcSpan {
+            pos: CachePos {
+                seg: self.pos.seg,
+                off: self.crc_off,
+            },
+            len: self.crc_len,
             crc: self.crc,
         }
     }
@@ -316,6 +337,20 @@ impl Subtree {
             at = off;
         }
         (removed, at)
+    }
+
+    /// Remove the zeroes entries starting in `[from, to)` whose generation field holds
+    /// `stamp` (the fragments of one key all lie inside its range). Returns how many went.
+    pub(super) fn remove_zeroes(&mut self, from: u64, to: u64, stamp: u64) -> usize {
+        let is_it = |e: &Entry| e.kind() == KeyKind::Zeroes && e.gen() == stamp;
+        let mut removed = 0;
+        let mut at = from;
+        while let Some(off) = self.find(at, to, is_it) {
+            self.take(off);
+            removed += 1;
+            at = off;
+        }
+        removed
     }
 
     pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {

@@ -2,11 +2,16 @@
 //! and a real backing file.
 
 mod crash;
+mod damaged;
 mod faults;
 mod gc;
 mod group_commit;
+mod index_memory;
+mod large_write;
 mod model;
 mod paths;
+mod races;
+mod write_cache;
 mod writeback;
 
 use std::path::PathBuf;

@@ -282,8 +282,12 @@ fn packed_entries_give_back_every_field() {
             1 << 31,
         );
         k.gen = (1 << 40) | i as u64;
+        // The span lies in the key's own segment (an entry stores only its offset).
         k.crc = CrcSpan {
-            pos: CachePos { seg: 7, off: 3 },
+            pos: CachePos {
+                seg: u32::MAX - 1,
+                off: 3,
+            },
             len: u32::MAX,
             crc: 0xdead_beef,
         };
@@ -295,4 +299,41 @@ fn packed_entries_give_back_every_field() {
     insert(&index, whole);
     keys.push(whole);
     assert_eq!(index.checked_entries(), keys);
+}
+
+#[test]
+fn reclaimed_zeroes_leave_by_stamp_and_later_keys_stay() {
+    let index = Index::new(16 * MIB);
+    let zeroes = |off, len, stamp| IndexKey {
+        gen: stamp,
+        ..key(off, len, KeyKind::Zeroes, 0, 0)
+    };
+    // Zeroes key 7 over [0, 64K) and across a region boundary, cut by a data key in its
+    // middle; zeroes key 8 over part of it later.
+    insert(&index, zeroes(0, 64 * K, 7));
+    insert(&index, zeroes(4 * MIB - 8 * K, 16 * K, 7));
+    insert(&index, dirty(16 * K, 4 * K, 1, 0));
+    insert(&index, zeroes(48 * K, 8 * K, 8));
+    assert_eq!(
+        index.remove_zeroes(0, 64 * K as u32, 7),
+        3,
+        "both fragments and the tail"
+    );
+    assert_eq!(
+        index.remove_zeroes(4 * MIB - 8 * K, 16 * K as u32, 7),
+        2,
+        "a part in each region"
+    );
+    assert_eq!(
+        shape(&index),
+        vec![
+            (16 * K, 4 * K, KeyKind::Dirty),
+            (48 * K, 8 * K, KeyKind::Zeroes)
+        ]
+    );
+    assert_eq!(
+        index.remove_zeroes(0, 64 * K as u32, 9),
+        0,
+        "no key carries stamp 9"
+    );
 }
