@@ -133,6 +133,41 @@ impl Guest {
     }
 }
 
+/// SET_MEM_TABLE with the test guest's one memory region.
+fn set_guest_memory(frontend: &mut Frontend, guest: &Guest) {
+    frontend
+        .set_mem_table(&[VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_LEN as u64,
+            userspace_addr: USER_BASE,
+            mmap_offset: 0,
+            mmap_handle: guest.memfd.as_raw_fd(),
+        }])
+        .unwrap();
+}
+
+/// Queue 0's ring addresses, its start position `base`, its eventfds, then enable it.
+fn start_ring(frontend: &mut Frontend, base: u16, kick: &EventFd, call: &EventFd) {
+    frontend
+        .set_vring_addr(
+            0,
+            &VringConfigData {
+                queue_max_size: QUEUE_SIZE,
+                queue_size: QUEUE_SIZE,
+                flags: 0,
+                desc_table_addr: USER_BASE + DESC_TABLE,
+                used_ring_addr: USER_BASE + USED,
+                avail_ring_addr: USER_BASE + AVAIL,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+    frontend.set_vring_base(0, base).unwrap();
+    frontend.set_vring_call(0, call).unwrap();
+    frontend.set_vring_kick(0, kick).unwrap();
+    frontend.set_vring_enable(0, true).unwrap();
+}
+
 /// One frontend connection with queue 0 running; `inflight` is the area to hand over (or
 /// `None` to ask the daemon for a new one), `base` the ring position to start at.
 fn connect(
@@ -163,15 +198,7 @@ fn connect(
                 | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         )
         .unwrap();
-    frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_LEN as u64,
-            userspace_addr: USER_BASE,
-            mmap_offset: 0,
-            mmap_handle: guest.memfd.as_raw_fd(),
-        }])
-        .unwrap();
+    set_guest_memory(&mut frontend, guest);
     let area = match inflight {
         Some((info, file)) => (*info, file.try_clone().unwrap()),
         None => frontend
@@ -186,24 +213,7 @@ fn connect(
         .set_inflight_fd(&area.0, area.1.as_raw_fd())
         .expect("SET_INFLIGHT_FD");
     frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: USER_BASE + DESC_TABLE,
-                used_ring_addr: USER_BASE + USED,
-                avail_ring_addr: USER_BASE + AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_base(0, base).unwrap();
-    frontend.set_vring_call(0, call).unwrap();
-    frontend.set_vring_kick(0, kick).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
+    start_ring(&mut frontend, base, kick, call);
     (frontend, area)
 }
 
@@ -385,15 +395,7 @@ fn ch_activate(
     call: &EventFd,
 ) {
     frontend.set_features(acked).unwrap();
-    frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_LEN as u64,
-            userspace_addr: USER_BASE,
-            mmap_offset: 0,
-            mmap_handle: guest.memfd.as_raw_fd(),
-        }])
-        .unwrap();
+    set_guest_memory(frontend, guest);
     frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
     if inflight.is_none() {
         *inflight = Some(
@@ -408,24 +410,7 @@ fn ch_activate(
     }
     let (info, file) = inflight.as_ref().unwrap();
     frontend.set_inflight_fd(info, file.as_raw_fd()).unwrap();
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: USER_BASE + DESC_TABLE,
-                used_ring_addr: USER_BASE + USED,
-                avail_ring_addr: USER_BASE + AVAIL,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-    frontend.set_vring_base(0, base).unwrap();
-    frontend.set_vring_call(0, call).unwrap();
-    frontend.set_vring_kick(0, kick).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
+    start_ring(frontend, base, kick, call);
 }
 
 /// SET_DEVICE_STATE_FD in `direction` over a pipe, then CHECK_DEVICE_STATE; returns the bytes
