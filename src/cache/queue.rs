@@ -150,7 +150,10 @@ impl CacheQueue {
             .add_waiter(room.try_clone().map_err(|e| format!("eventfd: {e}"))?);
         let persist_per_write = core.media.persistence() == Persistence::Pmem;
         let committer = if core.media.persistence() == Persistence::Msync && core.background() {
-            Some(spawn_committer(core.clone(), qid)?)
+            Some(
+                spawn_committer(core.clone(), qid)
+                    .map_err(|e| format!("cannot start the log committer of queue {qid}: {e}"))?,
+            )
         } else {
             None
         };
@@ -409,7 +412,7 @@ impl Drop for CacheQueue {
 fn spawn_committer(
     core: Arc<Core>,
     qid: usize,
-) -> Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>), String> {
+) -> std::io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::Builder::new()
@@ -417,8 +420,7 @@ fn spawn_committer(
         .spawn(move || {
             core.log
                 .run_committer(qid, &flag, &*core.media, &core.segments)
-        })
-        .map_err(|e| format!("cannot start the log committer of queue {qid}: {e}"))?;
+        })?;
     Ok((stop, thread))
 }
 

@@ -81,14 +81,10 @@ impl InflightMessages<'_> {
         }
     }
 
-    fn set(&self, msg: &Message) -> Result<(), String> {
-        let info = InflightInfo::parse(&msg.body)
-            .ok_or_else(|| format!("a {}-byte SET_INFLIGHT_FD", msg.body.len()))?;
+    fn set(&self, msg: &Message) -> Result<(), SetInflightError> {
+        let info = InflightInfo::parse(&msg.body).ok_or(SetInflightError::Size(msg.body.len()))?;
         let [file] = &msg.files[..] else {
-            return Err(format!(
-                "SET_INFLIGHT_FD with {} descriptors",
-                msg.files.len()
-            ));
+            return Err(SetInflightError::Descriptors(msg.files.len()));
         };
         let area = InflightArea::map(
             file,
@@ -97,10 +93,21 @@ impl InflightMessages<'_> {
             info.num_queues,
             info.queue_size,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(SetInflightError::Map)?;
         self.backend.set_inflight(area);
         Ok(())
     }
+}
+
+/// Why a frontend's inflight area was refused.
+#[derive(Debug, thiserror::Error)]
+enum SetInflightError {
+    #[error("a {0}-byte SET_INFLIGHT_FD")]
+    Size(usize),
+    #[error("SET_INFLIGHT_FD with {0} descriptors")]
+    Descriptors(usize),
+    #[error("cannot map the area")]
+    Map(#[source] std::io::Error),
 }
 
 impl Intercept for InflightMessages<'_> {
@@ -110,7 +117,10 @@ impl Intercept for InflightMessages<'_> {
             SET_INFLIGHT_FD => {
                 let outcome = self.set(&msg);
                 if let Err(e) = &outcome {
-                    warn!("refusing the frontend's inflight area: {e}");
+                    match std::error::Error::source(e) {
+                        Some(cause) => warn!("refusing the frontend's inflight area: {e}: {cause}"),
+                        None => warn!("refusing the frontend's inflight area: {e}"),
+                    }
                 }
                 Ok(msg.needs_reply().then(|| msg.ack(outcome.is_ok())))
             }

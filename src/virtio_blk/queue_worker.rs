@@ -134,7 +134,12 @@ impl QueueWorker {
         );
         let (shadow, chains) =
             super::resubmit::chains_for_heads(&snapshot, desc_table, queue_size, &recovered.heads)
-                .map_err(|e| EngineError::Invalid(format!("rebuilding chains in flight: {e}")))?;
+                .map_err(|e| {
+                    let cause = std::error::Error::source(&e)
+                        .map(|c| format!(": {c}"))
+                        .unwrap_or_default();
+                    EngineError::Invalid(format!("rebuilding chains in flight: {e}{cause}"))
+                })?;
         for chain in chains {
             self.resubmit
                 .push_back((decode(chain, &self.info), shadow.clone()));

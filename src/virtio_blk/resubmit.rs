@@ -14,6 +14,21 @@ use super::queue_worker::GuestMem;
 
 const PAGE: u64 = 4096;
 
+/// Why the chains left in flight could not be rebuilt.
+#[derive(Debug, thiserror::Error)]
+pub enum ResubmitError {
+    #[error("no address space above guest memory for the private ring")]
+    NoAddressSpace,
+    #[error("cannot map the private ring")]
+    Map(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot write the private ring")]
+    Write(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot set up the private queue")]
+    Queue(#[source] virtio_queue::Error),
+    #[error("descriptor chain {0} cannot be read")]
+    Chain(u16),
+}
+
 /// The guest memory plus the private ring, and one chain per head, in `heads` order.
 #[allow(clippy::type_complexity)]
 pub fn chains_for_heads(
@@ -21,30 +36,30 @@ pub fn chains_for_heads(
     desc_table: u64,
     queue_size: u16,
     heads: &[u16],
-) -> Result<(Arc<GuestMem>, Vec<DescriptorChain<Arc<GuestMem>>>), String> {
+) -> Result<(Arc<GuestMem>, Vec<DescriptorChain<Arc<GuestMem>>>), ResubmitError> {
     let n = u64::from(queue_size);
     let avail_len = 6 + 2 * n;
     let used_offset = avail_len.div_ceil(4) * 4;
     let len = (used_offset + 6 + 8 * n).div_ceil(PAGE) * PAGE;
     let end = guest.last_addr().raw_value();
-    let base = GuestAddress(end.checked_add(1).ok_or("guest memory ends at the top")?)
+    let base = GuestAddress(end.checked_add(1).ok_or(ResubmitError::NoAddressSpace)?)
         .raw_value()
         .div_ceil(PAGE)
         * PAGE;
-    let region = MmapRegion::new(len as usize).map_err(|e| e.to_string())?;
-    let region = GuestRegionMmap::new(region, GuestAddress(base))
-        .ok_or("the private ring does not fit in the address space")?;
+    let region = MmapRegion::new(len as usize).map_err(|e| ResubmitError::Map(Box::new(e)))?;
+    let region =
+        GuestRegionMmap::new(region, GuestAddress(base)).ok_or(ResubmitError::NoAddressSpace)?;
     let shadow = Arc::new(
         guest
             .insert_region(Arc::new(region))
-            .map_err(|e| e.to_string())?,
+            .map_err(|e| ResubmitError::Map(Box::new(e)))?,
     );
 
     let avail = GuestAddress(base);
     let write = |value: u16, at: u64| {
         shadow
             .write_obj(value.to_le(), avail.unchecked_add(at))
-            .map_err(|e| e.to_string())
+            .map_err(ResubmitError::Write)
     };
     write(0, 0)?;
     write(heads.len() as u16, 2)?;
@@ -52,7 +67,7 @@ pub fn chains_for_heads(
         write(head, 4 + 2 * i as u64)?;
     }
 
-    let mut queue = Queue::new(queue_size).map_err(|e| e.to_string())?;
+    let mut queue = Queue::new(queue_size).map_err(ResubmitError::Queue)?;
     queue.set_size(queue_size);
     let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
     let (lo, hi) = split(desc_table);
@@ -66,7 +81,7 @@ pub fn chains_for_heads(
     for &head in heads {
         let chain = queue
             .pop_descriptor_chain(shadow.clone())
-            .ok_or_else(|| format!("descriptor chain {head} cannot be read"))?;
+            .ok_or(ResubmitError::Chain(head))?;
         chains.push(chain);
     }
     Ok((shadow, chains))
