@@ -117,31 +117,24 @@ fn a_cache_file_that_does_not_fit_is_refused_at_format_and_at_start() {
 
     // format of an (empty) file to the same size.
     let cache = fs.path("format-cache.img");
-    std::fs::File::create(&cache).unwrap();
-    let out = run(&[
-        "format",
-        "--cache",
-        s(&cache),
-        "--backing",
-        s(&image),
-        "--cache-size",
-        "192M",
-    ]);
-    assert_no_room(&out, "format");
+    let format = |size: &str| {
+        std::fs::File::create(&cache).unwrap();
+        run(&[
+            "format",
+            "--cache",
+            s(&cache),
+            "--backing",
+            s(&image),
+            "--cache-size",
+            size,
+        ])
+    };
+    assert_no_room(&format("192M"), "format");
 
     // A cache that fits (the smallest, 5 segments of 16 MiB) is formatted on the same file
     // system: the refusal above was about room, nothing else.
     std::fs::remove_file(&cache).unwrap();
-    std::fs::File::create(&cache).unwrap();
-    let out = run(&[
-        "format",
-        "--cache",
-        s(&cache),
-        "--backing",
-        s(&image),
-        "--cache-size",
-        "80M",
-    ]);
+    let out = format("80M");
     assert!(
         out.status.success(),
         "a cache that fits was refused: {}",
