@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Compares vhost-user-blk backends in one run on one machine: the same loadgen binary, the same
 # freshly written backing image on local disk, the same workload matrix against each target.
 #

@@ -1,4 +1,5 @@
 #!/usr/bin/env python3
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 """Plots of one benches/compare.sh run, from the results.json it leaves.
 
 Usage: python3 benches/plot.py RESULTS_DIR [OUTPUT_DIR]

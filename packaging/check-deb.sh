@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds the Debian package with cargo-deb, installs it on this machine, checks what a host
 # gets from it, then removes and purges it and checks that nothing of it is left.
 #

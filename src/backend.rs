@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `VhostUserBackend` implementation: one object per vhost-user connection, holding the
 //! per-queue workers. It takes `&self` everywhere (each queue worker has its own lock), so the
 //! vring threads run in parallel instead of taking turns on one backend lock.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The engine interface: what the virtio-blk layer asks of storage.
 //!
 //! The virtio-blk layer (`crate::virtio_blk`) turns descriptor chains into [`Request`]s of byte

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-pcache: a vhost-user-blk backend whose storage engine is a persistent-memory
 //! write-back cache in front of a backing image (a userspace take on Linux dm-pcache).
 //!

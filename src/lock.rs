@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Exclusive ownership of a cache media or a backing image by one process.
 //!
 //! Two daemons on one cache, or a daemon and an offline tool, would each replay, write and

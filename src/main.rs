@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! vhost-user-pcache: the command line. Each subcommand lives in `cli/`; this file only
 //! parses and dispatches.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The systemd readiness protocol (`sd_notify`): one datagram per state change to the socket
 //! named by `$NOTIFY_SOCKET`.
 //!

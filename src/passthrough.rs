@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The pass-through engine (`--cache none`): every request goes straight to the backing image.
 
 use std::io;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Waiting for file descriptors without an event loop: signal checks, the control socket's
 //! accept loop, a queue draining while the engine makes room.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The serve loop: one vhost-user socket, one frontend connection at a time, one engine for the
 //! life of the process.
 //!

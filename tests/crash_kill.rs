@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The real daemon killed with SIGKILL at random moments under a verifying write load from
 //! libblkio, restarted on the same cache and image, and checked sector by sector against the
 //! durability contract: every sector holds what it held at the last completed FLUSH or what

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket end to end: the real daemon with `--control-socket`, driven by the real
 //! `ctl` subcommand while libblkio does I/O; and `serve --config`.
 

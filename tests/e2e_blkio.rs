@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! End to end: the real daemon binary on a real socket, driven by libblkio's
 //! virtio-blk-vhost-user driver.
 

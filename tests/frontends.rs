@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Protocol-level tests that play the frontend against the real daemon:
 //!
 //! - crash restart (as QEMU does with INFLIGHT_SHMFD): queue writes, SIGKILL the daemon while

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A cache file on a host file system without room for it is refused when it is created
 //! (`format`, `serve`), with a clear error, instead of being mapped sparse and killing the
 //! daemon with SIGBUS inside a guest write once the file system fills up.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The packaged files agree with the program: the systemd unit passes `systemd-analyze
 //! verify`, the daemon tells systemd when it is ready, the committed manual page is what the
 //! CLI generates, the example configuration names every `serve` flag, and the maintainer

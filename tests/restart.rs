@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The daemon's connection life cycle against the real binary: one frontend at a time, and a
 //! stop that finishes the requests in flight.
 

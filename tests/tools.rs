@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The offline tools (format, inspect, check, drain) and the locks, run as the real binary on
 //! caches left in known states by the real daemon.
 

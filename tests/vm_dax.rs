@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The pmem path on real DAX: a QEMU guest with two emulated NVDIMMs runs the daemon with its
 //! cache on a file on ext4 mounted with `-o dax` (MAP_SYNC) and on a device DAX character
 //! device, the backing images on the guest's virtio disk and the load generator driving the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A QEMU guest runs fio with checksum verification against the daemon, then
 //! a second guest checks the same data after the daemon was restarted.
 //!

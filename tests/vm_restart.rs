@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A QEMU guest runs fio with checksum verification while the daemon is stopped and started
 //! again under it, several times, with SIGTERM (graceful: every popped request completes before
 //! the socket closes) and with SIGKILL (the new daemon resubmits what the inflight area says was

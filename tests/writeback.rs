@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writeback, GC and a full cache end to end: the real daemon on the smallest cache (6 segments
 //! for 2 queues), driven through the socket far past the cache's size.
 

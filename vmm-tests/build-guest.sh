@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Builds the test guest: the host's Debian cloud kernel plus an initramfs
 # holding busybox, fio (with the shared libraries it links), the virtio
 # modules and an /init that runs one fio job against /dev/vda.

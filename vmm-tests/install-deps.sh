@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Installs what the QEMU guest tests need on Debian 12: a VMM, the cloud
 # kernel the guest boots, and the guest's userland (busybox, fio, ndctl,
 # mkfs.ext4); and the tools the packaging test runs (systemd-analyze, man).

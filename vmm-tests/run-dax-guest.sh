@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boots the DAX test guest: two emulated NVDIMMs (QEMU nvdimm devices backed
 # by files), one virtio disk, and the guest image of build-guest.sh with an
 # overlay holding the daemon and the load generator. The guest runs

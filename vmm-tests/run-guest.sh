@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 # Boots the test guest in QEMU against a vhost-user-blk backend listening on
 # a unix socket, and exits 0 only if the guest reported
 # "VMTEST-RESULT: PASS".

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Connection to the backend through libblkio, and the request buffers it must allocate.
 
 use anyhow::{bail, Context, Result};

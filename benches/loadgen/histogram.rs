@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Log-linear latency histogram: exact below 32 ns, then 32 linear sub-buckets per power of two,
 //! so any percentile is within about 3% of the true value.
 

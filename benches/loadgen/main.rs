@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Load generator for vhost-user-blk backends, built on libblkio (`blkio` crate).
 //! See `cargo bench --bench loadgen -- --help`.
 

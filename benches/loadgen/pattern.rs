@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Verify patterns: every 512-byte sector carries its own device offset, the run's generation
 //! and a pseudo-random body seeded by both, so a misplaced, stale or torn sector is told apart
 //! from a correct one and the report can say where the wrong data came from.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Summaries of a pass: JSON for scripts, text for people.
 
 use crate::stats::{Op, OpStats, Stats};

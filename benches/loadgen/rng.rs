@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Small deterministic generators: no statistical quality beyond "spread evenly" is needed.
 
 pub fn splitmix64(seed: u64) -> u64 {

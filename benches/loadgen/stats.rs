@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Counters a queue thread keeps, merged into the run's summary.
 
 use crate::histogram::Histogram;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One thread per queue: keeps `iodepth` requests in flight until the deadline or until its
 //! list of blocks is done, then drains.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The `serve --config` file parser on arbitrary text: it must accept or refuse with an error,
 //! never panic, and what it accepts must hold only values the flags accept.
 #![no_main]

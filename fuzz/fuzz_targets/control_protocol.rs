@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket, as a client meets it: arbitrary bytes are sent to a real
 //! `ControlServer` (over a test target that only records what it was asked), and every line
 //! that comes back must be one JSON `Response`. Also the request parser alone, whose accepted

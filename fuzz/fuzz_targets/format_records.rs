@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Every on-media decoder on arbitrary bytes: superblock, cache_info, key_tail, dirty_tail,
 //! segment info, generation, and ksets with their keys. The input may ask for a correct
 //! header and CRC to be filled in, so the checks behind the CRC (the ones bit rot cannot

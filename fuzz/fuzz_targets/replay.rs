@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Replay of a formatted cache whose metadata is overwritten with arbitrary bytes: the global
 //! records, every segment's info and generation pages, and the start of every data area
 //! (where the key log lives). The input may ask for the CRCs of what it overwrote to be made

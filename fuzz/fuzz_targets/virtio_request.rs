@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk request decoder on descriptor chains built from arbitrary bytes: the
 //! descriptors (address, length, flags, next; indirect tables included) and the guest memory
 //! they point to come from the input. Whatever the chain, decoding must not panic, and a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests on a real block device: a loop device with 4096-byte logical blocks, so the block
 //! device ioctls, device fallocate and read-modify-write of sub-block requests all run.
 //! Ignored by default: they need root and a free loop device

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Aligned buffers for O_DIRECT and the rules for when a request must bounce through one.
 
 use std::alloc::{self, Layout};
@@ -184,11 +185,9 @@ mod tests {
         assert!(segs_aligned(&[whole], 512));
         let short = DataSeg { ptr: p, len: 512 };
         assert!(!segs_aligned(&[short], 4096));
-        // SAFETY: inside the 8192-byte buffer.
-        let shifted = DataSeg {
-            ptr: unsafe { p.add(1) },
-            len: 512,
-        };
+        // SAFETY: one byte past the start stays inside the 8192-byte buffer.
+        let ptr = unsafe { p.add(1) };
+        let shifted = DataSeg { ptr, len: 512 };
         assert!(!segs_aligned(&[shifted], 512));
     }
 

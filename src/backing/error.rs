@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Errors opening or creating a backing image. Per-request I/O errors are plain `io::Error`s.
 
 use std::io;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Opening a backing image and synchronous I/O on it (offline tools, writeback, tests).
 
 use std::fs::{File, OpenOptions};

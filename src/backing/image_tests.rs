@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests of opening, creating and synchronous I/O on a backing image.
 
 use std::os::unix::fs::MetadataExt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One request of a [`super::BackingQueue`] as a sequence of io_uring operations.
 //!
 //! A job has at most one operation in the ring at a time. It moves through phases: a plain

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The backing image: the only code that does I/O on it.
 //!
 //! [`BackingImage`] opens a raw image file or a block device (O_DIRECT by default, buffered as a

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One thread's asynchronous path to a backing image: an io_uring plus an eventfd doorbell.
 
 use std::collections::VecDeque;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests of the io_uring queue against real files.
 
 use std::collections::HashMap;

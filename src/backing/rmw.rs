@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Serialises read-modify-write cycles on the same aligned blocks.
 //!
 //! A write whose offset or length is not a multiple of the O_DIRECT alignment reads the

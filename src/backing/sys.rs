@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Thin wrappers over the system calls the backing layer needs beyond std: block device
 //! ioctls, fallocate modes, statx alignment hints and an eventfd.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Offline consistency check of a cache: every replica of every metadata record, the log
 //! walk, every key, and with data CRC every cached extent the log still refers to.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-queue data heads: where each queue worker puts the next bytes of cached data.
 //!
 //! Each queue has its own head, so workers allocate data space without contending with each

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A synchronous driver for the cache engine without a socket: submit one request on a
 //! queue and wait for it. Used by the engine's own tests and the crash-test harness; it goes
 //! through the same `EngineQueue` calls as the virtio layer.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The cache engine as a whole: opening (format or replay), the shared core the request paths
 //! work on, the background writeback and GC threads, and the [`Engine`] implementation.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Committing read fills off the request path.
 //!
 //! A read miss is read from the backing image into cache space, copied to the guest and

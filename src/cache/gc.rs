@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Garbage collection: reclaim the log behind dirty_tail, FIFO, as dm-pcache does.
 //!
 //! When at least gc_percent of the segments are in use, the thread takes the kset at

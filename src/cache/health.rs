@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What went wrong in the background and cannot be undone: dirty data writeback had to give
 //! up on, and a writeback that cannot go on. Reported by `status`, metrics and the log.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Offline inspection: everything a cache media holds, read without changing a byte.
 //!
 //! [`MediaState`] reads both replicas of every metadata record (keeping why a copy is

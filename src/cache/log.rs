@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The key log: open ksets in memory, and closing them onto the media at key_head.
 //!
 //! There is one open kset per queue in count, and a key goes to the kset of its 4 MiB region

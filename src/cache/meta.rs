@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The live copies of the cache's mutable metadata — cache_info (gc_percent), key_tail,
 //! dirty_tail and segment generations — and their replicated, fenced updates on the media.
 //!

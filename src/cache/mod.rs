@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The pmem cache engine: the Linux dm-pcache design rebuilt in userspace.
 //!
 //! Layout of this module (one concern a file, as in dm-pcache): `media` (the mapping and its

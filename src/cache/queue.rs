@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One worker thread's handle on the cache engine: the request paths' shared state.
 //!
 //! Writes are copied into the cache in `submit`. In pmem mode they are persisted there too,

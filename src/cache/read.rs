@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The read path: hits from the cache, misses from the backing image, filling the cache.
 //!
 //! The index describes the requested range as pieces. Cached pieces are copied out of the

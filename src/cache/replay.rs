@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Opening a cache: format a new media, or load the metadata of an existing one and replay the
 //! key log to rebuild the index, the segment references and the log head.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Segment accounting: which segments are in use, their reference counts and generations.
 //!
 //! A data segment's reference count is the number of live log keys pointing into it, plus one

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Counters the engine keeps for `status` and metrics. Relaxed atomics: they are statistics,
 //! not synchronisation. The ones every request touches are sharded per thread, so queue
 //! workers on different CPUs do not pass one cache line back and forth.
@@ -13,7 +14,7 @@ const SHARDS: usize = 16;
 #[repr(align(128))]
 struct Slot(AtomicU64);
 
-/// A counter with one slot per thread (up to [`SHARDS`]): adding touches only the calling
+/// A counter with one slot per thread (up to 16): adding touches only the calling
 /// thread's cache line, reading sums the slots.
 #[derive(Default)]
 pub struct ShardedCounter {

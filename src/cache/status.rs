@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the control socket asks of a running cache: its status (the dm-pcache status fields and
 //! the counters), gc_percent, persisting the open ksets, and drained mode.
 //!

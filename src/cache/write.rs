@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The write side of the request paths: WRITE, WRITE_ZEROES, DISCARD and FLUSH.
 //!
 //! A write is split at 4 MiB region boundaries (a key never spans index regions) and at the

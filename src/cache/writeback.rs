@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writeback: copy dirty data from the cache to the backing image, one kset at a time.
 //!
 //! The thread walks the log from dirty_tail. For each kset it writes every dirty key to the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `check`: verify a cache offline and grade what is wrong with it.
 
 use std::path::PathBuf;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `serve --config FILE`: every `serve` flag as a key of a TOML file, named exactly like the
 //! long flag (`queue-size = 256`, `cache-size = "2G"`). Flags given on the command line win.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `ctl`: the client of a running daemon's control socket.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};

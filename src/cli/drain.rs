@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `drain`: write every dirty extent of a cache back to its backing image, offline, so a
 //! cache whose daemon is gone can be retired (or the image used without it).
 

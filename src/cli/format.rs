@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `format`: write a new, empty cache onto a media for a backing image.
 
 use std::path::PathBuf;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `inspect`: show what a cache holds, without changing it.
 
 use std::path::PathBuf;

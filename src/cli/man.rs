@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `man` (hidden): the manual page, generated from the command-line definition so it cannot
 //! drift from `--help`. The committed copy is `packaging/man/vhost-user-pcache.1`; a test fails
 //! when it is out of date.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What the offline tools share: taking the locks, opening the media and the image.
 
 use std::path::Path;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `serve`: its flags, the backing image, the choice of engine, and the serve loop.
 
 use std::path::{Path, PathBuf};

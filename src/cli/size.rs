@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Byte counts on the command line.
 
 use vhost_user_pcache::engine::SECTOR_SIZE;

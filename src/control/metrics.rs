@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! `metrics`: the status in the Prometheus text exposition format (version 0.0.4), every name
 //! prefixed `vhost_user_pcache_`.
 

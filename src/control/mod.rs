@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket: a running daemon answers status, statistics, gc_percent, flush and
 //! drain requests from `vhost-user-pcache ctl` (or any script) over a Unix socket, one JSON
 //! request per line and one JSON response per line.

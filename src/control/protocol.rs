@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket's messages. A request is one line of JSON such as
 //! `{"command":"status"}` or `{"command":"set-gc-percent","value":50}`; the answer is one line
 //! holding a [`Response`].

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The control socket's server: a listener thread that also samples the writeback rate once a
 //! second, and one short-lived thread per client, so a long `drain` never holds up `status`.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The engines as the control socket sees them.
 
 use std::sync::atomic::{AtomicBool, Ordering};

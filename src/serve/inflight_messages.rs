@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! GET_INFLIGHT_FD and SET_INFLIGHT_FD, answered for the vhost-user-backend daemon (which
 //! refuses them): the first creates the shared area the frontend keeps across backend
 //! restarts, the second hands it (back) to the backend.

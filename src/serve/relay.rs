@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The vhost-user messages between the frontend and the vhost-user-backend daemon pass through
 //! here, so the few the daemon crate refuses (GET_INFLIGHT_FD, SET_INFLIGHT_FD) can be answered
 //! by this project instead. Every other message, with its file descriptors, is forwarded

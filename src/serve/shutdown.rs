@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! SIGINT/SIGTERM turned into a readable eventfd, so the serve loop and its watcher can wait
 //! for "stop" alongside sockets instead of dying in the middle of a request.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The device state a restarted daemon must give back to the same guest: the write-cache
 //! setting the guest chose. Frontends send it once (SET_CONFIG, when the guest changes it) and
 //! never again, not even after reconnecting, so it is kept in a small file beside the disk.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk config space: a 96-byte little-endian `virtio_blk_config`, and the device
 //! description it is built from.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Inflight I/O tracking for split virtqueues (vhost-user `INFLIGHT_SHMFD`): a shared memory
 //! area, kept by the frontend across backend restarts, that records which descriptor chains the
 //! backend has popped and not yet completed. A backend that crashed is replaced by one that

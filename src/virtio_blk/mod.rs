@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The virtio-blk device: feature bits, the config space, the request codec and the per-queue
 //! worker that connects virtqueues to an engine.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One virtqueue's worker state: pops descriptor chains, submits them to the engine queue it
 //! owns, and completes them in the used ring when the engine reports them.
 //!

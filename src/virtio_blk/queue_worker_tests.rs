@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Queue worker tests against an asynchronous in-memory engine double: completions that come
 //! later from `reap`, back-pressure with `Submit::Busy`, and draining on stop.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The request codec: turns one descriptor chain into an engine request, or into an immediate
 //! answer for requests that need no engine (GET_ID, errors, unsupported types).
 //!

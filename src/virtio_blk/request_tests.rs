@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Request codec tests on chains built with virtio-queue's mock driver.
 
 use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Descriptor chains rebuilt from their head indices, for resubmitting what a previous backend
 //! left in flight. virtio-queue builds chains only by popping an available ring, and the
 //! guest's ring slots of those requests may have been reused since; so the chains are popped

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Helpers shared by the integration tests: start the real daemon binary on a temporary socket
 //! and talk to it with libblkio's vhost-user driver.
 

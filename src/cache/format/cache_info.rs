@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! cache_info: the cache's settings and the identity of the backing image it belongs to.
 
 use std::fmt;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Formatting a media, and recognising a formatted one.
 
 use crate::cache::media::Media;

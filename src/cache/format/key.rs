@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The 40-byte key: one extent of backing space and where its data is in the cache.
 
 use crate::engine::SECTOR_SIZE;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Ksets: the records of the metadata log.
 //!
 //! A kset is a 32-byte header and up to [`KSET_MAX_KEYS`] keys. Ksets follow each other in a

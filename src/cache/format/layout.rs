@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Where everything lives on the media. See `docs/on-media-format.md`.
 //!
 //! Every replica of every metadata record has a 4 KiB page of its own, so a page or sector
@@ -14,7 +15,7 @@ pub const META_PAGE: u64 = 4096;
 pub const SUPERBLOCK_OFFSET: u64 = 4 * 1024;
 /// Offsets of the two cache_info replicas.
 pub const CACHE_INFO_OFFSETS: [u64; 2] = [8 * 1024, 12 * 1024];
-/// Start of the control block: key_tail[0], key_tail[1], dirty_tail[0], dirty_tail[1].
+/// Start of the control block: `key_tail[0]`, `key_tail[1]`, `dirty_tail[0]`, `dirty_tail[1]`.
 pub const CONTROL_OFFSET: u64 = 16 * 1024;
 /// Offsets of the two key_tail replicas.
 pub const KEY_TAIL_OFFSETS: [u64; 2] = [16 * 1024, 20 * 1024];

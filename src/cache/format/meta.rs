@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The common record header and the replica logic shared by every replicated record.
 //!
 //! Header (16 bytes, little-endian) at the start of every record:

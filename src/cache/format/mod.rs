@@ -1,8 +1,9 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The on-media format: every record, encoded and decoded by explicit little-endian byte
 //! offsets, and the replica logic. `docs/on-media-format.md` describes it byte by byte.
 //!
 //! Entry points for the engine:
-//! - [`probe`] / [`format`] / [`open_metadata`] at start-up;
+//! - [`probe`] / [`format()`] / [`open_metadata`] at start-up;
 //! - [`load_tail`] / [`store_tail`], [`load_generation`] / [`store_generation`],
 //!   [`load_segment_info`] / [`store_segment_info`], [`load_latest`] / [`store`] of
 //!   [`CacheInfo`] (at `layout.cache_info_slots()`);

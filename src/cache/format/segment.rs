@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-segment records: segment info (type, flags) and generation.
 //!
 //! Both carry the segment's own index, so a record copied or misdirected to another

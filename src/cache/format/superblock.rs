@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The superblock: written once, last, by `format`; says "this is a cache of this geometry".
 
 use crate::cache::SEGMENT_SIZE;

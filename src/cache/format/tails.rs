@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! key_tail and dirty_tail: where the live log starts, and where unwritten-back data starts.
 
 use crate::cache::media::Media;

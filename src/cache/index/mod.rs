@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The in-memory index: which cache position holds each byte of backing space.
 //!
 //! As in dm-pcache, backing space is cut into 4 MiB regions ([`REGION_SIZE`]), each with its own
@@ -6,7 +7,7 @@
 //! region locks at once; operations that cover several regions take them one at a time, in
 //! offset order.
 //!
-//! The overlap rules (the four dm-pcache fix-up cases, newest key wins) live in [`subtree`];
+//! The overlap rules (the four dm-pcache fix-up cases, newest key wins) live in `subtree`;
 //! this file holds the public types and routes each operation to its regions.
 
 mod subtree;

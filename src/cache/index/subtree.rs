@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One region's ordered map and the dm-pcache overlap rules.
 //!
 //! Entries never overlap and never leave their region. Every change is driven by one cursor

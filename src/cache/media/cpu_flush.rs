@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! CPU cache-line write-back for directly mapped persistent memory.
 //!
 //! Picks the best instruction the CPU has (CPUID leaf 7: CLWB, then CLFLUSHOPT; CLFLUSH is

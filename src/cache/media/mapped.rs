@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`MappedMedia`]: a shared mapping of a devdax device, a DAX file or an ordinary file.
 
 use std::fs::{File, OpenOptions};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The cache media: a byte-addressable mapping and its persistence primitives.
 //!
 //! This is the only code that knows how bytes become durable. Everything above it writes into

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Per-thread pending ranges for msync mode.
 //!
 //! `persist` only records the page range in the calling thread's list; `fence` takes the ranges

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! [`RecordingMedia`]: an in-memory media that records what became durable, so tests can
 //! produce the images a crash could leave behind.
 //!

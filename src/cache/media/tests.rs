@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 use super::*;
 
 fn lines_equal(a: &[u8], b: &[u8], line: usize) -> bool {

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Damaged cached data and metadata meeting writeback while the device serves: losses are
 //! reported and accounted, and writeback goes on (or raises an alarm), never stalling the
 //! device on one bad extent.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A backing image that fails writes for a while: the data stays dirty and readable, writes
 //! go on while the cache has room, and everything reaches the image once it recovers.
 

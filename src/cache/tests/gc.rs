@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! GC threshold changes while serving, and GC meeting a corrupt kset.
 
 use std::time::Duration;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Msync mode's group commit: a write completes without a sync, a FLUSH costs a constant
 //! number of syncs whatever the number of writes before it, and with the write cache off each
 //! write is durable when it completes.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The index grows with what the cache holds, not with the disk: keys of reclaimed segments and
 //! zeroes keys of reclaimed ksets leave it in the background.
 

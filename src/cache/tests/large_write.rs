@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writes larger than the space the cache can ever free complete, piece by piece.
 
 use std::time::{Duration, Instant};

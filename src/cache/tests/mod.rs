@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Tests of the whole cache engine through its `EngineQueue` interface, on a recording media
 //! and a real backing file.
 

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Randomized model test: writes, overwrites from several queues, reads, flushes, zeroes,
 //! discards and reopen (clean, and crash after a flush) against a plain byte-map model.
 

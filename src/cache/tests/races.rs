@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Races between a request and the background threads, replayed step by step on a stepped
 //! engine so each interleaving is exact.
 

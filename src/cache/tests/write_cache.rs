@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The guest's write-cache switch: turning it off makes every earlier completed write durable
 //! before the switch is done, even when the log has no room at that moment.
 

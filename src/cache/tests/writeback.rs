@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Writeback, GC and a cache that fills up, driven far past the cache's size.
 
 use super::{pattern, Fixture};

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Several threads inserting, looking up and filling at once.
 
 use std::sync::atomic::AtomicU64;

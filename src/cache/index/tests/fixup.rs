@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The four dm-pcache fix-up cases, for data keys and for placeholders.
 
 use super::*;

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Heap bytes per cached extent, measured with a counting allocator.
 //!
 //! The count is per thread, so tests running in parallel do not disturb each other.

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The index against a plain per-sector model under random operation sequences.
 
 use proptest::prelude::*;

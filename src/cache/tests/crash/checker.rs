@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! What section 3 of the durability contract allows each sector to hold after a crash, and
 //! the check of a reopened crash image against it.
 //!

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Corrupt media: bit flips and torn writes in every kind of metadata record and in cached
 //! data. Opening must either recover to a state the contract allows (from the other replica)
 //! or refuse with an error; with data CRC on a damaged extent reads as an I/O error, never as

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Crash images to reopen, made cheaply: the durable image of a cut is written once to an
 //! in-memory file, and each image is a private copy-on-write mapping of it with the image's
 //! non-durable lines applied. Only the pages an image changes, or the reopened engine writes,

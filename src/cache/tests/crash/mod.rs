@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Crash consistency: a seeded workload over several queues is cut at media events inside its
 //! operations, and inside writeback's backing flush; every crash image a cut can leave (all
 //! non-durable lines lost, all kept, random mixes of 8-byte words; at a backing flush also the

@@ -1,3 +1,4 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The seeded workload, and the cut: at chosen media events, inside whatever operation is
 //! running, the crash images a crash there could leave are reopened and checked.
 //!
