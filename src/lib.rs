@@ -21,4 +21,5 @@ pub mod notify;
 pub mod passthrough;
 pub mod poll;
 pub mod serve;
+pub mod sync;
 pub mod virtio_blk;
