@@ -129,6 +129,30 @@ impl fmt::Display for BlockIdentity {
     }
 }
 
+impl BlockIdentity {
+    /// Where udev's standard rules link the device with this identity, when they name it after
+    /// the identity alone, so that an operator can point at the right device by a name that
+    /// does not change. `None` for kinds udev names after more than the identity.
+    pub fn stable_path(&self) -> Option<String> {
+        let v = &self.value;
+        match self.kind {
+            IdentityKind::DmUuid => Some(format!("/dev/disk/by-id/dm-uuid-{v}")),
+            IdentityKind::DmName => Some(format!("/dev/mapper/{v}")),
+            IdentityKind::PartUuid => Some(format!("/dev/disk/by-partuuid/{v}")),
+            IdentityKind::Wwid => {
+                if let Some(naa) = v.strip_prefix("naa.") {
+                    Some(format!("/dev/disk/by-id/wwn-0x{naa}"))
+                } else if ["eui.", "uuid.", "nvme."].iter().any(|p| v.starts_with(p)) {
+                    Some(format!("/dev/disk/by-id/nvme-{v}"))
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
 /// Why the identity of a block device could not be determined. A source that is merely absent
 /// or unusable is not an error (the next one is tried); these are the cases where looking
 /// itself failed, so no answer, not even the device number, can be trusted to be the best one.

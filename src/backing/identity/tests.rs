@@ -458,3 +458,31 @@ fn a_real_loop_device_is_known_by_its_file_on_the_real_sysfs() {
     );
     assert_eq!(found.unwrap(), id(IdentityKind::LoopFile, &want));
 }
+
+#[test]
+fn stable_paths_follow_udevs_rules_where_they_name_the_identity_alone() {
+    let path = |kind, value| id(kind, value).stable_path();
+    assert_eq!(
+        path(IdentityKind::DmUuid, "LVM-abc").as_deref(),
+        Some("/dev/disk/by-id/dm-uuid-LVM-abc")
+    );
+    assert_eq!(
+        path(IdentityKind::Wwid, "naa.5000c500a1b2c3d4").as_deref(),
+        Some("/dev/disk/by-id/wwn-0x5000c500a1b2c3d4")
+    );
+    assert_eq!(
+        path(IdentityKind::Wwid, "eui.0025388b91b3d1f2").as_deref(),
+        Some("/dev/disk/by-id/nvme-eui.0025388b91b3d1f2")
+    );
+    assert_eq!(
+        path(IdentityKind::PartUuid, "1234-01").as_deref(),
+        Some("/dev/disk/by-partuuid/1234-01")
+    );
+    assert_eq!(
+        path(IdentityKind::DmName, "vg-vm1").as_deref(),
+        Some("/dev/mapper/vg-vm1")
+    );
+    assert_eq!(path(IdentityKind::Wwid, "t10.ATA     QEMU"), None);
+    assert_eq!(path(IdentityKind::Serial, "vm1-root"), None);
+    assert_eq!(path(IdentityKind::DeviceNumber, "8:0"), None);
+}
