@@ -18,10 +18,9 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::core::Core;
 use super::data_head::LOG_RESERVE;
-use super::engine::Core;
-use super::format::TailPos as Tail;
-use super::format::{self, Kset};
+use super::format::{self, Kset, TailPos};
 use super::CachePos;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
@@ -114,7 +113,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
         .map_err(|e| format!("decoding the kset at key_tail {tail:?}: {e}"))?;
     match kset {
         Kset::Last { next_seg, .. } => {
-            let next = Tail {
+            let next = TailPos {
                 pos: CachePos {
                     seg: next_seg,
                     off: 0,
@@ -129,7 +128,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
                 .map_err(|e| format!("freeing log segment {}: {e}", tail.pos.seg))?;
         }
         Kset::Keys { keys, .. } => {
-            let next = Tail {
+            let next = TailPos {
                 pos: CachePos {
                     seg: tail.pos.seg,
                     off: tail.pos.off + format::kset_size(keys.len()) as u32,

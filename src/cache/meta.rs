@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use super::format::{self, CacheInfo, FormatError, Layout, Tail, TailPos};
 use super::media::Media;
+use super::segments::GenerationStore;
 
 pub struct Meta {
     media: Arc<dyn Media>,
@@ -96,5 +97,11 @@ impl Meta {
             *info = next;
         }
         Ok(())
+    }
+}
+
+impl GenerationStore for Meta {
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
+        Meta::store_gen(self, seg, gen).map_err(|e| e.to_string())
     }
 }

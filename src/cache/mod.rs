@@ -22,6 +22,7 @@ pub struct CachePos {
 }
 
 pub mod check;
+mod core;
 mod data_head;
 pub mod driver;
 mod engine;
@@ -43,7 +44,8 @@ pub mod status;
 mod write;
 mod writeback;
 
-pub use engine::{CacheEngine, CacheError, CacheOptions};
+pub use self::core::{CacheError, CacheOptions};
+pub use engine::CacheEngine;
 pub use status::CacheStatus;
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::engine::Core;
+use super::core::Core;
 use super::format::KeyRecord;
 use super::index::{FillTicket, Piece};
 use super::media::Persistence;

@@ -12,7 +12,8 @@
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 
-use super::fill::Filled;
+use super::core::Filled;
+use super::fill;
 use super::format;
 use super::index::Piece;
 use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
@@ -197,7 +198,7 @@ impl CacheQueue {
                     // SAFETY: `guest` is valid for this request (DataSeg contract); the source
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
-                    core.commit_fill(Filled { ticket, pos, len });
+                    fill::submit(&core, Filled { ticket, pos, len });
                     (read, None)
                 }
                 Err(e) => {

@@ -12,8 +12,8 @@
 
 use std::sync::Arc;
 
+use super::core::{index_key, CacheError, CacheOptions};
 use super::data_head::LOG_RESERVE;
-use super::engine::{index_key, CacheError, CacheOptions};
 use super::format::{self, BackingFingerprint, FormatOptions, Kset, KsetCodec, Layout, TailPos};
 use super::index::Index;
 use super::log::{Log, LogHead};
