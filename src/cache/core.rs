@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::data_head::{Allocation, DataHead};
+use super::data_head::{Allocation, DataHead, ReleaseError};
 use super::format::{self, KeyRecord, Layout};
 use super::health::Health;
 use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
@@ -21,6 +21,8 @@ use super::segments::SegmentMap;
 use super::stats::Stats;
 use super::CachePos;
 use crate::backing::BackingImage;
+use crate::engine::ErrorChain;
+use crate::sync::lock;
 
 /// How to open a cache.
 #[derive(Clone, Debug)]
@@ -64,6 +66,17 @@ pub enum CacheError {
     Corrupt { path: PathBuf, reason: String },
     #[error("cache {path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
+}
+
+/// Why [`Core::drain`] could not wait until the backing image holds every write.
+#[derive(Debug, thiserror::Error)]
+pub enum DrainError {
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("the cache is open read-only, so nothing is written back")]
+    ReadOnly,
+    #[error("persisting the open ksets")]
+    Log(#[source] LogError),
 }
 
 /// Backing data already copied into the cache (and to the guest), to be made durable and
@@ -113,7 +126,7 @@ pub(crate) struct Core {
 impl Core {
     /// Writeback moved dirty_tail: wake `drain`.
     pub fn writeback_progress(&self) {
-        let _g = self.progress.0.lock().unwrap();
+        let _g = lock(&self.progress.0);
         self.progress.1.notify_all();
         if self.drained.load(Ordering::Acquire) {
             // Queues hold drained-mode writes until dirty_tail passes them.
@@ -127,24 +140,24 @@ impl Core {
     }
 
     /// Write back everything acknowledged so far and wait until the backing image holds it.
-    pub fn drain(&self) -> Result<(), String> {
+    pub fn drain(&self) -> Result<(), DrainError> {
         self.draining.fetch_add(1, Ordering::AcqRel);
         let result = self.drain_inner();
         self.draining.fetch_sub(1, Ordering::AcqRel);
         result
     }
 
-    fn drain_inner(&self) -> Result<(), String> {
+    fn drain_inner(&self) -> Result<(), DrainError> {
         // Every completed write's key must be on the log before writeback can see it.
-        self.persist_open_ksets().map_err(|e| e.to_string())?;
+        self.persist_open_ksets().map_err(DrainError::Log)?;
         let target = self.log.head().seq;
-        let mut g = self.progress.0.lock().unwrap();
+        let mut g = lock(&self.progress.0);
         while self.meta.dirty_tail().log_seq < target {
             if self.stopping.load(Ordering::Acquire) {
-                return Err("the engine is shutting down".into());
+                return Err(DrainError::ShuttingDown);
             }
             if self.read_only {
-                return Err("the cache is open read-only, so nothing is written back".into());
+                return Err(DrainError::ReadOnly);
             }
             g = self
                 .progress
@@ -176,7 +189,7 @@ impl Core {
     /// Start persisting cached data (durable after the caller's fence).
     pub fn persist_data(&self, pos: CachePos, len: u32) {
         if let Err(e) = self.media.persist(self.media_offset(pos), len as u64) {
-            log::error!("persisting cache data failed: {e}");
+            log::error!("persisting cache data failed: {}", ErrorChain(&e));
         }
     }
 
@@ -198,8 +211,8 @@ impl Core {
         qid: usize,
         len: u32,
         exact: bool,
-    ) -> Result<Option<Allocation>, String> {
-        let mut head = self.heads[qid].lock().unwrap();
+    ) -> Result<Option<Allocation>, ReleaseError> {
+        let mut head = lock(&self.heads[qid]);
         head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
     }
 
@@ -220,9 +233,12 @@ impl Core {
 
     /// Give up queue `qid`'s data head (the queue is going away).
     pub fn release_head(&self, qid: usize) {
-        let mut head = self.heads[qid].lock().unwrap();
+        let mut head = lock(&self.heads[qid]);
         if let Err(e) = head.release(&self.segments, &self.meta) {
-            log::error!("cannot release data head of queue {qid}: {e}");
+            log::error!(
+                "cannot release data head of queue {qid}: {}",
+                ErrorChain(&e)
+            );
         }
     }
 
@@ -283,7 +299,7 @@ impl Core {
     /// Close a kset that filled up, outside the index region lock its key was added under.
     fn close_full_kset(&self, off: u64) {
         if let Err(e) = self.log.close_full(off, &*self.media, &self.segments) {
-            log::debug!("full kset stays open for now: {e}");
+            log::debug!("full kset stays open for now: {}", ErrorChain(&e));
         }
     }
 
@@ -359,22 +375,5 @@ pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
             len: rec.len,
             crc: rec.data_crc,
         },
-    }
-}
-
-/// Shows an error followed by each of its causes (`what: why: root cause`), for log lines
-/// and status fields: a message leaves its cause to the chain, and a log line has no chain
-/// printer of its own.
-pub(crate) struct ErrorChain<'a>(pub &'a dyn std::error::Error);
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cause = self.0.source();
-        while let Some(e) = cause {
-            write!(f, ": {e}")?;
-            cause = e.source();
-        }
-        Ok(())
     }
 }

@@ -15,7 +15,8 @@ use super::stats::{Stats, StatsSnapshot};
 use super::status::{self, CacheStatus};
 use super::{fill, gc, replay, writeback};
 use crate::backing::BackingImage;
-use crate::engine::{Engine, EngineError, EngineQueue};
+use crate::engine::{Engine, EngineError, EngineQueue, ErrorChain};
+use crate::sync::lock;
 
 /// The pmem cache engine.
 pub struct CacheEngine {
@@ -78,7 +79,7 @@ impl CacheEngine {
 
     /// Collect one kset if GC is due (what one turn of the GC thread does).
     #[cfg(test)]
-    pub(crate) fn gc_step(&self) -> Result<bool, String> {
+    pub(crate) fn gc_step(&self) -> Result<bool, gc::GcError> {
         gc::collect_one(&self.core)
     }
 
@@ -138,7 +139,9 @@ impl CacheEngine {
     /// Write back all dirty data and wait until the backing image holds every write
     /// acknowledged before the call.
     pub fn drain(&self) -> Result<(), EngineError> {
-        self.core.drain().map_err(EngineError::Invalid)
+        self.core
+            .drain()
+            .map_err(|e| EngineError::failed("writing all dirty data back", e))
     }
 
     /// Stop the background threads without persisting anything, as if the process died here
@@ -148,7 +151,7 @@ impl CacheEngine {
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
-        for t in self.threads.lock().unwrap().drain(..) {
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
     }
@@ -179,7 +182,7 @@ impl CacheEngine {
     pub fn flush_log(&self) -> Result<(), EngineError> {
         self.core
             .persist_open_ksets()
-            .map_err(|e| EngineError::Invalid(format!("persisting the key log: {e}")))
+            .map_err(|e| EngineError::failed("persisting the key log", e))
     }
 
     /// Enter drained mode, write everything back and flush the backing image (see
@@ -219,7 +222,8 @@ impl Engine for CacheEngine {
                 self.core.heads.len()
             )));
         }
-        let q = CacheQueue::new(self.core.clone(), index).map_err(EngineError::Invalid)?;
+        let q = CacheQueue::new(self.core.clone(), index)
+            .map_err(|e| EngineError::failed(format!("opening queue {index}"), e))?;
         Ok(Box::new(q))
     }
 
@@ -230,7 +234,10 @@ impl Engine for CacheEngine {
             // guest that switched to write-through sends no more FLUSH, so the switch is not
             // done until they are. A full log frees up as writeback and GC proceed.
             if let Err(e) = self.core.persist_open_ksets() {
-                log::error!("turning the write cache off: open ksets not persisted: {e}");
+                log::error!(
+                    "turning the write cache off: open ksets not persisted: {}",
+                    ErrorChain(&e)
+                );
             }
         }
         log::info!(
@@ -246,7 +253,9 @@ impl Engine for CacheEngine {
     fn shutdown(&self) -> Result<(), EngineError> {
         if self.drain_on_shutdown && !self.core.read_only {
             log::info!("writing all dirty data back before exit");
-            self.core.drain().map_err(EngineError::Invalid)?;
+            self.core
+                .drain()
+                .map_err(|e| EngineError::failed("writing all dirty data back", e))?;
             self.core
                 .backing
                 .flush()
@@ -255,11 +264,11 @@ impl Engine for CacheEngine {
         }
         self.core
             .close_all_ksets()
-            .map_err(|e| EngineError::Invalid(format!("persisting the key log: {e}")))?;
+            .map_err(|e| EngineError::failed("persisting the key log", e))?;
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
-        for t in self.threads.lock().unwrap().drain(..) {
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
         for qid in 0..self.core.heads.len() {

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use super::core::{Core, Filled};
 use super::media::Persistence;
+use crate::engine::ErrorChain;
 
 /// Hand a fill to the fill thread, which makes it durable and logs it.
 pub(super) fn submit(core: &Core, f: Filled) {
@@ -65,14 +66,18 @@ pub(super) fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
     if keep && core.media.persistence() == Persistence::Pmem {
         for f in &batch {
             if let Err(e) = core.media.persist(core.media_offset(f.pos), f.len as u64) {
-                log::warn!("persisting a read fill failed, not caching it: {e}");
+                log::warn!(
+                    "persisting a read fill failed, not caching it: {}",
+                    ErrorChain(&e)
+                );
                 ok = false;
             }
         }
         if let Err(e) = core.media.fence() {
             log::warn!(
-                "cache media fence failed, not caching {} reads: {e}",
-                batch.len()
+                "cache media fence failed, not caching {} reads: {}",
+                batch.len(),
+                ErrorChain(&e)
             );
             ok = false;
         }

@@ -17,7 +17,7 @@ use super::fill;
 use super::format;
 use super::index::Piece;
 use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
-use crate::engine::{DataSeg, IoError};
+use crate::engine::{DataSeg, ErrorChain, IoError};
 
 impl CacheQueue {
     pub(super) fn submit_read(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
@@ -209,7 +209,7 @@ impl CacheQueue {
             },
         };
         if let Some(e) = &error {
-            log::warn!("backing read for a cache miss failed: {e}");
+            log::warn!("backing read for a cache miss failed: {}", ErrorChain(e));
         }
         let Some(r) = self.reads.get_mut(&read) else {
             return;

@@ -134,7 +134,7 @@ pub(super) fn set_gc_percent(core: &Core, percent: u8) -> Result<(), EngineError
     }
     core.meta
         .set_gc_percent(percent)
-        .map_err(|e| EngineError::Invalid(format!("persisting gc_percent: {e}")))
+        .map_err(|e| EngineError::failed("persisting gc_percent", e))
 }
 
 /// Enter drained mode, write everything back and flush the backing image. On error the
@@ -150,7 +150,8 @@ pub(super) fn drain_and_hold(core: &Core) -> Result<(), EngineError> {
     // without being held has its keys logged where the drain below closes and writes back.
     core.drained.store(true, Ordering::SeqCst);
     log::info!("drain requested: writing all dirty data back, then writethrough");
-    core.drain().map_err(EngineError::Invalid)?;
+    core.drain()
+        .map_err(|e| EngineError::failed("writing all dirty data back", e))?;
     core.backing
         .flush()
         .map_err(|e| EngineError::io("flushing the backing image", e))?;

@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::core::{Core, ErrorChain};
+use super::core::Core;
 use super::data_head::LOG_RESERVE;
 use super::format::{self, Kset, TailPos};
 use super::index::Piece;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
+use crate::engine::ErrorChain;
 
 /// Longest pause between retries of a failing kset.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -97,7 +98,7 @@ fn run(core: &Core) {
                     core.close_aged_ksets()
                 };
                 if let Err(e) = closed {
-                    log::debug!("writeback: aged kset not closed yet: {e}");
+                    log::debug!("writeback: aged kset not closed yet: {}", ErrorChain(&e));
                 }
                 let tail = core.meta.dirty_tail();
                 core.log
