@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use super::format::{self, CacheInfo, FormatError, Layout, Tail, TailPos};
 use super::media::Media;
 use super::segments::GenerationStore;
+use crate::sync::lock;
 
 pub struct Meta {
     media: Arc<dyn Media>,
@@ -41,22 +42,22 @@ impl Meta {
     }
 
     pub fn key_tail(&self) -> TailPos {
-        *self.key_tail.lock().unwrap()
+        *lock(&self.key_tail)
     }
 
     pub fn dirty_tail(&self) -> TailPos {
-        *self.dirty_tail.lock().unwrap()
+        *lock(&self.dirty_tail)
     }
 
     pub fn store_key_tail(&self, t: TailPos) -> Result<(), FormatError> {
-        let mut cur = self.key_tail.lock().unwrap();
+        let mut cur = lock(&self.key_tail);
         format::store_tail(&*self.media, &self.layout, Tail::Key, &t)?;
         *cur = t;
         Ok(())
     }
 
     pub fn store_dirty_tail(&self, t: TailPos) -> Result<(), FormatError> {
-        let mut cur = self.dirty_tail.lock().unwrap();
+        let mut cur = lock(&self.dirty_tail);
         format::store_tail(&*self.media, &self.layout, Tail::Dirty, &t)?;
         *cur = t;
         Ok(())
@@ -89,7 +90,7 @@ impl Meta {
     }
 
     fn update_info(&self, change: impl FnOnce(&mut CacheInfo)) -> Result<(), FormatError> {
-        let mut info = self.info.lock().unwrap();
+        let mut info = lock(&self.info);
         let mut next = *info;
         change(&mut next);
         if next != *info {

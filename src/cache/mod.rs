@@ -24,6 +24,7 @@ pub struct CachePos {
 pub mod check;
 mod core;
 mod data_head;
+#[cfg(any(test, feature = "test-util"))]
 pub mod driver;
 mod engine;
 mod fill;
