@@ -377,3 +377,77 @@ pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error;
+
+    use super::super::data_head::ReleaseError;
+    use super::super::gc::GcError;
+    use super::super::media::MediaError;
+    use super::super::queue::QueueError;
+    use super::super::writeback::WritebackError;
+    use super::*;
+    use crate::engine::{EngineError, ErrorChain, IoError};
+
+    fn io() -> std::io::Error {
+        std::io::Error::other("disk on fire")
+    }
+
+    fn format_error() -> format::FormatError {
+        format::FormatError::InvalidArgument("bad value".into())
+    }
+
+    /// Every error of the engine that has a source leaves it out of its own message, so the
+    /// chain (`{:#}` in the binary, `ErrorChain` in log lines) shows each cause exactly once.
+    #[test]
+    fn no_error_repeats_its_source() {
+        let media = || MediaError::OutOfRange {
+            offset: 1,
+            len: 2,
+            media_len: 3,
+        };
+        let errors: Vec<Box<dyn Error + Send + Sync>> = vec![
+            Box::new(LogError::Media(media())),
+            Box::new(LogError::Encode {
+                keys: 3,
+                source: format_error(),
+            }),
+            Box::new(DrainError::Log(LogError::Media(media()))),
+            Box::new(ReleaseError {
+                seg: 4,
+                source: "generation not stored".into(),
+            }),
+            Box::new(WritebackError::BackingFlush(io())),
+            Box::new(WritebackError::BackingWrite {
+                len: 512,
+                offset: 0,
+                source: io(),
+            }),
+            Box::new(WritebackError::StoreTail(format_error())),
+            Box::new(GcError::StoreKeyTail(format_error())),
+            Box::new(GcError::Free {
+                kind: "data",
+                seg: 1,
+                source: "generation not stored".into(),
+            }),
+            Box::new(QueueError::EventFd(io())),
+            Box::new(IoError::Backing(io())),
+            Box::new(IoError::Media(Box::new(media()))),
+            Box::new(EngineError::io("flushing the backing image", io())),
+            Box::new(EngineError::failed(
+                "persisting the key log",
+                LogError::Media(media()),
+            )),
+        ];
+        for e in &errors {
+            let source = e.source().expect("each has a source").to_string();
+            assert!(
+                !e.to_string().contains(&source),
+                "{e} repeats its source {source}"
+            );
+            let shown = ErrorChain(e.as_ref()).to_string();
+            assert_eq!(shown.matches(&source).count(), 1, "{shown}");
+        }
+    }
+}
