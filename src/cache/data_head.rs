@@ -70,7 +70,7 @@ impl DataHead {
         store: &dyn GenerationStore,
     ) -> Result<(), String> {
         if let Some(seg) = self.seg.take() {
-            segments.put(seg, store)?;
+            segments.put(seg, store).map_err(|e| e.to_string())?;
         }
         Ok(())
     }
@@ -82,7 +82,7 @@ mod tests {
 
     struct NoStore;
     impl GenerationStore for NoStore {
-        fn store_gen(&self, _: u32, _: u64) -> Result<(), String> {
+        fn store_gen(&self, _: u32, _: u64) -> Result<(), crate::cache::format::FormatError> {
             Ok(())
         }
     }

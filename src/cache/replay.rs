@@ -17,7 +17,7 @@ use super::engine::{index_key, CacheError, CacheOptions};
 use super::format::{self, BackingFingerprint, FormatOptions, Kset, KsetCodec, Layout, TailPos};
 use super::index::Index;
 use super::log::{Log, LogHead};
-use super::media::Media;
+use super::media::{Media, MediaError};
 use super::meta::Meta;
 use super::segments::{SegmentKind, SegmentMap};
 use super::CachePos;
@@ -47,6 +47,72 @@ pub struct ReplayReport {
     pub log_segments: u32,
     /// Highest stamp of a zeroes key seen (see `Core::insert_and_log`).
     pub zero_stamp: u64,
+}
+
+/// Why the log walk could not rebuild the cache: the log on the media is corrupt, or could
+/// not be read. A kset that merely ends the log is not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("reading the kset at {seg}:{off}")]
+    Read {
+        seg: u32,
+        off: u32,
+        #[source]
+        source: MediaError,
+    },
+    #[error(
+        "kset {seq} at segment {seg} offset {off} is damaged, yet kset {} follows it at offset \
+         {next_off}: the log is corrupt, and replaying only up to the damage would lose flushed \
+         writes",
+        seq + 1
+    )]
+    DamagedBeforeValid {
+        seq: u64,
+        seg: u32,
+        off: u32,
+        next_off: usize,
+        #[source]
+        damage: format::FormatError,
+    },
+    #[error("kset at segment {seg} offset {off}")]
+    Corrupt {
+        seg: u32,
+        off: u32,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error(
+        "LAST kset {seq} at segment {seg} links to segment {next_seg}, which the log already uses"
+    )]
+    LastLinksToUsed { seq: u64, seg: u32, next_seg: u32 },
+    #[error(
+        "dirty_tail ({}:{} kset {}) is not on the log from key_tail ({}:{} kset {}) to its end \
+         ({}:{} kset {end_seq})",
+        dirty_tail.pos.seg, dirty_tail.pos.off, dirty_tail.log_seq,
+        key_tail.pos.seg, key_tail.pos.off, key_tail.log_seq,
+        end.seg, end.off
+    )]
+    DirtyTailOffLog {
+        key_tail: TailPos,
+        dirty_tail: TailPos,
+        end: CachePos,
+        end_seq: u64,
+    },
+    #[error("a live key points into log segment {0}")]
+    KeyInLogSegment(u32),
+}
+
+/// `error` and each of its causes, joined by ": ", for places that keep a message as text
+/// (a finding of `check`, the reason of a corrupt cache).
+pub(crate) fn message_with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 /// The fingerprint that ties a cache to its backing image: its size, and for a regular file
@@ -156,9 +222,9 @@ pub(super) fn open(
         key_tail,
         dirty_tail,
     )
-    .map_err(|reason| CacheError::Corrupt {
+    .map_err(|e| CacheError::Corrupt {
         path: path.clone(),
-        reason,
+        reason: message_with_causes(&e),
     })?;
     log::info!(
         "cache {}: replayed {} ksets, {} keys ({} dirty, {} bytes), {} stale; {} of {} segments in use",
@@ -226,7 +292,7 @@ pub fn walk(
     index: Option<&Index>,
     key_tail: TailPos,
     dirty_tail: TailPos,
-) -> Result<(LogHead, ReplayReport), String> {
+) -> Result<(LogHead, ReplayReport), ReplayError> {
     let tails = (key_tail, dirty_tail);
     walk_visit(media, layout, codec, segments, index, tails, &mut |_| {})
 }
@@ -252,7 +318,7 @@ pub fn walk_visit(
     index: Option<&Index>,
     (key_tail, dirty_tail): (TailPos, TailPos),
     visit: &mut dyn FnMut(VisitedKey),
-) -> Result<(LogHead, ReplayReport), String> {
+) -> Result<(LogHead, ReplayReport), ReplayError> {
     let mut report = ReplayReport::default();
     let mut pos = key_tail.pos;
     let mut seq = key_tail.log_seq;
@@ -270,33 +336,42 @@ pub fn walk_visit(
         let bytes = &mut buf[..avail];
         media
             .read(layout.media_offset(pos), bytes)
-            .map_err(|e| format!("reading the kset at {}:{}: {e}", pos.seg, pos.off))?;
+            .map_err(|source| ReplayError::Read {
+                seg: pos.seg,
+                off: pos.off,
+                source,
+            })?;
         let kset = match codec.decode_kset(bytes, seq) {
             Ok(k) => k,
             Err(e) if e.is_end_of_log() => {
                 if let Some(next) = next_kset_after(codec, bytes, seq) {
-                    return Err(format!(
-                        "kset {seq} at segment {} offset {} is damaged ({e}), yet kset {} follows it at offset {}: the log is corrupt, and replaying only up to the damage would lose flushed writes",
-                        pos.seg, pos.off, seq + 1, pos.off as usize + next
-                    ));
+                    return Err(ReplayError::DamagedBeforeValid {
+                        seq,
+                        seg: pos.seg,
+                        off: pos.off,
+                        next_off: pos.off as usize + next,
+                        damage: e,
+                    });
                 }
                 break;
             }
-            Err(e) => {
-                return Err(format!(
-                    "kset at segment {} offset {}: {e}",
-                    pos.seg, pos.off
-                ))
+            Err(source) => {
+                return Err(ReplayError::Corrupt {
+                    seg: pos.seg,
+                    off: pos.off,
+                    source,
+                })
             }
         };
         report.ksets += 1;
         match kset {
             Kset::Last { next_seg, .. } => {
                 if segments.kind(next_seg) != SegmentKind::Free {
-                    return Err(format!(
-                        "LAST kset {seq} at segment {} links to segment {next_seg}, which the log already uses",
-                        pos.seg
-                    ));
+                    return Err(ReplayError::LastLinksToUsed {
+                        seq,
+                        seg: pos.seg,
+                        next_seg,
+                    });
                 }
                 segments.mark_used(next_seg, SegmentKind::Log);
                 report.log_segments += 1;
@@ -343,17 +418,17 @@ pub fn walk_visit(
         dirty = true;
     }
     if !dirty {
-        return Err(format!(
-            "dirty_tail ({}:{} kset {}) is not on the log from key_tail ({}:{} kset {}) to its end ({}:{} kset {seq})",
-            dirty_tail.pos.seg, dirty_tail.pos.off, dirty_tail.log_seq,
-            key_tail.pos.seg, key_tail.pos.off, key_tail.log_seq,
-            pos.seg, pos.off
-        ));
+        return Err(ReplayError::DirtyTailOffLog {
+            key_tail,
+            dirty_tail,
+            end: pos,
+            end_seq: seq,
+        });
     }
     for seg in data_segs {
         match segments.kind(seg) {
             SegmentKind::Log => {
-                return Err(format!("a live key points into log segment {seg}"));
+                return Err(ReplayError::KeyInLogSegment(seg));
             }
             SegmentKind::Free => segments.mark_used(seg, SegmentKind::Data),
             SegmentKind::Data => {}

@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use super::format::FormatError;
+
 /// What a segment in use holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegmentKind {
@@ -24,7 +26,7 @@ pub enum SegmentKind {
 
 /// Persists a segment's new generation; implemented by the engine over the media.
 pub trait GenerationStore: Send + Sync {
-    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String>;
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError>;
 }
 
 struct Allocation {
@@ -133,7 +135,7 @@ impl SegmentMap {
     }
 
     /// Drop a reference; the last one invalidates and frees the segment.
-    pub fn put(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), String> {
+    pub fn put(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), FormatError> {
         let before = self.refs[seg as usize].fetch_sub(1, Ordering::AcqRel);
         debug_assert!(before > 0, "segment {seg} reference count underflow");
         if before == 1 {
@@ -145,7 +147,7 @@ impl SegmentMap {
     /// Bump and persist the generation of `seg`, then free it. The generation is persisted
     /// before the segment can be handed out again, so no key of its previous life survives a
     /// crash as current.
-    pub fn invalidate(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), String> {
+    pub fn invalidate(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), FormatError> {
         let gen = self.gens[seg as usize].load(Ordering::Acquire) + 1;
         store.store_gen(seg, gen)?;
         self.gens[seg as usize].store(gen, Ordering::Release);
@@ -189,7 +191,7 @@ mod tests {
 
     struct Gens(Mutex<Vec<(u32, u64)>>);
     impl GenerationStore for Gens {
-        fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
+        fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError> {
             self.0.lock().unwrap().push((seg, gen));
             Ok(())
         }

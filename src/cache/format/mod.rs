@@ -27,15 +27,15 @@ pub use cache_info::{
     MAX_GC_PERCENT,
 };
 pub use init::{format, open_metadata, probe, FormatOptions, OpenedCache};
-pub use key::{KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
+pub use key::{KeyFault, KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
 pub use kset::{
     kset_size, Kset, KsetCodec, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC, KSET_MAX_KEYS,
     KSET_MAX_SIZE, KSET_ZERO_HEADER,
 };
 pub use layout::*;
 pub use meta::{
-    decode_record, encode_record, load_latest, load_latest_checked, store, MetaRecord, RecordFault,
-    RecordKind, ReplicaSlots, Versioned, HEADER_LEN,
+    decode_record, encode_record, load_latest, load_latest_checked, store, FieldFault, MetaRecord,
+    RecordFault, RecordKind, ReplicaSlots, Versioned, HEADER_LEN,
 };
 pub use segment::{
     load_generation, load_segment_info, store_generation, store_segment_info, Generation,
@@ -124,13 +124,13 @@ pub enum FormatError {
     KsetBadCrc { stored: u32, computed: u32 },
     #[error("kset sequence number {found}, expected {expected}")]
     KsetSeq { expected: u64, found: u64 },
-    #[error("kset {seq} passed its CRC but is invalid: {reason}")]
-    KsetBadField { seq: u64, reason: String },
-    #[error("kset {seq} key {index} passed the CRC but is invalid: {reason}")]
+    #[error("kset {seq} passed its CRC but is invalid: {fault}")]
+    KsetBadField { seq: u64, fault: FieldFault },
+    #[error("kset {seq} key {index} passed the CRC but is invalid: {fault}")]
     BadKey {
         seq: u64,
         index: usize,
-        reason: String,
+        fault: KeyFault,
     },
 }
 
