@@ -14,6 +14,8 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sync::lock;
+
 use super::format::FormatError;
 
 /// What a segment in use holds.
@@ -29,7 +31,8 @@ pub trait GenerationStore: Send + Sync {
     fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError>;
 }
 
-struct Allocation {
+/// What each segment holds and how many are free: the state allocation searches.
+struct SegmentUsage {
     kind: Vec<SegmentKind>,
     free: u32,
     /// Where the next search for a free segment starts, so allocation rotates over the media.
@@ -38,7 +41,7 @@ struct Allocation {
 
 /// In-memory state of every segment of one cache.
 pub struct SegmentMap {
-    alloc: Mutex<Allocation>,
+    usage: Mutex<SegmentUsage>,
     refs: Vec<AtomicU32>,
     gens: Vec<AtomicU64>,
     /// Queues that found no room; each is woken when a segment is freed.
@@ -52,7 +55,7 @@ impl SegmentMap {
     pub fn new(gens: &[u64]) -> SegmentMap {
         let n = gens.len();
         SegmentMap {
-            alloc: Mutex::new(Allocation {
+            usage: Mutex::new(SegmentUsage {
                 kind: vec![SegmentKind::Free; n],
                 free: n as u32,
                 hint: 0,
@@ -81,7 +84,7 @@ impl SegmentMap {
     }
 
     pub fn free_count(&self) -> u32 {
-        self.alloc.lock().unwrap().free
+        lock(&self.usage).free
     }
 
     pub fn used_count(&self) -> u32 {
@@ -89,12 +92,12 @@ impl SegmentMap {
     }
 
     pub fn kind(&self, seg: u32) -> SegmentKind {
-        self.alloc.lock().unwrap().kind[seg as usize]
+        lock(&self.usage).kind[seg as usize]
     }
 
     /// Mark `seg` as in use during replay (log segments and segments that live keys point to).
     pub fn mark_used(&self, seg: u32, kind: SegmentKind) {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.usage);
         if a.kind[seg as usize] == SegmentKind::Free {
             a.free -= 1;
         }
@@ -106,7 +109,7 @@ impl SegmentMap {
     /// the data already written; otherwise a full cache could not be written back and freed.
     /// A data segment starts with one reference: the data head's.
     pub fn alloc(&self, kind: SegmentKind, reserve: u32) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.usage);
         if a.free <= reserve {
             return None;
         }
@@ -153,7 +156,7 @@ impl SegmentMap {
         self.gens[seg as usize].store(gen, Ordering::Release);
         self.invalidations.fetch_add(1, Ordering::AcqRel);
         {
-            let mut a = self.alloc.lock().unwrap();
+            let mut a = lock(&self.usage);
             if a.kind[seg as usize] != SegmentKind::Free {
                 a.kind[seg as usize] = SegmentKind::Free;
                 a.free += 1;
@@ -165,21 +168,18 @@ impl SegmentMap {
 
     /// Register an eventfd to be written whenever a segment becomes free.
     pub fn add_waiter(&self, fd: EventFd) {
-        self.waiters.lock().unwrap().push(fd);
+        lock(&self.waiters).push(fd);
     }
 
     /// Forget a waiter previously added (matched by file descriptor number).
     pub fn remove_waiter(&self, raw: std::os::fd::RawFd) {
         use std::os::fd::AsRawFd;
-        self.waiters
-            .lock()
-            .unwrap()
-            .retain(|w| w.as_raw_fd() != raw);
+        lock(&self.waiters).retain(|w| w.as_raw_fd() != raw);
     }
 
     /// Wake every waiting queue (space was freed, or something else they wait for happened).
     pub fn wake(&self) {
-        for w in self.waiters.lock().unwrap().iter() {
+        for w in lock(&self.waiters).iter() {
             let _ = w.write(1);
         }
     }
@@ -192,7 +192,7 @@ mod tests {
     struct Gens(Mutex<Vec<(u32, u64)>>);
     impl GenerationStore for Gens {
         fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError> {
-            self.0.lock().unwrap().push((seg, gen));
+            lock(&self.0).push((seg, gen));
             Ok(())
         }
     }
@@ -222,7 +222,7 @@ mod tests {
         map.put(seg, &store).unwrap();
         assert_eq!(map.kind(seg), SegmentKind::Free);
         assert_eq!(map.gen(seg), 6);
-        assert_eq!(*store.0.lock().unwrap(), vec![(seg, 6)]);
+        assert_eq!(*lock(&store.0), vec![(seg, 6)]);
     }
 
     #[test]

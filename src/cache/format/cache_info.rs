@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::meta::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
+use super::record::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
 use super::FormatError;
 
 /// Flag: every key carries a CRC of its data, checked on read.

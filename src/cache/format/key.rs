@@ -4,7 +4,7 @@
 use crate::engine::SECTOR_SIZE;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, put_u32, put_u64};
+use super::record::{get_u32, get_u64, put_u32, put_u64};
 
 /// Encoded size of a key.
 pub const KEY_SIZE: usize = 40;

@@ -10,7 +10,7 @@
 
 use super::key::{KeyFault, KeyRecord, KEY_SIZE};
 use super::layout::Layout;
-use super::meta::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, FieldFault, RecordKind};
+use super::record::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, FieldFault, RecordKind};
 use super::{FormatError, CRC_SEED, FORMAT_VERSION};
 
 /// Size of a kset header.

@@ -14,7 +14,7 @@ mod init;
 mod key;
 mod kset;
 mod layout;
-mod meta;
+mod record;
 mod segment;
 mod superblock;
 mod tails;
@@ -33,7 +33,7 @@ pub use kset::{
     KSET_MAX_SIZE, KSET_ZERO_HEADER,
 };
 pub use layout::*;
-pub use meta::{
+pub use record::{
     decode_record, encode_record, load_latest, load_latest_checked, store, FieldFault, MetaRecord,
     RecordFault, RecordKind, ReplicaSlots, Versioned, HEADER_LEN,
 };

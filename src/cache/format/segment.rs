@@ -7,8 +7,8 @@
 use crate::cache::media::Media;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
-use super::meta::{FieldFault, MetaRecord, Versioned};
+use super::record::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
+use super::record::{FieldFault, MetaRecord, Versioned};
 use super::FormatError;
 
 /// What a segment is for. Only one type exists today: a cache segment, which holds log

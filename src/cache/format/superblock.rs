@@ -4,7 +4,7 @@
 use crate::cache::SEGMENT_SIZE;
 
 use super::layout::{Layout, SEGMENTS_OFFSET};
-use super::meta::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
+use super::record::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
 
 /// Identifies a vhost-user-pcache cache ("pcache-u" in ASCII, little-endian).
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"pcache-u");

@@ -5,8 +5,8 @@ use crate::cache::media::Media;
 use crate::cache::CachePos;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
-use super::meta::{FieldFault, MetaRecord, Versioned};
+use super::record::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
+use super::record::{FieldFault, MetaRecord, Versioned};
 use super::FormatError;
 
 /// Which tail.
@@ -47,7 +47,7 @@ impl MetaRecord for TailPos {
     }
 }
 
-fn slots(layout: &Layout, tail: Tail) -> super::meta::ReplicaSlots {
+fn slots(layout: &Layout, tail: Tail) -> super::record::ReplicaSlots {
     match tail {
         Tail::Key => layout.key_tail_slots(),
         Tail::Dirty => layout.dirty_tail_slots(),

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::sync::lock;
 use workload::{Config, MediaModel, Report};
 
 /// Images the default suite explores.
@@ -177,7 +178,7 @@ fn campaign() {
                         ..config(seed, models[m])
                     });
                     images.fetch_add(r.images, Ordering::Relaxed);
-                    let mut t = totals.lock().unwrap();
+                    let mut t = lock(&totals);
                     t[m].0.add(&r);
                     t[m].1 += 1;
                 }

@@ -18,6 +18,7 @@ use crate::cache::media::{CrashChoice, Media, PendingLines, RecordingMedia};
 use crate::cache::replay::min_segments;
 use crate::cache::{CacheEngine, CacheOptions};
 use crate::engine::{DataSeg, Engine, EngineQueue, IoResult, Request, RequestKind, Submit};
+use crate::sync::lock;
 
 /// One run of the workload.
 #[derive(Clone, Debug)]
@@ -360,7 +361,7 @@ impl CutCtx {
         what: &str,
         before: Option<&[u8]>,
     ) {
-        let model = self.model.lock().unwrap().clone();
+        let model = lock(&self.model).clone();
         let now = before.map(|_| read_backing(&self.backing, self.cfg.disk));
         let mut found = Vec::new();
         self.durable.capture(media);
@@ -387,7 +388,7 @@ impl CutCtx {
                 ));
             }
         }
-        let mut r = self.report.lock().unwrap();
+        let mut r = lock(&self.report);
         r.cuts += 1;
         r.cuts_by_phase[phase as usize] += 1;
         r.images += images.len() as u64;
@@ -486,7 +487,7 @@ impl<'a> Stepper<'a> {
                 Submit::Pending => break,
                 Submit::Busy(back) => {
                     req = back;
-                    self.report.lock().unwrap().busy += 1;
+                    lock(&self.report).busy += 1;
                     stuck = self.make_room(stuck);
                 }
             }
@@ -537,10 +538,10 @@ impl<'a> Stepper<'a> {
         let mut moved = 0;
         for _ in 0..n {
             self.wb_calls += 1;
-            self.cuts.lock().unwrap().plan_flush_cut(self.wb_calls);
+            lock(&self.cuts).plan_flush_cut(self.wb_calls);
             let r = self.engine.writeback_step(&mut self.wb);
-            self.cuts.lock().unwrap().backing_before = None;
-            let mut rep = self.report.lock().unwrap();
+            lock(&self.cuts).backing_before = None;
+            let mut rep = lock(&self.report);
             match r {
                 Ok(true) => {
                     rep.writeback_steps += 1;
@@ -575,7 +576,7 @@ impl<'a> Stepper<'a> {
             }
         }
         self.engine.drain().expect("drain");
-        self.report.lock().unwrap().drains += 1;
+        lock(&self.report).drains += 1;
         self.phase.enter(outer);
     }
 
@@ -595,7 +596,7 @@ impl<'a> Stepper<'a> {
                 Err(e) => panic!("GC failed: {e}"),
             }
         }
-        self.report.lock().unwrap().gc_steps += moved;
+        lock(&self.report).gc_steps += moved;
         moved
     }
 }
@@ -671,9 +672,7 @@ pub fn run(cfg: &Config) -> Report {
         backing_before: None,
     }));
     let on_event = ctx.clone();
-    media.set_event_hook(Some(Box::new(move |m, n| {
-        on_event.lock().unwrap().on_event(m, n)
-    })));
+    media.set_event_hook(Some(Box::new(move |m, n| lock(&on_event).on_event(m, n))));
     let on_flush = ctx.clone();
     backing.set_flush_hook(Some(Box::new(move || {
         // Held already: a flush by an engine reopened inside a cut, not the workload's.
@@ -716,7 +715,7 @@ pub fn run(cfg: &Config) -> Report {
                 let (first, n) = pick_range(&mut r, sectors, max);
                 id += 1;
                 let data = fill(id, first, n);
-                model.lock().unwrap().submitted(first, n, id);
+                lock(&model).submitted(first, n, id);
                 let bufs = vec![DataSeg {
                     ptr: data.as_ptr() as *mut u8,
                     len: data.len(),
@@ -724,13 +723,13 @@ pub fn run(cfg: &Config) -> Report {
                 let offset = first * SECTOR as u64;
                 let res = st.run(q, RequestKind::Write { offset, bufs });
                 if res.is_ok() && !engine.write_cache() {
-                    model.lock().unwrap().completed_durably(first, n, id);
+                    lock(&model).completed_durably(first, n, id);
                 }
                 written += data.len() as u64;
             }
             600..=689 => {
                 let (first, n) = pick_range(&mut r, sectors, 512);
-                model.lock().unwrap().submitted(first, n, ZEROES);
+                lock(&model).submitted(first, n, ZEROES);
                 let (offset, len) = (first * SECTOR as u64, n * SECTOR as u64);
                 let kind = if dice < 650 {
                     RequestKind::WriteZeroes {
@@ -743,13 +742,13 @@ pub fn run(cfg: &Config) -> Report {
                 };
                 let res = st.run(q, kind);
                 if res.is_ok() && !engine.write_cache() {
-                    model.lock().unwrap().completed_durably(first, n, ZEROES);
+                    lock(&model).completed_durably(first, n, ZEROES);
                 }
             }
             690..=759 => {
                 if st.run(q, RequestKind::Flush).is_ok() {
-                    model.lock().unwrap().flushed();
-                    report.lock().unwrap().flushes += 1;
+                    lock(&model).flushed();
+                    lock(&report).flushes += 1;
                 }
             }
             760..=829 => {
@@ -768,7 +767,7 @@ pub fn run(cfg: &Config) -> Report {
                 );
                 // The live engine must read what was last written (the crash checks the rest).
                 res.unwrap_or_else(|e| panic!("seed {}: live read failed: {e:?}", cfg.seed));
-                let m = model.lock().unwrap();
+                let m = lock(&model);
                 for (i, s) in buf.chunks_exact(SECTOR).enumerate() {
                     let sector = first + i as u64;
                     let got = checker::identify(sector, s);
@@ -789,7 +788,7 @@ pub fn run(cfg: &Config) -> Report {
             985..=989 => {
                 st.drain();
                 // Drain put every completed write on the backing image and flushed it.
-                model.lock().unwrap().flushed();
+                lock(&model).flushed();
             }
             _ => backing.set_fail_writes(r.below(2) == 0),
         }
@@ -801,7 +800,7 @@ pub fn run(cfg: &Config) -> Report {
     drop(st);
     engine.shutdown_for_crash_test();
     let stats = engine.stats();
-    let mut out = report.lock().unwrap().clone();
+    let mut out = lock(&report).clone();
     out.events = events_total;
     out.ops = ops;
     assert!(
