@@ -331,83 +331,24 @@ pub fn walk_visit(
         if pos == dirty_tail.pos && seq == dirty_tail.log_seq {
             dirty = true;
         }
-        // Two ksets' worth, so a damaged kset's successor can be looked for.
-        let avail = (layout.data_size() - pos.off).min(2 * format::KSET_MAX_SIZE as u32) as usize;
-        let bytes = &mut buf[..avail];
-        media
-            .read(layout.media_offset(pos), bytes)
-            .map_err(|source| ReplayError::Read {
-                seg: pos.seg,
-                off: pos.off,
-                source,
-            })?;
-        let kset = match codec.decode_kset(bytes, seq) {
-            Ok(k) => k,
-            Err(e) if e.is_end_of_log() => {
-                if let Some(next) = next_kset_after(codec, bytes, seq) {
-                    return Err(ReplayError::DamagedBeforeValid {
-                        seq,
-                        seg: pos.seg,
-                        off: pos.off,
-                        next_off: pos.off as usize + next,
-                        damage: e,
-                    });
-                }
-                break;
-            }
-            Err(source) => {
-                return Err(ReplayError::Corrupt {
-                    seg: pos.seg,
-                    off: pos.off,
-                    source,
-                })
-            }
+        let Some(kset) = read_next_kset(media, layout, codec, &mut buf, pos, seq)? else {
+            break;
         };
         report.ksets += 1;
         match kset {
             Kset::Last { next_seg, .. } => {
-                if segments.kind(next_seg) != SegmentKind::Free {
-                    return Err(ReplayError::LastLinksToUsed {
-                        seq,
-                        seg: pos.seg,
-                        next_seg,
-                    });
-                }
-                segments.mark_used(next_seg, SegmentKind::Log);
-                report.log_segments += 1;
-                pos = CachePos {
-                    seg: next_seg,
-                    off: 0,
-                };
+                pos = follow_last(segments, &mut report, pos, seq, next_seg)?;
             }
             Kset::Keys { ref keys, .. } => {
+                let mut replay = KeyReplay {
+                    segments,
+                    index,
+                    report: &mut report,
+                    data_segs: &mut data_segs,
+                    visit: &mut *visit,
+                };
                 for k in keys {
-                    report.keys += 1;
-                    let key_dirty = dirty && !k.is_clean();
-                    let stale = !k.is_zeroes() && k.gen != segments.gen(k.seg);
-                    visit(VisitedKey {
-                        key: *k,
-                        kset_seq: seq,
-                        dirty: key_dirty,
-                        stale,
-                    });
-                    if k.is_zeroes() {
-                        report.zero_stamp = report.zero_stamp.max(k.gen);
-                    } else {
-                        if stale {
-                            report.stale_keys += 1;
-                            continue;
-                        }
-                        segments.get(k.seg);
-                        data_segs.push(k.seg);
-                    }
-                    if key_dirty {
-                        report.dirty_keys += 1;
-                        report.dirty_bytes += k.len as u64;
-                    }
-                    if let Some(index) = index {
-                        index.insert(index_key(k, key_dirty), &mut |_| {});
-                    }
+                    replay.key(k, seq, dirty);
                 }
                 pos.off += kset.encoded_len() as u32;
             }
@@ -425,14 +366,127 @@ pub fn walk_visit(
             end_seq: seq,
         });
     }
+    mark_data_segments(segments, data_segs)?;
+    Ok((LogHead { pos, seq }, report))
+}
+
+/// The kset with sequence number `seq` at `pos`, or `None` when the log ends there. A kset
+/// that fails its CRC ends the log, unless a valid successor follows it: then the damage is
+/// corruption (see [`next_kset_after`]).
+fn read_next_kset(
+    media: &dyn Media,
+    layout: &Layout,
+    codec: &KsetCodec,
+    buf: &mut [u8],
+    pos: CachePos,
+    seq: u64,
+) -> Result<Option<Kset>, ReplayError> {
+    // Two ksets' worth, so a damaged kset's successor can be looked for.
+    let avail = (layout.data_size() - pos.off).min(2 * format::KSET_MAX_SIZE as u32) as usize;
+    let bytes = &mut buf[..avail];
+    media
+        .read(layout.media_offset(pos), bytes)
+        .map_err(|source| ReplayError::Read {
+            seg: pos.seg,
+            off: pos.off,
+            source,
+        })?;
+    match codec.decode_kset(bytes, seq) {
+        Ok(k) => Ok(Some(k)),
+        Err(e) if e.is_end_of_log() => match next_kset_after(codec, bytes, seq) {
+            Some(next) => Err(ReplayError::DamagedBeforeValid {
+                seq,
+                seg: pos.seg,
+                off: pos.off,
+                next_off: pos.off as usize + next,
+                damage: e,
+            }),
+            None => Ok(None),
+        },
+        Err(source) => Err(ReplayError::Corrupt {
+            seg: pos.seg,
+            off: pos.off,
+            source,
+        }),
+    }
+}
+
+/// Move past the LAST kset `seq` at `pos` to the start of the log segment it names, which
+/// must not be on the log already.
+fn follow_last(
+    segments: &SegmentMap,
+    report: &mut ReplayReport,
+    pos: CachePos,
+    seq: u64,
+    next_seg: u32,
+) -> Result<CachePos, ReplayError> {
+    if segments.kind(next_seg) != SegmentKind::Free {
+        return Err(ReplayError::LastLinksToUsed {
+            seq,
+            seg: pos.seg,
+            next_seg,
+        });
+    }
+    segments.mark_used(next_seg, SegmentKind::Log);
+    report.log_segments += 1;
+    Ok(CachePos {
+        seg: next_seg,
+        off: 0,
+    })
+}
+
+/// What replaying one key updates: the report, the segment references, the index.
+struct KeyReplay<'a> {
+    segments: &'a SegmentMap,
+    index: Option<&'a Index>,
+    report: &'a mut ReplayReport,
+    /// Segments live keys point into, checked and marked once the walk is done.
+    data_segs: &'a mut Vec<u32>,
+    visit: &'a mut dyn FnMut(VisitedKey),
+}
+
+impl KeyReplay<'_> {
+    /// Replay key `k` of kset `seq`; `dirty` says whether that kset is at or after dirty_tail.
+    /// A stale key (its segment reused since) is counted and otherwise ignored.
+    fn key(&mut self, k: &format::KeyRecord, seq: u64, dirty: bool) {
+        self.report.keys += 1;
+        let key_dirty = dirty && !k.is_clean();
+        let stale = !k.is_zeroes() && k.gen != self.segments.gen(k.seg);
+        (self.visit)(VisitedKey {
+            key: *k,
+            kset_seq: seq,
+            dirty: key_dirty,
+            stale,
+        });
+        if k.is_zeroes() {
+            self.report.zero_stamp = self.report.zero_stamp.max(k.gen);
+        } else {
+            if stale {
+                self.report.stale_keys += 1;
+                return;
+            }
+            self.segments.get(k.seg);
+            self.data_segs.push(k.seg);
+        }
+        if key_dirty {
+            self.report.dirty_keys += 1;
+            self.report.dirty_bytes += k.len as u64;
+        }
+        if let Some(index) = self.index {
+            index.insert(index_key(k, key_dirty), &mut |_| {});
+        }
+    }
+}
+
+/// Mark the segments live keys point into as data segments; a key pointing into a log
+/// segment is corruption.
+fn mark_data_segments(segments: &SegmentMap, data_segs: Vec<u32>) -> Result<(), ReplayError> {
     for seg in data_segs {
         match segments.kind(seg) {
-            SegmentKind::Log => {
-                return Err(ReplayError::KeyInLogSegment(seg));
-            }
+            SegmentKind::Log => return Err(ReplayError::KeyInLogSegment(seg)),
             SegmentKind::Free => segments.mark_used(seg, SegmentKind::Data),
             SegmentKind::Data => {}
         }
     }
-    Ok((LogHead { pos, seq }, report))
+    Ok(())
 }
