@@ -76,7 +76,9 @@ impl SegmentMap {
         self.refs.len() as u32
     }
 
-    /// Current generation of `seg` (0 for an out-of-range id, which no valid key carries).
+    /// Current generation of `seg`, or `u64::MAX` for an out-of-range id instead of a panic.
+    /// Keys are checked against the layout before their segment is looked up, so no caller
+    /// passes one today.
     pub fn gen(&self, seg: u32) -> u64 {
         self.gens
             .get(seg as usize)
