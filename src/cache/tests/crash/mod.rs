@@ -16,8 +16,12 @@
 //! `PCACHE_CRASH_MODEL=msync` replays an msync-mode seed.
 
 mod checker;
+mod config;
 mod corrupt;
+mod cut;
 mod image;
+mod report;
+mod stepper;
 mod workload;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +29,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::sync::lock;
-use workload::{Config, MediaModel, Report};
+use config::{Config, MediaModel};
+use report::{Phase, Report};
 
 /// Images the default suite explores.
 const DEFAULT_IMAGES: u64 = 2000;
@@ -100,8 +105,8 @@ fn assert_clean(r: &Report) {
     assert!(r.drains > 0, "no drain ran");
     // Enough cuts that each operation's share of them is well above zero (a single short
     // seed may miss the rarer ones).
-    for phase in workload::Phase::ALL {
-        if phase != workload::Phase::Read && r.cuts >= 200 {
+    for phase in Phase::ALL {
+        if phase != Phase::Read && r.cuts >= 200 {
             assert!(
                 r.cuts_by_phase[phase as usize] > 0,
                 "no cut inside {}",
