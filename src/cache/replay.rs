@@ -490,3 +490,35 @@ fn mark_data_segments(segments: &SegmentMap, data_segs: Vec<u32>) -> Result<(), 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_of_range() -> MediaError {
+        MediaError::OutOfRange {
+            offset: 4096,
+            len: 512,
+            media_len: 1024,
+        }
+    }
+
+    #[test]
+    fn a_printed_chain_shows_each_cause_once() {
+        let cause = out_of_range().to_string();
+        let read = ReplayError::Read {
+            seg: 1,
+            off: 64,
+            source: out_of_range(),
+        };
+        let text = message_with_causes(&read);
+        assert_eq!(text, format!("reading the kset at 1:64: {cause}"));
+        let via_format = ReplayError::Corrupt {
+            seg: 1,
+            off: 64,
+            source: format::FormatError::from(out_of_range()),
+        };
+        let text = message_with_causes(&via_format);
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+    }
+}

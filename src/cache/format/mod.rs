@@ -69,7 +69,8 @@ pub fn data_crc(data: &[u8]) -> u32 {
 /// Errors of the on-media format. Messages say what is wrong and where.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("cache media: {0}")]
+    /// Transparent, so a printed chain shows the media error once.
+    #[error(transparent)]
     Media(#[from] MediaError),
     #[error(
         "media of {media_len} bytes cannot hold {n_segments} segments: a cache needs at least \
