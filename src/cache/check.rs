@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::format::{self, BackingFingerprint, TailPos};
 use super::inspect::{walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
+use super::replay;
 use super::CachePos;
 
 /// How bad a finding is; the order is the exit status order.
@@ -216,6 +217,7 @@ fn check_log(
     report.ksets = walk.report.ksets;
     report.keys = walk.report.keys;
     if let Some(e) = &walk.error {
+        let e = replay::message_with_causes(e);
         f.add(Severity::Corrupt, format!("key log: {e}"));
     }
     for (seg, gen) in state.generations().iter().enumerate() {
@@ -334,7 +336,7 @@ mod tests {
                 keys.push(k.key)
             }
         });
-        assert_eq!(walk.error, None);
+        assert!(walk.error.is_none(), "{:?}", walk.error);
         keys
     }
 

@@ -416,7 +416,7 @@ mod tests {
             Box::new(DrainError::Log(LogError::Media(media()))),
             Box::new(ReleaseError {
                 seg: 4,
-                source: "generation not stored".into(),
+                source: format_error(),
             }),
             Box::new(WritebackError::BackingFlush(io())),
             Box::new(WritebackError::BackingWrite {
@@ -429,7 +429,7 @@ mod tests {
             Box::new(GcError::Free {
                 kind: "data",
                 seg: 1,
-                source: "generation not stored".into(),
+                source: format_error(),
             }),
             Box::new(QueueError::EventFd(io())),
             Box::new(IoError::Backing(io())),

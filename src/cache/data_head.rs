@@ -15,8 +15,8 @@ use crate::engine::SECTOR_SIZE;
 /// the keys of data already written can always be persisted, written back and collected.
 pub const LOG_RESERVE: u32 = 2;
 
-/// Why the segment map's own errors travel boxed: `SegmentMap::put` reports them as it likes.
-pub type SegmentError = Box<dyn std::error::Error + Send + Sync>;
+/// What `SegmentMap::put` fails with: persisting a segment's new generation.
+pub type SegmentError = crate::cache::format::FormatError;
 
 /// A data head could not let go of its segment: the segment's last reference went, and
 /// persisting its new generation failed.
@@ -98,7 +98,7 @@ mod tests {
 
     struct NoStore;
     impl GenerationStore for NoStore {
-        fn store_gen(&self, _: u32, _: u64) -> Result<(), String> {
+        fn store_gen(&self, _: u32, _: u64) -> Result<(), crate::cache::format::FormatError> {
             Ok(())
         }
     }

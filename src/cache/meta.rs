@@ -102,7 +102,7 @@ impl Meta {
 }
 
 impl GenerationStore for Meta {
-    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
-        Meta::store_gen(self, seg, gen).map_err(|e| e.to_string())
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError> {
+        Meta::store_gen(self, seg, gen)
     }
 }
