@@ -85,7 +85,7 @@ impl DataHead {
         if let Some(seg) = self.seg.take() {
             segments.put(seg, store).map_err(|e| ReleaseError {
                 seg,
-                source: e.into(),
+                source: e,
             })?;
         }
         Ok(())

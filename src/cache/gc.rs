@@ -155,7 +155,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
                 .map_err(|e| GcError::Free {
                     kind: "log",
                     seg: tail.pos.seg,
-                    source: e.into(),
+                    source: e,
                 })?;
         }
         Kset::Keys { keys, .. } => {
@@ -183,7 +183,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
                     .map_err(|e| GcError::Free {
                         kind: "data",
                         seg,
-                        source: e.into(),
+                        source: e,
                     })?;
             }
             // The image holds these zeroes (GC never passes dirty_tail), so reads can go to
