@@ -391,10 +391,7 @@ fn build_engine(
         drain_on_shutdown: args.drain_on_exit,
         path,
     };
-    let engine = Arc::new(
-        CacheEngine::open(&opts, image)
-            .with_context(|| format!("opening cache {}", opts.path.display()))?,
-    );
+    let engine = Arc::new(CacheEngine::open(&opts, image).context("opening the cache")?);
     Ok((engine.clone(), Arc::new(CacheControl(engine))))
 }
 
@@ -414,8 +411,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         read_only: args.read_only,
         direct: true,
     };
-    let image = BackingImage::open(&path, &options)
-        .with_context(|| format!("opening backing image {}", path.display()))?;
+    let image = BackingImage::open(&path, &options)?;
     info!(
         "backing image {} ({} bytes{})",
         path.display(),

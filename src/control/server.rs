@@ -23,7 +23,7 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("control socket {0}: a file that is not a socket is in the way")]
     NotASocket(PathBuf),
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -219,8 +219,21 @@ fn handle(shared: &Shared, request: Request) -> Response {
     };
     match outcome {
         Ok(()) => Response::done(),
-        Err(e) => Response::failed(e),
+        Err(e) => Response::failed(with_causes(&e)),
     }
+}
+
+/// `error` and each of its causes, joined by ": ", as `anyhow` prints a chain: the operator
+/// at the other end of the socket sees why, not only what.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
 }
 
 fn status(shared: &Shared) -> Status {
@@ -232,5 +245,24 @@ fn status(shared: &Shared) -> Status {
             connections: shared.connection.connections(),
         },
         writeback_rate_bytes_per_sec: rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::TargetError;
+
+    #[test]
+    fn a_failure_answers_with_each_cause_once() {
+        let error = TargetError::FlushImage(std::io::Error::other("device gone"));
+        assert_eq!(
+            with_causes(&error),
+            "flushing the backing image: device gone"
+        );
+        assert_eq!(
+            with_causes(&TargetError::NoCache),
+            TargetError::NoCache.to_string()
+        );
     }
 }

@@ -94,7 +94,7 @@ pub enum MediaError {
     },
     #[error("unknown persistence mode {0:?} (expected pmem, msync or volatile)")]
     UnknownPersistence(String),
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}")]
     Io {
         path: PathBuf,
         what: &'static str,
@@ -109,7 +109,7 @@ pub enum MediaError {
          a full disk is found now and not in the middle of a guest write)"
     )]
     NoSpace { path: PathBuf, size: u64 },
-    #[error("msync of media range {offset}+{len} failed: {source}")]
+    #[error("msync of media range {offset}+{len} failed")]
     Msync {
         offset: u64,
         len: u64,
