@@ -258,21 +258,17 @@ impl BackingImage {
     /// flush (every write it issued before has completed), so a crash test can cut there.
     #[cfg(test)]
     pub fn set_flush_hook(&self, hook: Option<FlushHook>) {
-        *self.flush_hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+        *crate::sync::lock(&self.flush_hook) = hook;
     }
 
     /// Run the flush hook, if any. It is taken out while it runs, so a flush it causes itself
     /// does not run it again.
     #[cfg(test)]
     pub(crate) fn before_flush(&self) {
-        let taken = self
-            .flush_hook
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = crate::sync::lock(&self.flush_hook).take();
         if let Some(mut hook) = taken {
             hook();
-            let mut slot = self.flush_hook.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = crate::sync::lock(&self.flush_hook);
             if slot.is_none() {
                 *slot = Some(hook);
             }

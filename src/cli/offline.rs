@@ -10,7 +10,7 @@ use vhost_user_pcache::backing::{BackingImage, BackingOptions};
 use vhost_user_pcache::cache::format::BackingFingerprint;
 use vhost_user_pcache::cache::media::{open_media, Media, MediaOptions};
 use vhost_user_pcache::cache::replay::fingerprint;
-use vhost_user_pcache::lock::{LockedObject, PathLock};
+use vhost_user_pcache::file_lock::{LockedObject, PathLock};
 
 /// Locks held while a tool runs: a daemon or another tool on the same files is refused.
 pub struct Locks {

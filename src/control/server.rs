@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::{render_metrics, ConnectionStatus, ControlTarget, Request, Response, Status};
 use crate::poll::poll_readable;
 use crate::serve::ConnectionState;
+use crate::sync::lock;
 
 /// Longest request line accepted; requests are a few dozen bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -145,7 +146,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
             }
         }
         let bytes = writeback_bytes(shared.target.as_ref());
-        let mut rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rate = lock(&shared.rate);
         if rate.at.elapsed().as_millis() >= 1000 {
             rate.sample(bytes);
         }
@@ -237,7 +238,7 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 }
 
 fn status(shared: &Shared) -> Status {
-    let rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner()).rate;
+    let rate = lock(&shared.rate).rate;
     Status {
         engine: shared.target.status(),
         connection: ConnectionStatus {
