@@ -50,6 +50,7 @@ impl RangeLocks {
         true
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn lock_blocking(&self, start: u64, end: u64) {
         let mut inner = self.lock_inner();
         while inner.overlaps(start, end) {

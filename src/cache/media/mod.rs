@@ -20,11 +20,13 @@
 //!   overlapping a concurrent write, are the caller's bug (the bytes read are unspecified).
 //!
 //! Implementations: [`MappedMedia`] (devdax, a file on a DAX filesystem, an ordinary file) and
-//! [`RecordingMedia`] (in memory, records persistence to produce crash images in tests).
+//! `RecordingMedia` (in memory, records persistence to produce crash images in tests; built
+//! for this crate's tests and with the `test-util` feature only).
 
 mod cpu_flush;
 mod mapped;
 mod msync;
+#[cfg(any(test, feature = "test-util"))]
 mod recording;
 
 use std::fmt;
@@ -33,10 +35,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub use mapped::MappedMedia;
+#[cfg(any(test, feature = "test-util"))]
 pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 
 /// Size of a CPU cache line, the unit in which pmem writes back and in which
-/// [`RecordingMedia`] tracks persistence.
+/// `RecordingMedia` tracks persistence.
 pub const CACHE_LINE: u64 = 64;
 
 /// How writes to the media are made durable.
