@@ -25,8 +25,13 @@ struct Metric<F> {
     value: F,
 }
 
+/// Reads a metric of every engine.
+type EngineValue = fn(&Status) -> u64;
+/// Reads a metric of the cache engine.
+type CacheValue = fn(&Status, &CacheStatus) -> u64;
+
 /// Metrics of every engine.
-const COMMON: &[Metric<fn(&Status) -> u64>] = &[
+const COMMON: &[Metric<EngineValue>] = &[
     Metric {
         name: "capacity_bytes",
         kind: Gauge,
@@ -66,7 +71,7 @@ const COMMON: &[Metric<fn(&Status) -> u64>] = &[
 ];
 
 /// Metrics of the cache engine only.
-const CACHE: &[Metric<fn(&Status, &CacheStatus) -> u64>] = &[
+const CACHE: &[Metric<CacheValue>] = &[
     Metric {
         name: "segments",
         kind: Gauge,

@@ -23,6 +23,7 @@
 //! `RecordingMedia` (in memory, records persistence to produce crash images in tests; built
 //! for this crate's tests and with the `test-util` feature only).
 
+mod choose;
 mod cpu_flush;
 mod mapped;
 mod msync;
