@@ -68,83 +68,21 @@ pub type FlushHook = Box<dyn FnMut() + Send>;
 const PROBE_ALIGNMENTS: [usize; 4] = [512, 1024, 2048, 4096];
 
 impl BackingImage {
+    /// Open the image at `path`: check what it is, open it (direct I/O unless refused), read
+    /// its size, settle the I/O alignment (falling back to buffered I/O where direct I/O does
+    /// not work), and record its identity.
     pub fn open(path: &Path, opts: &BackingOptions) -> Result<Arc<BackingImage>, BackingError> {
-        let open_err = |source| BackingError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(open_err)?;
+        let meta = std::fs::metadata(path).map_err(open_err(path))?;
         let is_block_device = meta.file_type().is_block_device();
         if !is_block_device && !meta.file_type().is_file() {
             return Err(BackingError::NotFileOrBlockDevice {
                 path: path.to_owned(),
             });
         }
-
-        let mut direct = opts.direct;
-        let file = match open_file(path, opts.read_only, direct) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                warn_buffered(path, "the file system refuses O_DIRECT");
-                direct = false;
-                open_file(path, opts.read_only, false)
-            }
-            other => other,
-        }
-        .map_err(open_err)?;
-
-        let size = if is_block_device {
-            sys::block_device_size(&file).map_err(|source| BackingError::Query {
-                path: path.to_owned(),
-                what: "the size",
-                source,
-            })?
-        } else {
-            meta.len()
-        };
-        if size == 0 || size % SECTOR_SIZE != 0 {
-            return Err(BackingError::BadSize {
-                path: path.to_owned(),
-                size,
-            });
-        }
-
-        let mut alignment = SECTOR_SIZE as usize;
-        if is_block_device {
-            alignment = sys::block_device_logical_block_size(&file).map_err(|source| {
-                BackingError::Query {
-                    path: path.to_owned(),
-                    what: "the logical block size",
-                    source,
-                }
-            })?;
-        }
-        let mut file = file;
-        if direct {
-            let found = if is_block_device {
-                probe_direct(&file, alignment, size).map(|()| Some(alignment))
-            } else {
-                find_file_alignment(&file, size)
-            }
-            .map_err(open_err)?;
-            match found {
-                Some(a) if size % a as u64 == 0 => alignment = a,
-                Some(a) => {
-                    warn_buffered(
-                        path,
-                        &format!("its size is not a multiple of the {a}-byte direct I/O alignment"),
-                    );
-                    direct = false;
-                }
-                None => {
-                    warn_buffered(path, "direct I/O fails on it");
-                    direct = false;
-                }
-            }
-            if !direct {
-                file = open_file(path, opts.read_only, false).map_err(open_err)?;
-            }
-        }
-
+        let (file, direct) = open_preferring_direct(path, opts)?;
+        let size = image_size(path, &file, &meta)?;
+        let (file, direct, alignment) =
+            settle_alignment(path, file, opts.read_only, direct, is_block_device, size)?;
         let identity = BackingIdentity {
             size,
             is_block_device,
@@ -306,6 +244,98 @@ impl BackingImage {
     /// Make every completed write durable (fdatasync; on a block device, a cache flush).
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
+    }
+}
+
+fn open_err(path: &Path) -> impl Fn(io::Error) -> BackingError + '_ {
+    move |source| BackingError::Open {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Open with O_DIRECT when asked, or buffered where the file system refuses O_DIRECT.
+/// Returns whether the file is open for direct I/O.
+fn open_preferring_direct(
+    path: &Path,
+    opts: &BackingOptions,
+) -> Result<(File, bool), BackingError> {
+    match open_file(path, opts.read_only, opts.direct) {
+        Err(e) if opts.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            warn_buffered(path, "the file system refuses O_DIRECT");
+            open_file(path, opts.read_only, false).map(|file| (file, false))
+        }
+        other => other.map(|file| (file, opts.direct)),
+    }
+    .map_err(open_err(path))
+}
+
+/// The size in bytes: of the file, or as the block device reports it. A positive multiple of
+/// the sector size.
+fn image_size(path: &Path, file: &File, meta: &std::fs::Metadata) -> Result<u64, BackingError> {
+    let size = if meta.file_type().is_block_device() {
+        sys::block_device_size(file).map_err(|source| BackingError::Query {
+            path: path.to_owned(),
+            what: "the size",
+            source,
+        })?
+    } else {
+        meta.len()
+    };
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(BackingError::BadSize {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    Ok(size)
+}
+
+/// The alignment I/O must meet: a block device's logical block size, and for direct I/O what
+/// a probe read accepts. Where direct I/O fails, or the size is not a multiple of its
+/// alignment, the image is opened again buffered. Returns the file to use, whether it is
+/// direct, and the alignment.
+fn settle_alignment(
+    path: &Path,
+    file: File,
+    read_only: bool,
+    direct: bool,
+    is_block_device: bool,
+    size: u64,
+) -> Result<(File, bool, usize), BackingError> {
+    let mut alignment = SECTOR_SIZE as usize;
+    if is_block_device {
+        alignment =
+            sys::block_device_logical_block_size(&file).map_err(|source| BackingError::Query {
+                path: path.to_owned(),
+                what: "the logical block size",
+                source,
+            })?;
+    }
+    if !direct {
+        return Ok((file, false, alignment));
+    }
+    let found = if is_block_device {
+        probe_direct(&file, alignment, size).map(|()| Some(alignment))
+    } else {
+        find_file_alignment(&file, size)
+    }
+    .map_err(open_err(path))?;
+    match found {
+        Some(a) if size % a as u64 == 0 => Ok((file, true, a)),
+        Some(a) => {
+            warn_buffered(
+                path,
+                &format!("its size is not a multiple of the {a}-byte direct I/O alignment"),
+            );
+            let file = open_file(path, read_only, false).map_err(open_err(path))?;
+            Ok((file, false, alignment))
+        }
+        None => {
+            warn_buffered(path, "direct I/O fails on it");
+            let file = open_file(path, read_only, false).map_err(open_err(path))?;
+            Ok((file, false, alignment))
+        }
     }
 }
 
