@@ -12,7 +12,6 @@ use super::choose::{choose, Choice, Facts, MapSync};
 use super::cpu_flush::{self, FlushInsn};
 use super::{check_range, msync, Media, MediaError, MediaOptions, Persistence};
 
-/// A cache media backed by a `MAP_SHARED` mapping of a file or device.
 /// Environment variable that lets `pmem` persistence run on an ordinary file, so tests can
 /// exercise the cache-line write-back path where no DAX device exists.
 pub const EMULATE_PMEM_ENV: &str = "VHOST_USER_PCACHE_EMULATE_PMEM";
@@ -21,6 +20,7 @@ fn emulate_pmem() -> bool {
     std::env::var_os(EMULATE_PMEM_ENV).is_some_and(|v| v == "1")
 }
 
+/// A cache media backed by a `MAP_SHARED` mapping of a file or device.
 pub struct MappedMedia {
     base: *mut u8,
     len: u64,
