@@ -13,6 +13,7 @@ use std::time::Instant;
 use super::{render_metrics, ConnectionStatus, ControlTarget, Request, Response, Status};
 use crate::poll::poll_readable;
 use crate::serve::ConnectionState;
+use crate::sync::lock;
 
 /// Longest request line accepted; requests are a few dozen bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -23,7 +24,7 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("control socket {0}: a file that is not a socket is in the way")]
     NotASocket(PathBuf),
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -145,7 +146,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
             }
         }
         let bytes = writeback_bytes(shared.target.as_ref());
-        let mut rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rate = lock(&shared.rate);
         if rate.at.elapsed().as_millis() >= 1000 {
             rate.sample(bytes);
         }
@@ -219,12 +220,25 @@ fn handle(shared: &Shared, request: Request) -> Response {
     };
     match outcome {
         Ok(()) => Response::done(),
-        Err(e) => Response::failed(e),
+        Err(e) => Response::failed(with_causes(&e)),
     }
 }
 
+/// `error` and each of its causes, joined by ": ", as `anyhow` prints a chain: the operator
+/// at the other end of the socket sees why, not only what.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        cause = e.source();
+    }
+    text
+}
+
 fn status(shared: &Shared) -> Status {
-    let rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner()).rate;
+    let rate = lock(&shared.rate).rate;
     Status {
         engine: shared.target.status(),
         connection: ConnectionStatus {
@@ -232,5 +246,24 @@ fn status(shared: &Shared) -> Status {
             connections: shared.connection.connections(),
         },
         writeback_rate_bytes_per_sec: rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::TargetError;
+
+    #[test]
+    fn a_failure_answers_with_each_cause_once() {
+        let error = TargetError::FlushImage(std::io::Error::other("device gone"));
+        assert_eq!(
+            with_causes(&error),
+            "flushing the backing image: device gone"
+        );
+        assert_eq!(
+            with_causes(&TargetError::NoCache),
+            TargetError::NoCache.to_string()
+        );
     }
 }
