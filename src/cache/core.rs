@@ -50,7 +50,8 @@ pub struct CacheOptions {
 /// `{:#}` of an error chain prints each cause once.
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache media {path}")]
+    // The media error names the path itself; saying it here too printed it twice.
+    #[error("cache media")]
     Media {
         path: PathBuf,
         #[source]
