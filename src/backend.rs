@@ -20,7 +20,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::engine::Engine;
-use crate::serve::error_chain::Chain;
+use crate::engine::ErrorChain;
 use crate::serve::WriteCacheChoice;
 use crate::sync::lock;
 use crate::virtio_blk::config::parse_config_write;
@@ -210,7 +210,7 @@ impl VhostUserBackend for BlkBackend {
         self.write_cache.choose(writeback).map_err(|e| {
             warn!(
                 "refusing the guest's write-cache change to {mode}: {}",
-                Chain(&e)
+                ErrorChain(&e)
             );
             io::Error::other(e)
         })?;

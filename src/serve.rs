@@ -7,7 +7,6 @@
 //! the daemon cannot be reused (its owner flag is never reset) and a reused memory map makes a
 //! second frontend's memory regions overlap stale ones.
 
-pub(crate) mod error_chain;
 mod inflight_messages;
 pub(crate) mod relay;
 pub(crate) mod shutdown;

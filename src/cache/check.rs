@@ -14,8 +14,8 @@ use serde::Serialize;
 use super::format::{self, BackingFingerprint, TailPos};
 use super::inspect::{walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
-use super::replay;
 use super::CachePos;
+use crate::engine::ErrorChain;
 
 /// How bad a finding is; the order is the exit status order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -217,7 +217,7 @@ fn check_log(
     report.ksets = walk.report.ksets;
     report.keys = walk.report.keys;
     if let Some(e) = &walk.error {
-        let e = replay::message_with_causes(e);
+        let e = ErrorChain(e).to_string();
         f.add(Severity::Corrupt, format!("key log: {e}"));
     }
     for (seg, gen) in state.generations().iter().enumerate() {

@@ -83,10 +83,9 @@ impl DataHead {
         store: &dyn GenerationStore,
     ) -> Result<(), ReleaseError> {
         if let Some(seg) = self.seg.take() {
-            segments.put(seg, store).map_err(|e| ReleaseError {
-                seg,
-                source: e,
-            })?;
+            segments
+                .put(seg, store)
+                .map_err(|e| ReleaseError { seg, source: e })?;
         }
         Ok(())
     }

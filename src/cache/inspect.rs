@@ -14,6 +14,7 @@ use super::format::{
 use super::media::{Media, MediaError};
 use super::replay::{self, ReplayError, ReplayReport, VisitedKey};
 use super::segments::{SegmentKind, SegmentMap};
+use crate::engine::ErrorChain;
 
 /// Why a cache could not be inspected.
 #[derive(Debug, thiserror::Error)]
@@ -348,7 +349,7 @@ pub fn inspect(
     if let Some(e) = walk.error {
         return Err(InspectError::Unreadable(format!(
             "the key log is inconsistent: {} (run `check`)",
-            replay::message_with_causes(&e)
+            ErrorChain(&e)
         )));
     }
     let (head_seg, head_off, head_seq) = walk.head.unwrap_or_default();

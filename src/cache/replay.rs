@@ -22,6 +22,7 @@ use super::meta::Meta;
 use super::segments::{SegmentKind, SegmentMap};
 use super::CachePos;
 use crate::backing::BackingImage;
+use crate::engine::ErrorChain;
 
 /// Everything [`open`] rebuilt.
 pub(super) struct Opened {
@@ -100,19 +101,6 @@ pub enum ReplayError {
     },
     #[error("a live key points into log segment {0}")]
     KeyInLogSegment(u32),
-}
-
-/// `error` and each of its causes, joined by ": ", for places that keep a message as text
-/// (a finding of `check`, the reason of a corrupt cache).
-pub(crate) fn message_with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 /// The fingerprint that ties a cache to its backing image: its size, and for a regular file
@@ -224,7 +212,7 @@ pub(super) fn open(
     )
     .map_err(|e| CacheError::Corrupt {
         path: path.clone(),
-        reason: message_with_causes(&e),
+        reason: ErrorChain(&e).to_string(),
     })?;
     log::info!(
         "cache {}: replayed {} ksets, {} keys ({} dirty, {} bytes), {} stale; {} of {} segments in use",
@@ -511,14 +499,14 @@ mod tests {
             off: 64,
             source: out_of_range(),
         };
-        let text = message_with_causes(&read);
+        let text = ErrorChain(&read).to_string();
         assert_eq!(text, format!("reading the kset at 1:64: {cause}"));
         let via_format = ReplayError::Corrupt {
             seg: 1,
             off: 64,
             source: format::FormatError::from(out_of_range()),
         };
-        let text = message_with_causes(&via_format);
+        let text = ErrorChain(&via_format).to_string();
         assert_eq!(text.matches(&cause).count(), 1, "{text}");
     }
 }

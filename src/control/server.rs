@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{render_metrics, ConnectionStatus, ControlTarget, Request, Response, Status};
+use crate::engine::ErrorChain;
 use crate::poll::poll_readable;
 use crate::serve::ConnectionState;
 use crate::sync::lock;
@@ -220,21 +221,8 @@ fn handle(shared: &Shared, request: Request) -> Response {
     };
     match outcome {
         Ok(()) => Response::done(),
-        Err(e) => Response::failed(with_causes(&e)),
+        Err(e) => Response::failed(ErrorChain(&e).to_string()),
     }
-}
-
-/// `error` and each of its causes, joined by ": ", as `anyhow` prints a chain: the operator
-/// at the other end of the socket sees why, not only what.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(e) = cause {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        cause = e.source();
-    }
-    text
 }
 
 fn status(shared: &Shared) -> Status {
@@ -258,11 +246,11 @@ mod tests {
     fn a_failure_answers_with_each_cause_once() {
         let error = TargetError::FlushImage(std::io::Error::other("device gone"));
         assert_eq!(
-            with_causes(&error),
+            ErrorChain(&error).to_string(),
             "flushing the backing image: device gone"
         );
         assert_eq!(
-            with_causes(&TargetError::NoCache),
+            ErrorChain(&TargetError::NoCache).to_string(),
             TargetError::NoCache.to_string()
         );
     }

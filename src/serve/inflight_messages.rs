@@ -5,9 +5,9 @@
 
 use log::warn;
 
-use super::error_chain::Chain;
 use super::relay::{Intercept, Message};
 use crate::backend::BlkBackend;
+use crate::engine::ErrorChain;
 use crate::virtio_blk::inflight::InflightArea;
 
 const GET_INFLIGHT_FD: u32 = 31;
@@ -119,7 +119,7 @@ impl Intercept for InflightMessages<'_> {
             SET_INFLIGHT_FD => {
                 let outcome = self.set(&msg);
                 if let Err(e) = &outcome {
-                    warn!("refusing the frontend's inflight area: {}", Chain(e));
+                    warn!("refusing the frontend's inflight area: {}", ErrorChain(e));
                 }
                 Ok(msg.needs_reply().then(|| msg.ack(outcome.is_ok())))
             }
