@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+//! Save and restore of a running QEMU guest against the same daemon: the guest runs fio with
+//! checksum verification on the vhost-user disk; while it runs, QEMU migrates the live VM to a
+//! file (`migrate "exec:cat > FILE"`, which is how `virsh save` streams a VM out), so the
+//! daemon's dirty logging decides which pages QEMU copies again. The source QEMU quits, a new
+//! one loads the file (`-incoming "exec:cat FILE"`) and connects to the same daemon, and the
+//! guest's fio must finish with every block verified.
+//!
+//! QEMU refuses both `migrate` and savevm unless the backend offers `VHOST_F_LOG_ALL` and
+//! `LOG_SHMFD`. The guest comes from `vmm-tests/` (build-guest.sh); `VMM_ACCEL=kvm` is passed
+//! through to QEMU.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::Daemon;
+
+const DISK_SIZE: &str = "256M";
+const QUEUES: u32 = 2;
+const GUEST_MEM: &str = "512M";
+/// From QEMU's start to fio's first I/O (boot under TCG).
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// fio's time on the source before the migration starts.
+const BEFORE_MIGRATION: Duration = Duration::from_secs(3);
+/// The migration itself, and the restored guest until fio is done.
+const MIGRATION_LIMIT: Duration = Duration::from_secs(120);
+const FINISH_LIMIT: Duration = Duration::from_secs(300);
+
+fn vmm_tests_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
+}
+
+fn build_guest(out: &Path) {
+    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
+        .arg(out)
+        .status()
+        .expect("run vmm-tests/build-guest.sh (run vmm-tests/install-deps.sh first)");
+    assert!(status.success(), "build-guest.sh failed: {status}");
+}
+
+fn console_text(console: &Path) -> String {
+    String::from_utf8_lossy(&fs::read(console).unwrap_or_default()).replace('\r', "")
+}
+
+/// A QEMU process, killed if the test ends early.
+struct Qemu {
+    child: Child,
+    qmp: Qmp,
+    console: PathBuf,
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The guest of `vmm-tests/run-guest.sh` (same machine, kernel, fio job selection), with a QMP
+/// socket, and for the destination `-incoming`.
+fn start_qemu(dir: &Path, name: &str, incoming: Option<&Path>) -> Qemu {
+    let guest = vmm_tests_dir().join("work").join("guest");
+    let accel = std::env::var("VMM_ACCEL").unwrap_or_else(|_| "tcg".into());
+    let cpu = std::env::var("VMM_CPU")
+        .unwrap_or_else(|_| if accel == "kvm" { "host" } else { "qemu64" }.into());
+    let console = dir.join(format!("console-{name}.log"));
+    let qmp = dir.join(format!("qmp-{name}.sock"));
+    let socket = dir.join("vhost.sock");
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-machine", "q35", "-accel", &accel, "-cpu", &cpu, "-smp", "2",
+    ])
+    .args(["-m", GUEST_MEM])
+    .arg("-object")
+    .arg(format!(
+        "memory-backend-memfd,id=mem,size={GUEST_MEM},share=on"
+    ))
+    .args(["-numa", "node,memdev=mem"])
+    .args(["-nodefaults", "-display", "none", "-monitor", "none"])
+    .arg("-serial")
+    .arg(format!("file:{}", console.display()))
+    .arg("-no-reboot")
+    .arg("-qmp")
+    .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+    .arg("-kernel")
+    .arg(guest.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(guest.join("initramfs.cpio.gz"))
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 panic=-1 loglevel=4 no_timer_check vmtest.mode=write \
+             vmtest.queues={QUEUES} vmtest.job=restart-verify"
+    ))
+    .arg("-chardev")
+    .arg(format!(
+        "socket,id=c0,path={},reconnect=1",
+        socket.display()
+    ))
+    .arg("-device")
+    .arg(format!("vhost-user-blk-pci,chardev=c0,num-queues={QUEUES}"));
+    if let Some(file) = incoming {
+        cmd.arg("-incoming")
+            .arg(format!("exec:cat {}", file.display()));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("run qemu-system-x86_64 (run vmm-tests/install-deps.sh)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stream = loop {
+        match UnixStream::connect(&qmp) {
+            Ok(s) => break s,
+            Err(e) => {
+                if let Some(status) = child.try_wait().unwrap() {
+                    panic!("QEMU ({name}) exited at start: {status}");
+                }
+                assert!(Instant::now() < deadline, "no QMP socket from QEMU: {e}");
+                sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let mut qmp = Qmp::new(stream);
+    qmp.execute("qmp_capabilities", serde_json::json!({}));
+    Qemu {
+        child,
+        qmp,
+        console,
+    }
+}
+
+/// QEMU's machine protocol: one JSON object per line, replies in order, events between them.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn new(stream: UnixStream) -> Qmp {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
+        let greeting = qmp.next_message();
+        assert!(greeting.get("QMP").is_some(), "QMP greeting: {greeting}");
+        qmp
+    }
+
+    fn next_message(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).expect("read from QMP");
+        assert!(n > 0, "QEMU closed its QMP socket");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Runs `command`; returns its `return` value, panicking on an error reply.
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let request = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{request}").expect("write to QMP");
+        loop {
+            let reply = self.next_message();
+            if let Some(value) = reply.get("return") {
+                return value.clone();
+            }
+            if let Some(error) = reply.get("error") {
+                panic!("QMP {command} failed: {error}");
+            }
+            // An asynchronous event: not the reply.
+        }
+    }
+}
+
+fn wait_for_console(qemu: &mut Qemu, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !console_text(&qemu.console).contains(what) {
+        if let Some(status) = qemu.child.try_wait().expect("poll QEMU") {
+            panic!(
+                "QEMU ended ({status}) before {what:?}\n{}",
+                console_text(&qemu.console)
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} from the guest\n{}",
+            console_text(&qemu.console)
+        );
+        sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon() {
+    build_guest(&vmm_tests_dir().join("work").join("guest"));
+    let dir = tempfile::Builder::new()
+        .prefix("vm_migrate")
+        .tempdir()
+        .expect("temp dir")
+        .keep();
+    println!("vm_migrate: logs in {}", dir.display());
+    let image = dir.join("backing.img");
+    let queues = QUEUES.to_string();
+    let daemon = Daemon::start(
+        &dir.join("vhost.sock"),
+        &[
+            "--backing",
+            image.to_str().unwrap(),
+            "--create-backing",
+            DISK_SIZE,
+            "--queues",
+            &queues,
+        ],
+    );
+    let state = dir.join("vm.state");
+
+    let mut source = start_qemu(&dir, "source", None);
+    wait_for_console(&mut source, "VMTEST-INFO: write_cache=", BOOT_LIMIT);
+    sleep(BEFORE_MIGRATION);
+    // Without a cap the copy is limited to QEMU's default 32 MiB/s; the downtime allowed lets
+    // the last round converge while fio keeps dirtying pages under TCG.
+    source.qmp.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 4u64 << 30, "downtime-limit": 2000 }),
+    );
+    let started = Instant::now();
+    source.qmp.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("exec:cat > {}", state.display()) }),
+    );
+    let mut passes = None;
+    loop {
+        let info = source.qmp.execute("query-migrate", serde_json::json!({}));
+        match info["status"].as_str() {
+            Some("completed") => {
+                passes = info["ram"]["dirty-sync-count"].as_u64().or(passes);
+                break;
+            }
+            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < MIGRATION_LIMIT,
+            "migration did not complete: {info}"
+        );
+        sleep(Duration::from_millis(200));
+    }
+    let status = source.qmp.execute("query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "postmigrate", "source after migration");
+    assert!(
+        !console_text(&source.console).contains("VMTEST-RESULT"),
+        "fio finished before the migration did: the job is too short for this test"
+    );
+    println!(
+        "vm_migrate: saved in {:.1}s ({} dirty-page syncs), {} MiB",
+        started.elapsed().as_secs_f64(),
+        passes.unwrap_or(0),
+        fs::metadata(&state).unwrap().len() >> 20
+    );
+    source.qmp.execute("quit", serde_json::json!({}));
+    let quit = source.child.wait().expect("wait for the source QEMU");
+    assert!(quit.success(), "source QEMU exit: {quit}");
+
+    let mut restored = start_qemu(&dir, "restored", Some(&state));
+    wait_for_console(&mut restored, "VMTEST-RESULT", FINISH_LIMIT);
+    let console = console_text(&restored.console);
+    assert!(
+        console.contains("VMTEST-RESULT: PASS"),
+        "fio failed after the restore\n--- source\n{}\n--- restored\n{console}",
+        console_text(&source.console)
+    );
+    let end = restored.child.wait().expect("wait for the restored QEMU");
+    assert!(end.success(), "restored QEMU exit: {end}");
+    drop(restored);
+    assert!(daemon.terminate().success());
+    fs::remove_dir_all(&dir).expect("remove temp dir");
+}
