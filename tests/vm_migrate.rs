@@ -7,7 +7,9 @@
 //! guest's fio must finish with every block verified.
 //!
 //! QEMU refuses both `migrate` and savevm unless the backend offers `VHOST_F_LOG_ALL` and
-//! `LOG_SHMFD`. The guest comes from `vmm-tests/` (build-guest.sh); `VMM_ACCEL=kvm` is passed
+//! `LOG_SHMFD`. Whether a page the daemon wrote without marking it would reach the restored
+//! guest stale here depends on timing (runs with the marking of read data removed still
+//! passed), so the marks themselves are checked by `tests/dirty_log.rs`. The guest comes from `vmm-tests/` (build-guest.sh); `VMM_ACCEL=kvm` is passed
 //! through to QEMU.
 
 use std::fs;
@@ -27,8 +29,10 @@ const QUEUES: u32 = 2;
 const GUEST_MEM: &str = "512M";
 /// From QEMU's start to fio's first I/O (boot under TCG).
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
-/// fio's time on the source before the migration starts.
-const BEFORE_MIGRATION: Duration = Duration::from_secs(3);
+/// Guest reads (fio's verification) seen by the daemon before the migration starts, so that
+/// QEMU copies guest memory while the daemon writes read data into it: the pages the dirty log
+/// must cover.
+const READS_BEFORE_MIGRATION: u64 = 4 << 20;
 /// The migration itself, and the restored guest until fio is done.
 const MIGRATION_LIMIT: Duration = Duration::from_secs(120);
 const FINISH_LIMIT: Duration = Duration::from_secs(300);
@@ -180,6 +184,32 @@ impl Qmp {
     }
 }
 
+/// Bytes the guest has read, from the daemon's `ctl status --json`.
+fn read_bytes(control: &Path) -> u64 {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(control)
+        .arg("--json")
+        .arg("status")
+        .output()
+        .expect("run vhost-user-pcache ctl");
+    assert!(out.status.success(), "ctl status failed: {out:?}");
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON");
+    find_u64(&status, "read_bytes").unwrap_or_else(|| panic!("no read_bytes in {status}"))
+}
+
+fn find_u64(value: &serde_json::Value, key: &str) -> Option<u64> {
+    match value {
+        serde_json::Value::Object(map) => map
+            .get(key)
+            .and_then(serde_json::Value::as_u64)
+            .or_else(|| map.values().find_map(|v| find_u64(v, key))),
+        _ => None,
+    }
+}
+
 fn wait_for_console(qemu: &mut Qemu, what: &str, limit: Duration) {
     let deadline = Instant::now() + limit;
     while !console_text(&qemu.console).contains(what) {
@@ -208,6 +238,7 @@ fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon(
         .keep();
     println!("vm_migrate: logs in {}", dir.display());
     let image = dir.join("backing.img");
+    let control = dir.join("control.sock");
     let queues = QUEUES.to_string();
     let daemon = Daemon::start(
         &dir.join("vhost.sock"),
@@ -218,13 +249,26 @@ fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon(
             DISK_SIZE,
             "--queues",
             &queues,
+            "--control-socket",
+            control.to_str().unwrap(),
         ],
     );
     let state = dir.join("vm.state");
 
     let mut source = start_qemu(&dir, "source", None);
     wait_for_console(&mut source, "VMTEST-INFO: write_cache=", BOOT_LIMIT);
-    sleep(BEFORE_MIGRATION);
+    // fio writes its regions first, then reads them back to verify: migrate once it reads.
+    let reads_at_start = read_bytes(&control);
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    while read_bytes(&control) < reads_at_start + READS_BEFORE_MIGRATION {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's fio never started verifying\n{}",
+            console_text(&source.console)
+        );
+        assert!(source.child.try_wait().unwrap().is_none(), "QEMU ended");
+        sleep(Duration::from_millis(20));
+    }
     // Without a cap the copy is limited to QEMU's default 32 MiB/s; the downtime allowed lets
     // the last round converge while fio keeps dirtying pages under TCG.
     source.qmp.execute(
@@ -265,6 +309,9 @@ fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon(
         passes.unwrap_or(0),
         fs::metadata(&state).unwrap().len() >> 20
     );
+    if let Some(status) = source.child.try_wait().unwrap() {
+        panic!("the source QEMU exited by itself after the migration: {status:?}");
+    }
     source.qmp.execute("quit", serde_json::json!({}));
     let quit = source.child.wait().expect("wait for the source QEMU");
     assert!(quit.success(), "source QEMU exit: {quit}");
