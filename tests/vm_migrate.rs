@@ -35,6 +35,8 @@ const BOOT_LIMIT: Duration = Duration::from_secs(180);
 const READS_BEFORE_MIGRATION: u64 = 4 << 20;
 /// The migration itself, and the restored guest until fio is done.
 const MIGRATION_LIMIT: Duration = Duration::from_secs(120);
+/// Saves and restores under one fio run.
+const SAVES: u32 = 2;
 const FINISH_LIMIT: Duration = Duration::from_secs(300);
 
 fn vmm_tests_dir() -> PathBuf {
@@ -234,8 +236,83 @@ fn wait_for_console(qemu: &mut Qemu, what: &str, limit: Duration) {
     }
 }
 
+/// Waits until the guest has read `READS_BEFORE_MIGRATION` more bytes.
+fn wait_for_reads(qemu: &mut Qemu, control: &Path) {
+    let reads_at_start = read_bytes(control);
+    let deadline = Instant::now() + MIGRATION_LIMIT;
+    while read_bytes(control) < reads_at_start + READS_BEFORE_MIGRATION {
+        assert!(
+            Instant::now() < deadline,
+            "the guest's fio does not read\n{}",
+            console_text(&qemu.console)
+        );
+        if let Some(status) = qemu.child.try_wait().unwrap() {
+            panic!(
+                "QEMU ended ({status}) before the migration\n{}",
+                console_text(&qemu.console)
+            );
+        }
+        sleep(Duration::from_millis(20));
+    }
+}
+
+/// Saves the running VM of `qemu` to `state` (a live migration to a file), then quits it.
+fn save_and_quit(mut qemu: Qemu, state: &Path) {
+    // QEMU's default downtime, and a bandwidth at which copying the guest's memory takes a
+    // few seconds with the VM running: a bandwidth so high that QEMU stops the VM almost at
+    // once would copy nearly everything after the daemon's last write and test little.
+    qemu.qmp.execute(
+        "migrate-set-parameters",
+        serde_json::json!({ "max-bandwidth": 128u64 << 20, "downtime-limit": 300 }),
+    );
+    let started = Instant::now();
+    qemu.qmp.execute(
+        "migrate",
+        serde_json::json!({ "uri": format!("exec:cat > {}", state.display()) }),
+    );
+    let syncs = loop {
+        if let Some(status) = qemu.child.try_wait().unwrap() {
+            panic!(
+                "QEMU ended ({status}) during the migration: is the guest's job too short?\n{}",
+                console_text(&qemu.console)
+            );
+        }
+        let info = qemu.qmp.execute("query-migrate", serde_json::json!({}));
+        match info["status"].as_str() {
+            Some("completed") => break info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
+            _ => {}
+        }
+        assert!(
+            started.elapsed() < MIGRATION_LIMIT,
+            "migration did not complete: {info}"
+        );
+        sleep(Duration::from_millis(100));
+    };
+    let status = qemu.qmp.execute("query-status", serde_json::json!({}));
+    assert_eq!(status["status"], "postmigrate", "QEMU after the migration");
+    assert!(
+        !console_text(&qemu.console).contains("VMTEST-RESULT"),
+        "fio finished before the migration did: the job is too short for this test"
+    );
+    println!(
+        "vm_migrate: saved in {:.1}s ({syncs} dirty-page syncs), {} MiB",
+        started.elapsed().as_secs_f64(),
+        fs::metadata(state).unwrap().len() >> 20
+    );
+    if let Some(status) = qemu.child.try_wait().unwrap() {
+        panic!("QEMU exited by itself after the migration: {status:?}");
+    }
+    // QEMU may close the socket before its reply arrives: its exit status is the answer.
+    qemu.qmp
+        .send("quit", serde_json::json!({}))
+        .expect("send quit to QMP");
+    let quit = qemu.child.wait().expect("wait for QEMU");
+    assert!(quit.success(), "QEMU exit after quit: {quit}");
+}
+
 #[test]
-fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon() {
+fn guest_fio_verifies_across_live_saves_to_file_and_restores_on_the_same_daemon() {
     build_guest(&vmm_tests_dir().join("work").join("guest"));
     let dir = tempfile::Builder::new()
         .prefix("vm_migrate")
@@ -259,84 +336,34 @@ fn guest_fio_verifies_across_a_live_save_to_file_and_restore_on_the_same_daemon(
             control.to_str().unwrap(),
         ],
     );
-    let state = dir.join("vm.state");
 
-    let mut source = start_qemu(&dir, "source", None);
-    wait_for_console(&mut source, "VMTEST-INFO: write_cache=", BOOT_LIMIT);
-    // fio writes its regions first, then reads them back to verify: migrate once it reads.
-    let reads_at_start = read_bytes(&control);
-    let deadline = Instant::now() + MIGRATION_LIMIT;
-    while read_bytes(&control) < reads_at_start + READS_BEFORE_MIGRATION {
-        assert!(
-            Instant::now() < deadline,
-            "the guest's fio never started verifying\n{}",
-            console_text(&source.console)
-        );
-        assert!(source.child.try_wait().unwrap().is_none(), "QEMU ended");
-        sleep(Duration::from_millis(20));
+    let mut qemu = start_qemu(&dir, "boot", None);
+    wait_for_console(&mut qemu, "VMTEST-INFO: write_cache=", BOOT_LIMIT);
+    let mut consoles = vec![qemu.console.clone()];
+    for round in 1..=SAVES {
+        // fio writes its regions, then reads them back to verify: save while it reads.
+        wait_for_reads(&mut qemu, &control);
+        let state = dir.join(format!("vm-{round}.state"));
+        save_and_quit(qemu, &state);
+        qemu = start_qemu(&dir, &format!("restore-{round}"), Some(&state));
+        consoles.push(qemu.console.clone());
     }
-    // Without a cap the copy is limited to QEMU's default 32 MiB/s; the downtime allowed lets
-    // the last round converge while fio keeps dirtying pages under TCG.
-    source.qmp.execute(
-        "migrate-set-parameters",
-        serde_json::json!({ "max-bandwidth": 4u64 << 30, "downtime-limit": 2000 }),
-    );
-    let started = Instant::now();
-    source.qmp.execute(
-        "migrate",
-        serde_json::json!({ "uri": format!("exec:cat > {}", state.display()) }),
-    );
-    let mut passes = None;
-    loop {
-        let info = source.qmp.execute("query-migrate", serde_json::json!({}));
-        match info["status"].as_str() {
-            Some("completed") => {
-                passes = info["ram"]["dirty-sync-count"].as_u64().or(passes);
-                break;
-            }
-            Some("failed") | Some("cancelled") => panic!("migration failed: {info}"),
-            _ => {}
-        }
-        assert!(
-            started.elapsed() < MIGRATION_LIMIT,
-            "migration did not complete: {info}"
-        );
-        sleep(Duration::from_millis(200));
-    }
-    let status = source.qmp.execute("query-status", serde_json::json!({}));
-    assert_eq!(status["status"], "postmigrate", "source after migration");
-    assert!(
-        !console_text(&source.console).contains("VMTEST-RESULT"),
-        "fio finished before the migration did: the job is too short for this test"
-    );
-    println!(
-        "vm_migrate: saved in {:.1}s ({} dirty-page syncs), {} MiB",
-        started.elapsed().as_secs_f64(),
-        passes.unwrap_or(0),
-        fs::metadata(&state).unwrap().len() >> 20
-    );
-    if let Some(status) = source.child.try_wait().unwrap() {
-        panic!("the source QEMU exited by itself after the migration: {status:?}");
-    }
-    // QEMU may close the socket before its reply arrives: its exit status is the answer.
-    source
-        .qmp
-        .send("quit", serde_json::json!({}))
-        .expect("send quit to QMP");
-    let quit = source.child.wait().expect("wait for the source QEMU");
-    assert!(quit.success(), "source QEMU exit: {quit}");
-
-    let mut restored = start_qemu(&dir, "restored", Some(&state));
-    wait_for_console(&mut restored, "VMTEST-RESULT", FINISH_LIMIT);
-    let console = console_text(&restored.console);
+    wait_for_console(&mut qemu, "VMTEST-RESULT", FINISH_LIMIT);
+    let console = console_text(&qemu.console);
+    let all = || {
+        consoles
+            .iter()
+            .map(|c| format!("--- {}\n{}", c.display(), console_text(c)))
+            .collect::<String>()
+    };
     assert!(
         console.contains("VMTEST-RESULT: PASS"),
-        "fio failed after the restore\n--- source\n{}\n--- restored\n{console}",
-        console_text(&source.console)
+        "fio failed after the restore\n{}",
+        all()
     );
-    let end = restored.child.wait().expect("wait for the restored QEMU");
+    let end = qemu.child.wait().expect("wait for the restored QEMU");
     assert!(end.success(), "restored QEMU exit: {end}");
-    drop(restored);
+    drop(qemu);
     assert!(daemon.terminate().success());
     fs::remove_dir_all(&dir).expect("remove temp dir");
 }
