@@ -1,16 +1,19 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Save and restore of a running QEMU guest against the same daemon: the guest runs fio with
-//! checksum verification on the vhost-user disk; while it runs, QEMU migrates the live VM to a
-//! file (`migrate "exec:cat > FILE"`, which is how `virsh save` streams a VM out), so the
-//! daemon's dirty logging decides which pages QEMU copies again. The source QEMU quits, a new
-//! one loads the file (`-incoming "exec:cat FILE"`) and connects to the same daemon, and the
-//! guest's fio must finish with every block verified.
+//! checksum verification on the vhost-user disk; while fio reads back what it wrote, QEMU
+//! migrates the live VM to a file (`migrate "exec:cat > FILE"`, the stream `virsh save`
+//! writes), quits, and a new QEMU loads the file (`-incoming "exec:cat FILE"`) and connects to
+//! the same daemon; twice under one fio run, which must finish with every block verified.
 //!
 //! QEMU refuses both `migrate` and savevm unless the backend offers `VHOST_F_LOG_ALL` and
-//! `LOG_SHMFD`. Whether a page the daemon wrote without marking it would reach the restored
-//! guest stale here depends on timing (runs with the marking of read data removed still
-//! passed), so the marks themselves are checked by `tests/dirty_log.rs`. The guest comes from `vmm-tests/` (build-guest.sh); `VMM_ACCEL=kvm` is passed
-//! through to QEMU.
+//! `LOG_SHMFD`. The copy runs at 128 MiB/s with QEMU's default downtime, so the guest keeps
+//! reading for a few seconds while its memory is copied: a read the daemon completes then
+//! reaches the restored guest with its data only if the daemon marked its pages in the dirty
+//! log. With that marking removed, fio reported "bad header offset" (a buffer still holding an
+//! older block) in 4 runs out of 4. `tests/dirty_log.rs` checks the marks themselves.
+//!
+//! The guest comes from `vmm-tests/` (build-guest.sh); `VMM_ACCEL=kvm` is passed through to
+//! QEMU.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -29,8 +32,8 @@ const QUEUES: u32 = 2;
 const GUEST_MEM: &str = "512M";
 /// From QEMU's start to fio's first I/O (boot under TCG).
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
-/// Guest reads (fio's verification) seen by the daemon before the migration starts, so that
-/// QEMU copies guest memory while the daemon writes read data into it: the pages the dirty log
+/// Guest reads (fio's verification) seen by the daemon before a save starts, so that QEMU
+/// copies guest memory while the daemon writes read data into it: the pages the dirty log
 /// must cover.
 const READS_BEFORE_MIGRATION: u64 = 4 << 20;
 /// The migration itself, and the restored guest until fio is done.
