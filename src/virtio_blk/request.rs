@@ -25,6 +25,10 @@ pub struct Decoded {
     /// Guest address of the status byte; `None` when the chain has none the device may write.
     pub status_addr: Option<GuestAddress>,
     pub action: Action,
+    /// The guest ranges an engine request writes through raw pointers (IN data), which the
+    /// guest memory's dirty bitmap cannot see: they are marked when the request completes.
+    /// Empty unless `action` is `Submit`.
+    pub data_in: Vec<(GuestAddress, u64)>,
 }
 
 #[derive(Debug)]
@@ -224,6 +228,7 @@ where
             head,
             status_addr: None,
             action: Action::Discard,
+            data_in: Vec::new(),
         };
     };
     let answer = |e: DecodeError| {
@@ -235,6 +240,7 @@ where
                 status: e.status(),
                 used_len: 1,
             },
+            data_in: Vec::new(),
         }
     };
     if let Some(e) = early_error {
@@ -242,11 +248,23 @@ where
     }
     let split = split.expect("split is Some when there is no error");
     match decode_request(&split, mem, info) {
-        Ok(action) => Decoded {
-            head,
-            status_addr: Some(status_addr),
-            action,
-        },
+        Ok(action) => {
+            // Everything writable before the status byte; empty for any type but IN (the
+            // decoder refuses other types with writable data).
+            let data_in = match action {
+                Action::Submit { .. } => {
+                    let (data_in, _status) = split.writable.split_at(split.writable.total() - 1);
+                    data_in.0
+                }
+                _ => Vec::new(),
+            };
+            Decoded {
+                head,
+                status_addr: Some(status_addr),
+                action,
+                data_in,
+            }
+        }
         Err(e) => answer(e),
     }
 }
