@@ -11,7 +11,7 @@
 
 use serde::Serialize;
 
-use super::format::{self, BackingFingerprint, TailPos};
+use super::format::{self, BackingId, BackingMatch, TailPos};
 use super::inspect::{walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
 use super::CachePos;
@@ -68,14 +68,10 @@ pub struct CheckReport {
 pub enum CheckError {
     #[error(transparent)]
     Inspect(#[from] InspectError),
-    #[error(
-        "the cache belongs to another backing image: it records {expected}, the image given \
-         is {found}"
-    )]
-    WrongBacking {
-        expected: BackingFingerprint,
-        found: BackingFingerprint,
-    },
+    /// A [`format::FormatError::WrongBacking`]: what the cache records, what was given, and
+    /// the safe ways on.
+    #[error(transparent)]
+    WrongBacking(format::FormatError),
 }
 
 struct Findings(Vec<Finding>);
@@ -128,10 +124,7 @@ impl Findings {
 }
 
 /// Check the cache on `media`; with `backing`, it must belong to that image.
-pub fn check(
-    media: &dyn Media,
-    backing: Option<&BackingFingerprint>,
-) -> Result<CheckReport, CheckError> {
+pub fn check(media: &dyn Media, backing: Option<&BackingId>) -> Result<CheckReport, CheckError> {
     let state = match MediaState::read(media) {
         Ok(s) => s,
         Err(InspectError::NotACache(reason)) if looks_like_a_cache(media) => {
@@ -155,12 +148,32 @@ pub fn check(
         );
     }
     let records_checked = 3 + 2 * n as u64;
-    if let (Some(info), Some(fp)) = (&info, backing) {
-        if info.backing != *fp {
-            return Err(CheckError::WrongBacking {
-                expected: info.backing,
-                found: *fp,
-            });
+    let recorded_identity = match format::load_backing_identity(media, &state.layout) {
+        Ok(v) => v.map(|v| v.value),
+        Err(e) => {
+            f.add(
+                Severity::Corrupt,
+                format!(
+                    "backing_identity: {}; the daemon refuses the cache until `rebind` records \
+                     the backing image again",
+                    ErrorChain(&e)
+                ),
+            );
+            None
+        }
+    };
+    if let (Some(info), Some(found)) = (&info, backing) {
+        let recorded = BackingId {
+            fingerprint: info.backing,
+            stable: recorded_identity,
+        };
+        if format::compare(&recorded, found) == BackingMatch::Different {
+            return Err(CheckError::WrongBacking(
+                format::FormatError::WrongBacking {
+                    recorded: Box::new(recorded),
+                    found: Box::new(found.clone()),
+                },
+            ));
         }
     }
     if let Some(info) = &info {
@@ -399,13 +412,13 @@ mod tests {
     #[test]
     fn wrong_backing_and_blank_media_cannot_be_checked() {
         let (_fx, media) = written_back_cache(1);
-        let other = BackingFingerprint {
+        let other = format::BackingFingerprint {
             size: 1 << 20,
             id: [7; 32],
         };
         assert!(matches!(
-            check(&*media, Some(&other)),
-            Err(CheckError::WrongBacking { .. })
+            check(&*media, Some(&other.into())),
+            Err(CheckError::WrongBacking(_))
         ));
         let blank = RecordingMedia::new(media.len()).unwrap();
         assert!(matches!(

@@ -194,6 +194,35 @@ pub fn identity_of_rdev(rdev: u64) -> Result<BlockIdentity, IdentityError> {
     block_device_identity(&SysRoots::default(), libc::major(rdev), libc::minor(rdev))
 }
 
+/// The stable identity of the block device `rdev` that backing image `path` is, if it has
+/// one, logged either way. Failing to look it up is not fatal: the device number stands in,
+/// and a cache that recorded a stable identity refuses the device rather than guess.
+pub(crate) fn stable_identity_of_image(path: &Path, rdev: u64) -> Option<BlockIdentity> {
+    match identity_of_rdev(rdev) {
+        Ok(id) if id.kind.is_stable() => {
+            log::info!("backing image {}: {id}", path.display());
+            Some(id)
+        }
+        Ok(_) => {
+            log::warn!(
+                "backing image {}: the system knows no stable identity of this device (no \
+                 device-mapper UUID, WWID, serial, loop backing file or partition UUID); a cache \
+                 recognises it by its device number, which can change at reboot",
+                path.display()
+            );
+            None
+        }
+        Err(e) => {
+            log::warn!(
+                "backing image {}: cannot read its stable identity ({e}); a cache recognises \
+                 it by its device number",
+                path.display()
+            );
+            None
+        }
+    }
+}
+
 /// The fallback identity: the device number.
 pub fn device_number(major: u32, minor: u32) -> BlockIdentity {
     BlockIdentity {
