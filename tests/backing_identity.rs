@@ -2,7 +2,8 @@
 //! A cache knows its backing block device by the device's stable identity, on real loop
 //! devices and the real daemon: two same-size devices that swap names are told apart (the
 //! wrong one is refused and left untouched), a device re-created under another minor is still
-//! recognised, and `rebind` binds a cache to a device whose identity changed. Skipped, with
+//! recognised, a cache of an earlier version (numbers only) opens and learns the identity, and
+//! `rebind` binds a cache to a device whose identity changed. Skipped, with
 //! the reason printed, where loop devices cannot be attached (not root, no loop support).
 
 mod common;
@@ -258,4 +259,62 @@ fn rebind_binds_a_cache_to_a_copy_of_its_device_and_refuses_another_size() {
         String::from_utf8_lossy(&out.stderr)
     );
     serves_the_writes(&dir, moved.path(), cache);
+}
+
+#[test]
+fn a_cache_of_an_earlier_version_opens_by_its_numbers_and_learns_the_identity() {
+    use vhost_user_pcache::cache::format;
+    use vhost_user_pcache::cache::media::{open_media, MediaOptions};
+
+    let dir = TestDir::new();
+    let a = image(&dir, "a.img", DISK);
+    let filler = image(&dir, "filler.img", DISK);
+    let cache = dir.dir.path().join("a.pcache");
+    let cache_path = cache.to_str().unwrap();
+    let before = {
+        let Some(la) = Loop::attach(&a, None) else {
+            return;
+        };
+        let out = tool(&[
+            "format",
+            "--cache",
+            cache_path,
+            "--backing",
+            la.path(),
+            "--cache-size",
+            "128M",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // What earlier versions wrote: cache_info's numbers and no backing_identity.
+        let layout = {
+            let media = open_media(&cache, &MediaOptions::default()).unwrap();
+            let sb = format::probe(&*media).unwrap().expect("formatted");
+            let layout = sb.layout(media.len()).unwrap();
+            format::clear_backing_identity(&*media, &layout).unwrap();
+            assert_eq!(
+                format::load_backing_identity(&*media, &layout).unwrap(),
+                None
+            );
+            layout
+        };
+        leave_dirty_cache(&dir, la.path(), cache_path);
+        let media = open_media(&cache, &MediaOptions::default()).unwrap();
+        let recorded = format::load_backing_identity(&*media, &layout)
+            .unwrap()
+            .expect("the identity is recorded at the first open")
+            .value;
+        assert_eq!(recorded.kind.name(), "loop-file");
+        la.0.clone()
+    };
+    let Some(_taken) = Loop::attach(&filler, Some(&before)) else {
+        return;
+    };
+    let Some(again) = Loop::attach(&a, None) else {
+        return;
+    };
+    serves_the_writes(&dir, again.path(), cache_path);
 }
