@@ -5,8 +5,6 @@ use crate::backing::identity::BlockIdentity;
 use crate::cache::media::Media;
 use crate::cache::CachePos;
 
-#[cfg(doc)]
-use super::backing_identity::record_backing;
 use super::backing_identity::{compare, load_backing_identity, BackingId, BackingMatch};
 use super::cache_info::{BackingFingerprint, CacheInfo, DEFAULT_GC_PERCENT, MAX_GC_PERCENT};
 use super::kset::KSET_HEADER_SIZE;
@@ -193,7 +191,8 @@ pub fn open_metadata(
 
 /// Open a formatted cache for the backing image `backing`: superblock, layout and the
 /// newest cache_info, checked for consistency and for belonging to `backing` (see
-/// [`compare`]). Writes nothing: bringing the record up to date is [`record_backing`].
+/// [`compare`]). Writes nothing: bringing the record up to date is
+/// [`record_backing`](super::record_backing).
 pub fn open_metadata_for(
     media: &dyn Media,
     backing: &BackingId,
