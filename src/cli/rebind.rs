@@ -13,16 +13,17 @@ use vhost_user_pcache::cache::replay::backing_id;
 
 #[derive(Args, Debug)]
 #[command(after_long_help = "\
-A cache records the identity of its backing image: for a block device its stable identity \
-(device-mapper UUID, WWID, serial, partition, or a loop device's backing file), else its size \
-and device and inode numbers. The daemon refuses a backing image that does not match, because \
+A cache records the identity of its backing image: for a block device its stable identity
+(device-mapper UUID, WWID, serial, partition, or a loop device's backing file), else its size
+and device and inode numbers. The daemon refuses a backing image that does not match, because
 writing the cache's dirty data back to another VM's disk would destroy that disk.
 
-Use this command only when you are sure the image given is the one the cache belongs to and \
-only its identity changed: the disk was copied or moved to new storage, a device was re-created \
-with another UUID, or an image file was restored from a copy. If the daemon was merely started \
-on the wrong device, start it on the right one instead. The size must be the same. Nothing but \
-the recorded identity changes; the cached data, dirty or clean, stays as it is.")]
+Use this command only when you are sure the image given is the one the cache belongs to and
+only its identity changed: the disk was copied or moved to new storage, a device was
+re-created with another UUID, or an image file was restored from a copy. If the daemon was
+merely started on the wrong device, start it on the right one instead. The size must be the
+same. Nothing but the recorded identity changes; the cached data, dirty or clean, stays as it
+is.")]
 pub struct RebindArgs {
     /// Cache media
     #[arg(long, value_name = "PATH")]
