@@ -11,10 +11,11 @@
 
 use serde::Serialize;
 
-use super::format::{self, BackingId, BackingMatch, TailPos};
-use super::inspect::{walk_log, InspectError, MediaState, Replicas};
+use super::format::{self, BackingId, BackingMatch, RecordFault, TailPos};
+use super::inspect::{read_replicas, walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
 use super::CachePos;
+use crate::backing::identity::BlockIdentity;
 use crate::engine::ErrorChain;
 
 /// How bad a finding is; the order is the exit status order.
@@ -148,19 +149,18 @@ pub fn check(media: &dyn Media, backing: Option<&BackingId>) -> Result<CheckRepo
         );
     }
     let records_checked = 3 + 2 * n as u64;
-    let recorded_identity = match format::load_backing_identity(media, &state.layout) {
-        Ok(v) => v.map(|v| v.value),
-        Err(e) => {
-            f.add(
-                Severity::Corrupt,
-                format!(
-                    "backing_identity: {}; the daemon refuses the cache until `rebind` records \
-                     the backing image again",
-                    ErrorChain(&e)
-                ),
-            );
-            None
-        }
+    // Both slots zero: no stable identity recorded (a file, or a cache of an earlier version).
+    let identity =
+        read_replicas::<BlockIdentity>(media, &state.layout.backing_identity_slots(), &|_| Ok(()))
+            .map_err(InspectError::from)?;
+    let recorded_identity = if identity
+        .slots
+        .iter()
+        .all(|s| matches!(s.state, Err(RecordFault::Zeroed)))
+    {
+        None
+    } else {
+        f.replicas("backing_identity", &identity)
     };
     if let (Some(info), Some(found)) = (&info, backing) {
         let recorded = BackingId {
@@ -405,6 +405,50 @@ mod tests {
             .contains("segment 3 generation replica 1"));
 
         flip(&*media, slots.offsets[0] + 3);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Corrupt, "{:?}", report.findings);
+    }
+
+    #[test]
+    fn backing_identity_is_checked_and_decides_which_image_is_the_caches() {
+        let (_fx, media) = written_back_cache(1);
+        let layout = MediaState::read(&*media).unwrap().layout;
+        let info = format::load_latest::<format::CacheInfo>(&*media, &layout.cache_info_slots())
+            .unwrap()
+            .value;
+        let identity = |value: &str| BlockIdentity {
+            kind: crate::backing::identity::IdentityKind::Wwid,
+            value: value.into(),
+        };
+        let disk = BackingId {
+            fingerprint: info.backing,
+            stable: Some(identity("naa.5000c500a1b2c3d4")),
+        };
+        // None recorded yet: the numbers decide.
+        assert_eq!(check(&*media, Some(&disk)).unwrap().verdict, Verdict::Clean);
+        format::store_backing_identity(&*media, &layout, &identity("naa.5000c500a1b2c3d4"))
+            .unwrap();
+        format::store_backing_identity(&*media, &layout, &identity("naa.5000c500a1b2c3d4"))
+            .unwrap();
+        assert_eq!(check(&*media, Some(&disk)).unwrap().verdict, Verdict::Clean);
+        // Same numbers, another device.
+        let swapped = BackingId {
+            stable: Some(identity("naa.5000c500deadbeef")),
+            ..disk.clone()
+        };
+        assert!(matches!(
+            check(&*media, Some(&swapped)),
+            Err(CheckError::WrongBacking(_))
+        ));
+
+        let slots = layout.backing_identity_slots();
+        flip(&*media, slots.offsets[0] + 30);
+        let report = check(&*media, Some(&disk)).unwrap();
+        assert_eq!(report.verdict, Verdict::Repairable, "{:?}", report.findings);
+        assert!(report.findings[0]
+            .message
+            .contains("backing_identity replica 0"));
+        flip(&*media, slots.offsets[1] + 30);
         let report = check(&*media, None).unwrap();
         assert_eq!(report.verdict, Verdict::Corrupt, "{:?}", report.findings);
     }
