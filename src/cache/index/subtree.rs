@@ -9,11 +9,13 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
-use crate::cache::{CachePos, REGION_SIZE};
+use crate::cache::{CachePos, REGION_SIZE, SEGMENT_SIZE};
 
-/// A key without its offset (the map key). 32 bytes with 4-byte alignment, so a B-tree slot
-/// (entry plus `u32` offset) is 36 bytes: the CRC span's segment is the key's own, the kind lives in the top bits of the length (an
-/// entry never exceeds its 4 MiB region), and the generation is stored as two halves. For a
+/// A key without its offset (the map key). 28 bytes with 4-byte alignment, so a B-tree slot
+/// (entry plus `u32` offset) is 32 bytes: the CRC span's segment is the key's own and its
+/// offset and length are counted in sectors (a span lies inside one 16 MiB segment, so both
+/// fit 16 bits), the kind lives in the top bits of the length (an entry never exceeds its
+/// 4 MiB region), and the generation is stored as two halves. For a
 /// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment; for a
 /// zeroes key, the key's stamp (see `Index::remove_zeroes`).
 #[derive(Clone, Copy, Debug)]
@@ -22,9 +24,26 @@ struct Entry {
     pos: CachePos,
     gen: [u32; 2],
     /// The CRC span, whose segment is always `pos.seg` (a key is cut from one extent).
-    crc_off: u32,
-    crc_len: u32,
+    crc_off_sectors: u16,
+    crc_len_sectors: u16,
     crc: u32,
+}
+
+const SECTOR_SHIFT: u32 = 9;
+const _: () = assert!(
+    SEGMENT_SIZE >> SECTOR_SHIFT <= u16::MAX as u64,
+    "a CRC span's offset and length in sectors must fit 16 bits"
+);
+const _: () = assert!(std::mem::size_of::<Entry>() == 28);
+
+/// `bytes` (a sector multiple inside one segment) in sectors; spans come from keys that
+/// replay validated or from the data head's sector-aligned allocations.
+fn to_sectors(bytes: u32) -> u16 {
+    debug_assert!(
+        bytes % (1 << SECTOR_SHIFT) == 0 && u64::from(bytes) <= SEGMENT_SIZE,
+        "a CRC span of {bytes} bytes is not sectors inside a segment"
+    );
+    (bytes >> SECTOR_SHIFT) as u16
 }
 
 const KIND_SHIFT: u32 = 30;
@@ -50,8 +69,8 @@ impl Entry {
             len_kind: (len & LEN_MASK) | kind_bits << KIND_SHIFT,
             pos,
             gen: [gen as u32, (gen >> 32) as u32],
-            crc_off: crc.pos.off,
-            crc_len: crc.len,
+            crc_off_sectors: to_sectors(crc.pos.off),
+            crc_len_sectors: to_sectors(crc.len),
             crc: crc.crc,
         }
     }
@@ -101,9 +120,9 @@ impl Entry {
         CrcSpan {
             pos: CachePos {
                 seg: self.pos.seg,
-                off: self.crc_off,
+                off: u32::from(self.crc_off_sectors) << SECTOR_SHIFT,
             },
-            len: self.crc_len,
+            len: u32::from(self.crc_len_sectors) << SECTOR_SHIFT,
             crc: self.crc,
         }
     }

@@ -2,6 +2,7 @@
 //! Lookups, fills, stale generations and capacity limits.
 
 use super::*;
+use crate::cache::SEGMENT_SIZE;
 use KeyKind::{Clean, Dirty, Empty, Zeroes};
 
 #[test]
@@ -283,13 +284,14 @@ fn packed_entries_give_back_every_field() {
             1 << 31,
         );
         k.gen = (1 << 40) | i as u64;
-        // The span lies in the key's own segment (an entry stores only its offset).
+        // The span lies in the key's own segment (an entry stores only its offset), at most
+        // one whole segment long and starting at most at its last sector.
         k.crc = CrcSpan {
             pos: CachePos {
                 seg: u32::MAX - 1,
-                off: 3,
+                off: (SEGMENT_SIZE - 512) as u32 * (i as u32 % 2),
             },
-            len: u32::MAX,
+            len: if i == 0 { SEGMENT_SIZE as u32 } else { 512 },
             crc: 0xdead_beef,
         };
         insert(&index, k);
