@@ -85,7 +85,12 @@ fn first_difference(got: &[u8], want: &[u8]) -> String {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 2048, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 24, max_shrink_iters: 2048,
+        // Failing cases are kept beside this file (model.proptest-regressions) and rerun first.
+        failure_persistence: Some(Box::new(proptest::test_runner::FileFailurePersistence::WithSource("proptest-regressions"))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn engine_agrees_with_a_byte_map(ops in prop::collection::vec(op(), 1..60)) {
