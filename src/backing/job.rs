@@ -150,6 +150,8 @@ pub(crate) struct Job {
     then_fsync: bool,
     /// For a zeroing job, the aligned range it holds while it runs.
     zeroing_range: Option<(u64, u64)>,
+    /// The iovec array of the zero-copy transfer it finished, for the queue to reuse.
+    spent_iovecs: Vec<libc::iovec>,
 }
 
 // SAFETY: the raw pointers in a job point at caller segments (Send by contract), its own bounce
@@ -244,6 +246,9 @@ pub(crate) fn plan_write(
 impl Job {
     /// The iovec array of the job's current transfer, for reuse once the job has finished.
     pub(crate) fn take_iovecs(&mut self) -> Vec<libc::iovec> {
+        if self.spent_iovecs.capacity() > 0 {
+            return std::mem::take(&mut self.spent_iovecs);
+        }
         match &mut self.phase {
             Phase::Read { xfer, .. }
             | Phase::Write { xfer }
@@ -261,6 +266,7 @@ impl Job {
             fill: None,
             then_fsync: false,
             zeroing_range: None,
+            spent_iovecs: Vec::new(),
         }
     }
 
@@ -427,7 +433,10 @@ impl Job {
                 self.fill = None;
                 self.next_piece(image)
             }
-            Phase::Read { .. } | Phase::Write { .. } => self.next_piece(image),
+            Phase::Read { mut xfer, .. } | Phase::Write { mut xfer } => {
+                self.spent_iovecs = std::mem::take(&mut xfer.iovecs);
+                self.next_piece(image)
+            }
         }
     }
 

@@ -207,11 +207,21 @@ struct SplitChain<'a> {
     writable: Ranges<'a>,
 }
 
-/// Fills `readable` and `writable` with the chain's descriptors.
+/// The last non-empty descriptor of a chain: where its status byte must be.
+#[derive(Clone, Copy)]
+struct LastDescriptor {
+    addr: GuestAddress,
+    len: u32,
+    write_only: bool,
+}
+
+/// Fills `readable` and `writable` with the chain's descriptors, and notes the last one (one
+/// walk over the chain: each step reads a descriptor from guest memory).
 fn split_chain<M, G>(
     chain: DescriptorChain<M>,
     readable: &mut Vec<(GuestAddress, u64)>,
     writable: &mut Vec<(GuestAddress, u64)>,
+    last: &mut Option<LastDescriptor>,
 ) -> Result<(), DecodeError>
 where
     M: Deref<Target = G> + Clone,
@@ -225,6 +235,11 @@ where
         if desc.len() == 0 {
             continue;
         }
+        *last = Some(LastDescriptor {
+            addr: desc.addr(),
+            len: desc.len(),
+            write_only: desc.is_write_only(),
+        });
         if !mem.check_range(desc.addr(), desc.len() as usize) {
             error.get_or_insert(DecodeError::BadDescriptor {
                 addr: desc.addr().raw_value(),
@@ -276,8 +291,10 @@ impl Decoder {
         let mem = mem_owner.memory();
 
         // Find the status byte first: without it nothing can be answered.
-        let early_error = split_chain(chain.clone(), &mut self.readable, &mut self.writable).err();
-        let status_addr = status_address(&chain, mem);
+        let mut last = None;
+        let early_error =
+            split_chain(chain, &mut self.readable, &mut self.writable, &mut last).err();
+        let status_addr = last.and_then(|last| status_address(last, mem));
         let Some(status_addr) = status_addr else {
             warn!("descriptor chain {head} has no writable status byte; returning it unanswered");
             return Decoded {
@@ -332,16 +349,11 @@ impl Decoder {
 
 /// The last writable byte of the chain, if the chain's last descriptor is writable and inside
 /// guest memory.
-fn status_address<M, G>(chain: &DescriptorChain<M>, mem: &G) -> Option<GuestAddress>
-where
-    M: Deref<Target = G> + Clone,
-    G: GuestMemoryBackend,
-{
-    let last = chain.clone().filter(|d| d.len() > 0).last()?;
-    if !last.is_write_only() {
+fn status_address<G: GuestMemoryBackend>(last: LastDescriptor, mem: &G) -> Option<GuestAddress> {
+    if !last.write_only {
         return None;
     }
-    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
     mem.check_range(addr, 1).then_some(addr)
 }
 
