@@ -50,8 +50,10 @@ impl Engine for PassthroughEngine {
                 self.max_queues
             )));
         }
-        let backing = BackingQueue::new(self.image.clone(), QUEUE_DEPTH)
+        let mut backing = BackingQueue::new(self.image.clone(), QUEUE_DEPTH)
             .map_err(|e| EngineError::io(format!("opening queue {index}"), io::Error::other(e)))?;
+        // The worker reaps after every batch (the EngineQueue contract): one submit per batch.
+        backing.defer_submit();
         Ok(Box::new(PassthroughQueue {
             backing,
             write_cache: self.write_cache.clone(),

@@ -8,6 +8,7 @@
 //! second frontend's memory regions overlap stale ones.
 
 mod inflight_messages;
+mod log_base;
 pub(crate) mod relay;
 pub(crate) mod shutdown;
 pub mod state_file;

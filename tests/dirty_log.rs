@@ -23,6 +23,8 @@ use common::{pattern, Daemon, TestDir};
 
 const PAGE: u64 = 4096;
 const MEM_LEN: usize = 4 << 20;
+/// Both regions.
+const GUEST_LEN: u64 = 2 * MEM_LEN as u64;
 const QUEUE_SIZE: u16 = 16;
 /// Where the frontend says guest memory is mapped in its own address space.
 const USER_BASE: u64 = 0x7000_0000_0000;
@@ -63,8 +65,10 @@ fn memfd(name: &std::ffi::CStr, len: u64) -> File {
     file
 }
 
+/// Guest memory: two regions of `MEM_LEN`, one after the other, each a memfd. The rings and
+/// the first tests' buffers live in the first; the second is given to the daemon later.
 struct Guest {
-    memfd: File,
+    memfds: [File; 2],
     mem: GuestMemoryMmap,
     /// Requests published so far.
     avail_idx: u16,
@@ -72,17 +76,37 @@ struct Guest {
 
 impl Guest {
     fn new() -> Guest {
-        let memfd = memfd(c"guest", MEM_LEN as u64);
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_LEN,
-            Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
+        let memfds = [
+            memfd(c"guest0", MEM_LEN as u64),
+            memfd(c"guest1", MEM_LEN as u64),
+        ];
+        let ranges: Vec<_> = memfds
+            .iter()
+            .enumerate()
+            .map(|(i, fd)| {
+                (
+                    GuestAddress((i * MEM_LEN) as u64),
+                    MEM_LEN,
+                    Some(FileOffset::new(fd.try_clone().unwrap(), 0)),
+                )
+            })
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges_with_files(&ranges).unwrap();
         Guest {
-            memfd,
+            memfds,
             mem,
             avail_idx: 0,
+        }
+    }
+
+    /// How the frontend describes region `i` to the daemon.
+    fn region(&self, i: usize) -> VhostUserMemoryRegionInfo {
+        VhostUserMemoryRegionInfo {
+            guest_phys_addr: (i * MEM_LEN) as u64,
+            memory_size: MEM_LEN as u64,
+            userspace_addr: USER_BASE + (i * MEM_LEN) as u64,
+            mmap_offset: 0,
+            mmap_handle: self.memfds[i].as_raw_fd(),
         }
     }
 
@@ -155,21 +179,22 @@ impl Guest {
     }
 }
 
-/// The frontend's dirty log: one bit per 4 KiB guest page, as QEMU lays it out.
+/// The frontend's dirty log: one bit per 4 KiB guest page of both regions, as QEMU lays it
+/// out.
 struct Log {
     file: File,
 }
 
 impl Log {
     fn len() -> u64 {
-        (MEM_LEN as u64 / PAGE).div_ceil(8)
+        (GUEST_LEN / PAGE).div_ceil(8)
     }
 
     fn dirty_pages(&self) -> Vec<u64> {
         use std::os::unix::fs::FileExt;
         let mut bytes = vec![0u8; Self::len() as usize];
         self.file.read_exact_at(&mut bytes, 0).unwrap();
-        (0..MEM_LEN as u64 / PAGE)
+        (0..GUEST_LEN / PAGE)
             .filter(|&p| bytes[(p / 8) as usize] & (1 << (p % 8)) != 0)
             .collect()
     }
@@ -179,22 +204,10 @@ fn pages(addr: u64, len: u64) -> std::ops::Range<u64> {
     addr / PAGE..(addr + len).div_ceil(PAGE)
 }
 
-#[test]
-fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
-    let dir = TestDir::new();
-    let image = dir.create_image(DISK_LEN);
-    // Data only the image holds: a read of it goes to the backing file.
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&image)
-            .unwrap();
-        f.write_all_at(&pattern(2, IO_LEN as usize), IMAGE_AT)
-            .unwrap();
-    }
-    let daemon = Daemon::start(&dir.socket(), &["--backing", image.to_str().unwrap()]);
-    let mut guest = Guest::new();
+/// The frontend connected to `daemon`, queue 0 running, with only the first memory region in
+/// the daemon's table.
+fn connect(daemon: &Daemon) -> (Guest, Frontend, EventFd, EventFd) {
+    let guest = Guest::new();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
 
     let mut frontend = Frontend::connect(daemon.socket(), 1).expect("connect to the daemon");
@@ -217,18 +230,11 @@ fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
             VhostUserProtocolFeatures::CONFIG
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::REPLY_ACK
-                | VhostUserProtocolFeatures::LOG_SHMFD,
+                | VhostUserProtocolFeatures::LOG_SHMFD
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         )
         .unwrap();
-    frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_LEN as u64,
-            userspace_addr: USER_BASE,
-            mmap_offset: 0,
-            mmap_handle: guest.memfd.as_raw_fd(),
-        }])
-        .unwrap();
+    frontend.set_mem_table(&[guest.region(0)]).unwrap();
     frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
     frontend
         .set_vring_addr(
@@ -249,17 +255,11 @@ fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
     frontend.set_vring_kick(0, &kick).unwrap();
     frontend.set_vring_enable(0, true).unwrap();
 
-    // Before logging starts: a write, which puts its data in the cache.
-    guest
-        .mem
-        .write_slice(&pattern(1, IO_LEN as usize), GuestAddress(WRITE_BUF))
-        .unwrap();
-    guest.submit(0, T_OUT, CACHED_AT, WRITE_BUF);
-    kick.write(1).unwrap();
-    guest.wait_for_used(1);
-    assert_eq!(guest.status(0), 0, "the write failed");
+    (guest, frontend, kick, call)
+}
 
-    // Migration starts: LOG_ALL, then the log (QEMU's order).
+/// Migration starts: LOG_ALL, then the log (QEMU's order).
+fn start_logging(frontend: &mut Frontend) -> Log {
     let log = Log {
         file: memfd(c"log", Log::len().next_multiple_of(PAGE)),
     };
@@ -276,6 +276,37 @@ fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
             }),
         )
         .expect("SET_LOG_BASE");
+    log
+}
+
+#[test]
+fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
+    let dir = TestDir::new();
+    let image = dir.create_image(DISK_LEN);
+    // Data only the image holds: a read of it goes to the backing file.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&pattern(2, IO_LEN as usize), IMAGE_AT)
+            .unwrap();
+    }
+    let daemon = Daemon::start(&dir.socket(), &["--backing", image.to_str().unwrap()]);
+    let (mut guest, mut frontend, kick, _call) = connect(&daemon);
+
+    // Before logging starts: a write, which puts its data in the cache.
+    guest
+        .mem
+        .write_slice(&pattern(1, IO_LEN as usize), GuestAddress(WRITE_BUF))
+        .unwrap();
+    guest.submit(0, T_OUT, CACHED_AT, WRITE_BUF);
+    kick.write(1).unwrap();
+    guest.wait_for_used(1);
+    assert_eq!(guest.status(0), 0, "the write failed");
+
+    let log = start_logging(&mut frontend);
     assert!(log.dirty_pages().is_empty(), "the log starts clean");
 
     guest.submit(1, T_IN, CACHED_AT, READ_CACHED_BUF);
@@ -319,6 +350,90 @@ fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
         ("available ring", pages(AVAIL, 1)),
         ("request headers", pages(HEADERS, 1)),
         ("write buffer", pages(WRITE_BUF, IO_LEN.into())),
+    ] {
+        for page in range {
+            assert!(
+                !dirty.contains(&page),
+                "{what}: guest page {page:#x} was only read but is marked in the log"
+            );
+        }
+    }
+    drop(frontend);
+    assert!(daemon.terminate().success());
+}
+
+/// vhost-user-backend gives regions from a later SET_MEM_TABLE or ADD_MEM_REG no log, and QEMU
+/// sends SET_LOG_BASE again only when the log grows: the daemon must still mark what it writes
+/// into them.
+#[test]
+fn pages_written_into_memory_mapped_after_set_log_base_are_marked() {
+    let dir = TestDir::new();
+    let image = dir.create_image(DISK_LEN);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&pattern(3, IO_LEN as usize), IMAGE_AT)
+            .unwrap();
+    }
+    let daemon = Daemon::start(&dir.socket(), &["--backing", image.to_str().unwrap()]);
+    let (mut guest, mut frontend, kick, _call) = connect(&daemon);
+    let log = start_logging(&mut frontend);
+
+    // The whole table again (QEMU does this when guest memory changes): new mappings.
+    frontend.set_mem_table(&[guest.region(0)]).unwrap();
+    guest.submit(0, T_IN, IMAGE_AT, READ_IMAGE_BUF);
+    kick.write(1).unwrap();
+    guest.wait_for_used(1);
+    // A region added to the table (hotplugged memory).
+    frontend
+        .add_mem_region(&guest.region(1))
+        .expect("ADD_MEM_REG");
+    // The vhost crate sends ADD_MEM_REG without asking for an ack: a message with a reply makes
+    // sure the daemon has handled it (it handles messages in order).
+    frontend.get_features().unwrap();
+    let added_buf = MEM_LEN as u64 + READ_CACHED_BUF;
+    guest.submit(1, T_IN, IMAGE_AT, added_buf);
+    kick.write(1).unwrap();
+    guest.wait_for_used(2);
+    assert_eq!(
+        (guest.status(0), guest.status(1)),
+        (0, 0),
+        "a read failed (statuses of the read after SET_MEM_TABLE, after ADD_MEM_REG)"
+    );
+    for buf in [READ_IMAGE_BUF, added_buf] {
+        assert!(
+            guest.read(buf, IO_LEN as usize) == pattern(3, IO_LEN as usize),
+            "the read into {buf:#x} returned other data"
+        );
+    }
+
+    let dirty = log.dirty_pages();
+    for (what, range) in [
+        (
+            "read data, after SET_MEM_TABLE",
+            pages(READ_IMAGE_BUF, IO_LEN.into()),
+        ),
+        (
+            "read data in the region added by ADD_MEM_REG",
+            pages(added_buf, IO_LEN.into()),
+        ),
+        ("status bytes", pages(STATUS, 2)),
+        ("used ring", pages(USED, 1)),
+    ] {
+        for page in range {
+            assert!(
+                dirty.contains(&page),
+                "{what}: guest page {page:#x} was written but is not marked in the log \
+                 (dirty: {dirty:x?})"
+            );
+        }
+    }
+    for (what, range) in [
+        ("descriptor table", pages(DESC_TABLE, 1)),
+        ("request headers", pages(HEADERS, 1)),
     ] {
         for page in range {
             assert!(

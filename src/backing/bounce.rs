@@ -100,13 +100,17 @@ pub(crate) fn segs_aligned(segs: &[DataSeg], align: usize) -> bool {
 
 /// The iovecs of a scatter-gather list, for a zero-copy readv/writev.
 pub(crate) fn segs_to_iovecs(segs: &[DataSeg]) -> Vec<libc::iovec> {
-    segs.iter()
-        .filter(|s| s.len > 0)
-        .map(|s| libc::iovec {
-            iov_base: s.ptr.cast(),
-            iov_len: s.len,
-        })
-        .collect()
+    fill_iovecs(Vec::new(), segs)
+}
+
+/// Like [`segs_to_iovecs`], into `iovecs` (emptied first), so a queue can reuse its arrays.
+pub(crate) fn fill_iovecs(mut iovecs: Vec<libc::iovec>, segs: &[DataSeg]) -> Vec<libc::iovec> {
+    iovecs.clear();
+    iovecs.extend(segs.iter().filter(|s| s.len > 0).map(|s| libc::iovec {
+        iov_base: s.ptr.cast(),
+        iov_len: s.len,
+    }));
+    iovecs
 }
 
 /// Concatenate the bytes of `segs` into `dst` (which holds exactly their total length).

@@ -12,8 +12,8 @@ use std::os::fd::RawFd;
 use io_uring::{opcode, squeue, types};
 
 use super::bounce::{
-    align_down, align_up, copy_from_segs, copy_to_segs, next_zero_chunk_end, segs_aligned,
-    segs_to_iovecs, AlignedBuf, MAX_IOVECS,
+    align_down, align_up, copy_from_segs, copy_to_segs, fill_iovecs, next_zero_chunk_end,
+    segs_aligned, segs_to_iovecs, AlignedBuf, MAX_IOVECS,
 };
 use super::image::BackingImage;
 use super::sys;
@@ -150,19 +150,27 @@ pub(crate) struct Job {
     then_fsync: bool,
     /// For a zeroing job, the aligned range it holds while it runs.
     zeroing_range: Option<(u64, u64)>,
+    /// The iovec array of the zero-copy transfer it finished, for the queue to reuse.
+    spent_iovecs: Vec<libc::iovec>,
 }
 
 // SAFETY: the raw pointers in a job point at caller segments (Send by contract), its own bounce
 // buffer, or the owning queue's zero buffer, which outlives every job.
 unsafe impl Send for Job {}
 
-pub(crate) fn plan_read(image: &BackingImage, offset: u64, segs: &[DataSeg]) -> Phase {
+/// `iovecs` is an array to reuse for the transfer (any contents).
+pub(crate) fn plan_read(
+    image: &BackingImage,
+    offset: u64,
+    segs: &[DataSeg],
+    iovecs: Vec<libc::iovec>,
+) -> Phase {
     let align = image.io_align();
     let len = DataSeg::total_len(segs);
     let (start, end) = (align_down(offset, align), align_up(offset + len, align));
     if start == offset && end == offset + len && segs_aligned(segs, align) {
         return Phase::Read {
-            xfer: Transfer::new(offset, segs_to_iovecs(segs), 0),
+            xfer: Transfer::new(offset, fill_iovecs(iovecs, segs), 0),
             copy_back: None,
         };
     }
@@ -171,6 +179,27 @@ pub(crate) fn plan_read(image: &BackingImage, offset: u64, segs: &[DataSeg]) -> 
         xfer: Transfer::bounced(start, buf, 0),
         copy_back: Some(((offset - start) as usize, segs.to_vec())),
     }
+}
+
+/// A write from the caller's segments: straight from them when everything is aligned (with
+/// `iovecs`, an array to reuse), otherwise through a copy of the segment list.
+pub(crate) fn plan_write_segs(
+    image: &BackingImage,
+    offset: u64,
+    segs: &[DataSeg],
+    dsync: bool,
+    iovecs: Vec<libc::iovec>,
+) -> Phase {
+    let align = image.io_align();
+    let len = DataSeg::total_len(segs);
+    let aligned = align_down(offset, align) == offset && align_down(len, align) == len;
+    if aligned && segs_aligned(segs, align) {
+        let rw_flags = if dsync { libc::RWF_DSYNC } else { 0 };
+        return Phase::Write {
+            xfer: Transfer::new(offset, fill_iovecs(iovecs, segs), rw_flags),
+        };
+    }
+    plan_write(image, offset, len, WriteSrc::Segs(segs.to_vec()), dsync)
 }
 
 pub(crate) fn plan_write(
@@ -215,6 +244,20 @@ pub(crate) fn plan_write(
 }
 
 impl Job {
+    /// The iovec array of the job's current transfer, for reuse once the job has finished.
+    pub(crate) fn take_iovecs(&mut self) -> Vec<libc::iovec> {
+        if self.spent_iovecs.capacity() > 0 {
+            return std::mem::take(&mut self.spent_iovecs);
+        }
+        match &mut self.phase {
+            Phase::Read { xfer, .. }
+            | Phase::Write { xfer }
+            | Phase::RmwRead { xfer, .. }
+            | Phase::RmwWrite { xfer } => std::mem::take(&mut xfer.iovecs),
+            Phase::Fallocate { .. } | Phase::Fsync => Vec::new(),
+        }
+    }
+
     pub(crate) fn new(user_data: u64, phase: Phase) -> Job {
         Job {
             user_data,
@@ -223,6 +266,7 @@ impl Job {
             fill: None,
             then_fsync: false,
             zeroing_range: None,
+            spent_iovecs: Vec::new(),
         }
     }
 
@@ -389,7 +433,10 @@ impl Job {
                 self.fill = None;
                 self.next_piece(image)
             }
-            Phase::Read { .. } | Phase::Write { .. } => self.next_piece(image),
+            Phase::Read { mut xfer, .. } | Phase::Write { mut xfer } => {
+                self.spent_iovecs = std::mem::take(&mut xfer.iovecs);
+                self.next_piece(image)
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use io_uring::IoUring;
 use super::bounce::{align_down, align_up, AlignedBuf, ZERO_CHUNK};
 use super::error::BackingError;
 use super::image::BackingImage;
-use super::job::{plan_read, plan_write, Job, Step, WriteSrc};
+use super::job::{plan_read, plan_write_segs, Job, Step};
 use super::sys::{self, EventFd};
 use crate::engine::DataSeg;
 
@@ -40,6 +40,12 @@ pub struct BackingQueue {
     ready: Vec<(u64, io::Result<()>)>,
     /// Source for zero-filling fallbacks; allocated on first use.
     zeroes: Option<AlignedBuf>,
+    /// Iovec arrays of finished jobs, reused by new ones: no allocation per request.
+    spare_iovecs: SpareIovecs,
+    /// Completion entries of one pass over the ring, reused from pass to pass.
+    cqes: Vec<(u64, i32)>,
+    /// New operations wait in the submission queue until the next `reap` or `wait`.
+    deferred: bool,
 }
 
 impl BackingQueue {
@@ -68,7 +74,24 @@ impl BackingQueue {
             blocked: Vec::new(),
             ready: Vec::new(),
             zeroes: None,
+            spare_iovecs: SpareIovecs(Vec::new()),
+            cqes: Vec::new(),
+            deferred: false,
         })
+    }
+
+    /// From now on a request enters the kernel at the next `reap` or `wait`, with every other
+    /// request queued since: one system call per batch instead of one per request. Only for a
+    /// caller that reaps after each batch it submits (a queue worker does, at the end of every
+    /// pass over its ring); otherwise its requests would never start.
+    pub fn defer_submit(&mut self) {
+        self.deferred = true;
+    }
+
+    /// Operations in the submission queue that the kernel has not been given yet.
+    #[cfg(test)]
+    pub(crate) fn unsubmitted(&mut self) -> usize {
+        self.ring.submission().len()
     }
 
     pub fn image(&self) -> &Arc<BackingImage> {
@@ -88,7 +111,8 @@ impl BackingQueue {
         if len == 0 {
             return self.finish_now(user_data, Ok(()));
         }
-        let phase = plan_read(&self.image, offset, bufs);
+        let iovecs = self.spare_iovecs.0.pop().unwrap_or_default();
+        let phase = plan_read(&self.image, offset, bufs, iovecs);
         self.start(Job::new(user_data, phase));
     }
 
@@ -98,13 +122,8 @@ impl BackingQueue {
         if self.answered_before_writing(offset, len, user_data) {
             return;
         }
-        let phase = plan_write(
-            &self.image,
-            offset,
-            len,
-            WriteSrc::Segs(bufs.to_vec()),
-            dsync,
-        );
+        let iovecs = self.spare_iovecs.0.pop().unwrap_or_default();
+        let phase = plan_write_segs(&self.image, offset, bufs, dsync, iovecs);
         self.start(Job::new(user_data, phase));
     }
 
@@ -239,11 +258,20 @@ impl BackingQueue {
         };
         self.live_jobs += 1;
         self.runnable.push_back(slot);
-        self.pump();
+        self.fill_ring();
+        if !self.deferred {
+            self.submit_ring();
+        }
     }
 
     /// Move runnable jobs into the ring, up to `depth` operations, and submit.
     fn pump(&mut self) {
+        self.fill_ring();
+        self.submit_ring();
+    }
+
+    /// Move runnable jobs into the submission queue, up to `depth` operations.
+    fn fill_ring(&mut self) {
         for slot in self.blocked.drain(..).rev() {
             self.runnable.push_front(slot);
         }
@@ -273,7 +301,6 @@ impl BackingQueue {
             }
             self.ring_ops += 1;
         }
-        self.submit_ring();
     }
 
     fn submit_ring(&mut self) {
@@ -298,12 +325,13 @@ impl BackingQueue {
     }
 
     fn process_completions(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data(), cqe.result()))
-            .collect();
-        for (slot, res) in done {
+        let mut done = std::mem::take(&mut self.cqes);
+        done.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data(), cqe.result())),
+        );
+        for (slot, res) in done.drain(..) {
             let slot = slot as usize;
             self.ring_ops -= 1;
             let job = self.slots[slot]
@@ -314,14 +342,27 @@ impl BackingQueue {
                 Step::Finished(result) => {
                     job.release_lock(&self.image);
                     self.ready.push((job.user_data, result));
+                    let mut iovecs = job.take_iovecs();
+                    if iovecs.capacity() > 0 && self.spare_iovecs.0.len() < self.depth {
+                        iovecs.clear();
+                        self.spare_iovecs.0.push(iovecs);
+                    }
                     self.slots[slot] = None;
                     self.free_slots.push(slot);
                     self.live_jobs -= 1;
                 }
             }
         }
+        self.cqes = done;
     }
 }
+
+/// Emptied iovec arrays kept for reuse.
+struct SpareIovecs(Vec<Vec<libc::iovec>>);
+
+// SAFETY: every array in the pool is empty (cleared before it is put back), so no raw pointer
+// crosses threads with it.
+unsafe impl Send for SpareIovecs {}
 
 #[cfg(test)]
 fn injected_failure() -> io::Error {

@@ -417,3 +417,44 @@ fn zeroing_waits_for_a_read_modify_write_of_its_block() {
     expect[512..1024].fill(0);
     assert!(back == expect, "the zeroing was undone by the cycle");
 }
+
+#[test]
+fn deferred_requests_enter_the_ring_together_at_reap_and_complete() {
+    let dir = direct_dir();
+    let image = image_in(&dir, &BackingOptions::default());
+    let align = image.alignment();
+    let mut queue = BackingQueue::new(image.clone(), 8).unwrap();
+    queue.defer_submit();
+    let mut bufs: Vec<AlignedBuf> = (0..3)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(align, align);
+            b.as_mut_slice().copy_from_slice(&pattern(i, align));
+            b
+        })
+        .collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        queue.write(
+            (i * align) as u64,
+            &[seg(b.as_mut_slice())],
+            false,
+            i as u64,
+        );
+    }
+    assert_eq!(
+        queue.unsubmitted(),
+        3,
+        "the writes were submitted one by one"
+    );
+    let mut out = Vec::new();
+    queue.reap(&mut out);
+    assert!(queue.unsubmitted() == 0, "reap left the batch unsubmitted");
+    out.extend(wait_all(&mut queue));
+    assert_eq!(out.len(), 3);
+    assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+    let mut back = AlignedBuf::zeroed(3 * align, align);
+    queue.read(0, &[seg(back.as_mut_slice())], 9);
+    assert_all_ok(&wait_all(&mut queue), 1);
+    for i in 0..3 {
+        assert!(back.as_slice()[i * align..(i + 1) * align] == pattern(i as u64, align)[..]);
+    }
+}

@@ -4,6 +4,9 @@
 //! by this project instead. Every other message, with its file descriptors, is forwarded
 //! unchanged in both directions; the frontend waits for each reply, so order is kept.
 //!
+//! The relay also keeps the frontend's dirty log applied to memory regions mapped after it
+//! was set (see [`LogBaseReplay`]).
+//!
 //! The relay also owns the frontend's connection, which gives the serve loop one place to end
 //! it: when the frontend leaves, or after a graceful stop has completed every request.
 
@@ -14,6 +17,7 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::log_base::LogBaseReplay;
 use crate::poll::poll_readable;
 
 /// The vhost-user header: request, flags, payload size (all little-endian u32).
@@ -23,8 +27,8 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// Most file descriptors one message carries (SET_MEM_TABLE: one per region, 8 at most).
 const MAX_FDS: usize = 32;
 
-const FLAG_VERSION: u32 = 0x1;
-const FLAG_REPLY: u32 = 0x4;
+pub(super) const FLAG_VERSION: u32 = 0x1;
+pub(super) const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 
 /// One vhost-user message.
@@ -135,6 +139,7 @@ pub fn relay(
     stop_fd: RawFd,
     intercept: &dyn Intercept,
 ) -> io::Result<Ended> {
+    let mut log_base = LogBaseReplay::default();
     loop {
         match poll_readable(&[stop_fd, frontend.as_raw_fd(), daemon.as_raw_fd()], -1) {
             Some(0) => return Ok(Ended::Stopped),
@@ -145,7 +150,12 @@ pub fn relay(
                 match intercept.intercept(msg) {
                     Ok(Some(reply)) => write_message(frontend, &reply)?,
                     Ok(None) => {}
-                    Err(msg) => write_message(daemon, &msg)?,
+                    Err(msg) => {
+                        write_message(daemon, &msg)?;
+                        if let Some(again) = log_base.after_forwarding(&msg) {
+                            write_message(daemon, &again)?;
+                        }
+                    }
                 }
             }
             Some(2) => {
@@ -153,7 +163,9 @@ pub fn relay(
                     // The daemon ended the connection (it refused a message): so does the relay.
                     return Ok(Ended::FrontendLeft);
                 };
-                write_message(frontend, &msg)?;
+                if !log_base.swallow(&msg) {
+                    write_message(frontend, &msg)?;
+                }
             }
             _ => return Ok(Ended::FrontendLeft),
         }

@@ -21,7 +21,7 @@ use super::config::DeviceInfo;
 use super::dirty_log::mark_written;
 use super::features::{STATUS_IOERR, STATUS_OK};
 use super::inflight::QueueInflight;
-use super::request::{decode, Action, Decoded};
+use super::request::{decode, Action, Decoded, Decoder};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
 /// Guest memory as mapped from the vhost-user memory table, with the frontend's dirty-page
@@ -60,6 +60,8 @@ pub struct QueueWorker {
     /// Chains a previous backend popped and never completed, oldest first: submitted before
     /// any new chain is popped.
     resubmit: VecDeque<(Decoded, Arc<GuestMem>)>,
+    /// Decoding buffers reused from chain to chain.
+    decoder: Decoder,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -81,6 +83,7 @@ impl QueueWorker {
             inflight: None,
             pop_counter: 0,
             resubmit: VecDeque::new(),
+            decoder: Decoder::default(),
         }
     }
 
@@ -211,7 +214,7 @@ impl QueueWorker {
                         inflight.popped(chain.head_index(), self.pop_counter);
                         self.pop_counter += 1;
                     }
-                    let decoded = decode(chain, &self.info);
+                    let decoded = self.decoder.decode(chain, &self.info);
                     completed |= self.dispatch(vring, queue, decoded, &snapshot);
                 }
                 completed |= self.reap(vring, queue);
@@ -337,6 +340,7 @@ impl QueueWorker {
         mark_written(req.mem.as_ref(), &req.data_in);
         write_status(&req.mem, req.status_addr, status);
         self.add_used(vring, req.head, used_len);
+        self.decoder.recycle(req.data_in);
         true
     }
 

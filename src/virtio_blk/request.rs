@@ -79,39 +79,67 @@ impl DecodeError {
     }
 }
 
-/// An ordered list of guest byte ranges, part of one chain.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Ranges(Vec<(GuestAddress, u64)>);
+/// A window of `len` bytes, starting `skip` bytes in, over an ordered list of guest byte
+/// ranges: part of one chain. Splitting a window makes two windows over the same list, so
+/// decoding a request allocates nothing.
+#[derive(Clone, Copy, Debug)]
+struct Ranges<'a> {
+    list: &'a [(GuestAddress, u64)],
+    skip: u64,
+    len: u64,
+}
 
-impl Ranges {
+impl<'a> Ranges<'a> {
+    /// The whole of `list`.
+    fn new(list: &'a [(GuestAddress, u64)]) -> Ranges<'a> {
+        Ranges {
+            list,
+            skip: 0,
+            len: list.iter().map(|r| r.1).sum(),
+        }
+    }
+
     fn total(&self) -> u64 {
-        self.0.iter().map(|r| r.1).sum()
+        self.len
     }
 
     /// The first `n` bytes and the rest.
-    fn split_at(&self, mut n: u64) -> (Ranges, Ranges) {
-        let mut head = Vec::new();
-        let mut tail = Vec::new();
-        for &(addr, len) in &self.0 {
-            if n >= len {
-                head.push((addr, len));
-                n -= len;
-            } else if n > 0 {
-                head.push((addr, n));
-                tail.push((addr.unchecked_add(n), len - n));
-                n = 0;
-            } else {
-                tail.push((addr, len));
+    fn split_at(&self, n: u64) -> (Ranges<'a>, Ranges<'a>) {
+        let n = n.min(self.len);
+        (
+            Ranges { len: n, ..*self },
+            Ranges {
+                skip: self.skip + n,
+                len: self.len - n,
+                ..*self
+            },
+        )
+    }
+
+    /// The window's ranges, in order, without empty ones.
+    fn iter(&self) -> impl Iterator<Item = (GuestAddress, u64)> + 'a {
+        let (mut skip, mut left) = (self.skip, self.len);
+        self.list.iter().filter_map(move |&(addr, len)| {
+            if skip >= len {
+                skip -= len;
+                return None;
             }
-        }
-        (Ranges(head), Ranges(tail))
+            let take = (len - skip).min(left);
+            if take == 0 {
+                return None;
+            }
+            let piece = (addr.unchecked_add(skip), take);
+            skip = 0;
+            left -= take;
+            Some(piece)
+        })
     }
 
     /// Copies the first `buf.len()` bytes out of guest memory; false when the ranges are
     /// shorter or not all readable.
     fn read<M: GuestMemoryBackend>(&self, mem: &M, buf: &mut [u8]) -> bool {
         let mut done = 0;
-        for &(addr, len) in &self.0 {
+        for (addr, len) in self.iter() {
             if done == buf.len() {
                 break;
             }
@@ -128,7 +156,7 @@ impl Ranges {
     /// guest memory refused a part.
     fn write<M: GuestMemoryBackend>(&self, mem: &M, buf: &[u8]) -> bool {
         let mut done = 0;
-        for &(addr, len) in &self.0 {
+        for (addr, len) in self.iter() {
             if done == buf.len() {
                 break;
             }
@@ -142,10 +170,11 @@ impl Ranges {
     }
 
     /// Host addresses of the ranges, split where guest memory regions end: the zero-copy
-    /// buffers handed to the engine.
+    /// buffers handed to the engine (the one allocation of a data request: the engine owns
+    /// them).
     fn data_segs<M: GuestMemoryBackend>(&self, mem: &M) -> Result<Vec<DataSeg>, DecodeError> {
-        let mut segs = Vec::with_capacity(self.0.len());
-        for &(addr, len) in &self.0 {
+        let mut segs = Vec::with_capacity(self.list.len());
+        for (addr, len) in self.iter() {
             let bad = DecodeError::BadDescriptor {
                 addr: addr.raw_value(),
                 len: len as u32,
@@ -162,25 +191,55 @@ impl Ranges {
     }
 }
 
-/// The readable and writable halves of a chain, checked against guest memory.
-struct SplitChain {
-    readable: Ranges,
-    writable: Ranges,
+/// Buffers a queue worker keeps from one chain to the next, so that decoding allocates only
+/// the engine's scatter-gather list once they have grown to the chains the guest sends.
+#[derive(Default)]
+pub struct Decoder {
+    readable: Vec<(GuestAddress, u64)>,
+    writable: Vec<(GuestAddress, u64)>,
+    /// Emptied `Decoded::data_in` lists given back by `recycle`.
+    spare_data_in: Vec<Vec<(GuestAddress, u64)>>,
 }
 
-fn split_chain<M, G>(chain: DescriptorChain<M>) -> Result<SplitChain, DecodeError>
+/// The readable and writable halves of a chain, checked against guest memory.
+struct SplitChain<'a> {
+    readable: Ranges<'a>,
+    writable: Ranges<'a>,
+}
+
+/// The last non-empty descriptor of a chain: where its status byte must be.
+#[derive(Clone, Copy)]
+struct LastDescriptor {
+    addr: GuestAddress,
+    len: u32,
+    write_only: bool,
+}
+
+/// Fills `readable` and `writable` with the chain's descriptors, and notes the last one (one
+/// walk over the chain: each step reads a descriptor from guest memory).
+fn split_chain<M, G>(
+    chain: DescriptorChain<M>,
+    readable: &mut Vec<(GuestAddress, u64)>,
+    writable: &mut Vec<(GuestAddress, u64)>,
+    last: &mut Option<LastDescriptor>,
+) -> Result<(), DecodeError>
 where
     M: Deref<Target = G> + Clone,
     G: GuestMemoryBackend,
 {
+    readable.clear();
+    writable.clear();
     let mem = chain.memory();
-    let mut readable = Vec::new();
-    let mut writable = Vec::new();
     let mut error = None;
     for desc in chain.clone() {
         if desc.len() == 0 {
             continue;
         }
+        *last = Some(LastDescriptor {
+            addr: desc.addr(),
+            len: desc.len(),
+            write_only: desc.is_write_only(),
+        });
         if !mem.check_range(desc.addr(), desc.len() as usize) {
             error.get_or_insert(DecodeError::BadDescriptor {
                 addr: desc.addr().raw_value(),
@@ -199,102 +258,116 @@ where
     }
     match error {
         Some(e) => Err(e),
-        None => Ok(SplitChain {
-            readable: Ranges(readable),
-            writable: Ranges(writable),
-        }),
+        None => Ok(()),
     }
 }
 
-/// Decodes one chain. GET_ID is answered here (it only writes the serial into the chain).
+/// Decodes one chain with buffers of its own (the queue worker keeps a [`Decoder`]).
 pub fn decode<M, G>(chain: DescriptorChain<M>, info: &DeviceInfo) -> Decoded
 where
     M: Deref<Target = G> + Clone,
     G: GuestMemoryBackend,
 {
-    let head = chain.head_index();
-    let mem_owner = chain.clone();
-    let mem = mem_owner.memory();
+    Decoder::default().decode(chain, info)
+}
 
-    // Find the status byte first: without it nothing can be answered.
-    let (split, early_error) = match split_chain(chain.clone()) {
-        Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(e)),
-    };
-    let status_addr = status_address(&chain, mem);
-    let Some(status_addr) = status_addr else {
-        warn!("descriptor chain {head} has no writable status byte; returning it unanswered");
-        return Decoded {
-            head,
-            status_addr: None,
-            action: Action::Discard,
-            data_in: Vec::new(),
-        };
-    };
-    let answer = |e: DecodeError| {
-        debug!("refusing descriptor chain {head}: {e}");
-        Decoded {
-            head,
-            status_addr: Some(status_addr),
-            action: Action::Answer {
-                status: e.status(),
-                used_len: 1,
-            },
-            data_in: Vec::new(),
+impl Decoder {
+    /// Takes back the `data_in` list of a completed request, to be filled again.
+    pub fn recycle(&mut self, mut data_in: Vec<(GuestAddress, u64)>) {
+        if data_in.capacity() > 0 {
+            data_in.clear();
+            self.spare_data_in.push(data_in);
         }
-    };
-    if let Some(e) = early_error {
-        return answer(e);
     }
-    let split = split.expect("split is Some when there is no error");
-    match decode_request(&split, mem, info) {
-        Ok(action) => {
-            // Everything writable before the status byte; empty for any type but IN (the
-            // decoder refuses other types with writable data).
-            let data_in = match action {
-                Action::Submit { .. } => {
-                    let (data_in, _status) = split.writable.split_at(split.writable.total() - 1);
-                    data_in.0
-                }
-                _ => Vec::new(),
+
+    /// Decodes one chain. GET_ID is answered here (it only writes the serial into the chain).
+    pub fn decode<M, G>(&mut self, chain: DescriptorChain<M>, info: &DeviceInfo) -> Decoded
+    where
+        M: Deref<Target = G> + Clone,
+        G: GuestMemoryBackend,
+    {
+        let head = chain.head_index();
+        let mem_owner = chain.clone();
+        let mem = mem_owner.memory();
+
+        // Find the status byte first: without it nothing can be answered.
+        let mut last = None;
+        let early_error =
+            split_chain(chain, &mut self.readable, &mut self.writable, &mut last).err();
+        let status_addr = last.and_then(|last| status_address(last, mem));
+        let Some(status_addr) = status_addr else {
+            warn!("descriptor chain {head} has no writable status byte; returning it unanswered");
+            return Decoded {
+                head,
+                status_addr: None,
+                action: Action::Discard,
+                data_in: Vec::new(),
             };
+        };
+        let answer = |e: DecodeError| {
+            debug!("refusing descriptor chain {head}: {e}");
             Decoded {
                 head,
                 status_addr: Some(status_addr),
-                action,
-                data_in,
+                action: Action::Answer {
+                    status: e.status(),
+                    used_len: 1,
+                },
+                data_in: Vec::new(),
             }
+        };
+        if let Some(e) = early_error {
+            return answer(e);
         }
-        Err(e) => answer(e),
+        let split = SplitChain {
+            readable: Ranges::new(&self.readable),
+            writable: Ranges::new(&self.writable),
+        };
+        match decode_request(&split, mem, info) {
+            Ok(action) => {
+                // Everything writable before the status byte; empty for any type but IN (the
+                // decoder refuses other types with writable data).
+                let mut data_in = Vec::new();
+                if let Action::Submit { .. } = action {
+                    let (ranges, _status) = split.writable.split_at(split.writable.total() - 1);
+                    if ranges.total() > 0 {
+                        data_in = self.spare_data_in.pop().unwrap_or_default();
+                        data_in.extend(ranges.iter());
+                    }
+                }
+                Decoded {
+                    head,
+                    status_addr: Some(status_addr),
+                    action,
+                    data_in,
+                }
+            }
+            Err(e) => answer(e),
+        }
     }
 }
 
 /// The last writable byte of the chain, if the chain's last descriptor is writable and inside
 /// guest memory.
-fn status_address<M, G>(chain: &DescriptorChain<M>, mem: &G) -> Option<GuestAddress>
-where
-    M: Deref<Target = G> + Clone,
-    G: GuestMemoryBackend,
-{
-    let last = chain.clone().filter(|d| d.len() > 0).last()?;
-    if !last.is_write_only() {
+fn status_address<G: GuestMemoryBackend>(last: LastDescriptor, mem: &G) -> Option<GuestAddress> {
+    if !last.write_only {
         return None;
     }
-    let addr = last.addr().checked_add(u64::from(last.len()) - 1)?;
+    let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
     mem.check_range(addr, 1).then_some(addr)
 }
 
 /// A request's parts once its header is read: the header fields, the readable bytes after the
 /// header (OUT data or discard segments) and the writable bytes before the status byte (IN
 /// data or the GET_ID answer).
-struct Parts {
+struct Parts<'a> {
     request_type: u32,
     sector: u64,
-    payload: Ranges,
-    data_in: Ranges,
+    payload: Ranges<'a>,
+    data_in: Ranges<'a>,
 }
 
-impl Parts {
+impl Parts<'_> {
     /// Refuses a request type that must have no device-writable data.
     fn only_status_writable(&self) -> Result<(), DecodeError> {
         if self.data_in.total() == 0 {
@@ -323,7 +396,7 @@ fn writable_device(info: &DeviceInfo) -> Result<(), DecodeError> {
 }
 
 fn decode_request<G: GuestMemoryBackend>(
-    split: &SplitChain,
+    split: &SplitChain<'_>,
     mem: &G,
     info: &DeviceInfo,
 ) -> Result<Action, DecodeError> {
@@ -340,7 +413,10 @@ fn decode_request<G: GuestMemoryBackend>(
 }
 
 /// Reads the 16-byte header and splits the chain around it and around the status byte.
-fn read_header<G: GuestMemoryBackend>(split: &SplitChain, mem: &G) -> Result<Parts, DecodeError> {
+fn read_header<'a, G: GuestMemoryBackend>(
+    split: &SplitChain<'a>,
+    mem: &G,
+) -> Result<Parts<'a>, DecodeError> {
     let readable_len = split.readable.total();
     if readable_len < REQUEST_HEADER_LEN as u64 {
         return Err(DecodeError::ShortHeader(readable_len));
