@@ -76,7 +76,7 @@ pub enum HeaderFault {
     #[error("impossible header field: {0}")]
     Field(String),
     #[error("{found} bytes where the header says {expected}")]
-    Length { found: usize, expected: usize },
+    Length { found: u64, expected: u64 },
 }
 
 pub fn get_u32(b: &[u8], at: usize) -> u32 {
@@ -151,10 +151,16 @@ impl Header {
 
     /// Decode and check the header at the start of a journal file of `bytes`.
     pub fn decode(bytes: &[u8]) -> Result<Header, HeaderFault> {
-        if bytes.len() < PAGE {
-            return Err(HeaderFault::Short(bytes.len()));
+        Header::decode_page(bytes, bytes.len() as u64)
+    }
+
+    /// Decode and check the header at the start of `page`, the first bytes of a journal file
+    /// of `file_len` bytes.
+    pub fn decode_page(page: &[u8], file_len: u64) -> Result<Header, HeaderFault> {
+        if page.len() < PAGE || file_len < PAGE as u64 {
+            return Err(HeaderFault::Short(page.len().min(file_len as usize)));
         }
-        let b = &bytes[..HEADER_LEN];
+        let b = &page[..HEADER_LEN];
         if get_u64(b, 0) != MAGIC {
             return Err(HeaderFault::Magic);
         }
@@ -179,10 +185,10 @@ impl Header {
             nonce: get_u32(b, 56),
         };
         h.check_fields()?;
-        if bytes.len() != h.file_len() {
+        if file_len != h.file_len() as u64 {
             return Err(HeaderFault::Length {
-                found: bytes.len(),
-                expected: h.file_len(),
+                found: file_len,
+                expected: h.file_len() as u64,
             });
         }
         Ok(h)

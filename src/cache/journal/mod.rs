@@ -31,22 +31,19 @@
 //! not journaled (and neither is any later key of the slot until the log has passed it), and
 //! the caller holds its write until its kset is on the log, as in write-through mode.
 
+#[cfg(test)]
+mod kill_points;
 mod layout;
 mod recover;
 #[cfg(test)]
 mod tests;
+mod writer;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::MmapMut;
-
-use super::format::KeyRecord;
-use layout::Header;
 pub use layout::HeaderFault;
 pub use recover::{recover, Identity, Ignored, LogEnd, Recovered};
+pub use writer::Journal;
 
 /// Entries per slot ring (256 KiB a slot). Comfortably above what a slot holds uncommitted in
 /// steady state (an open kset closes at 128 keys; a writer closes it itself beyond 1024); a
@@ -129,211 +126,4 @@ pub fn read_previous(path: &Path) -> Result<Option<Vec<u8>>, JournalError> {
             source,
         }),
     }
-}
-
-/// In-RAM state of one slot; see [`Journal::append`].
-struct SlotState {
-    /// Index the next key appended to the slot gets.
-    next: AtomicU64,
-    /// Lowest index that was not journaled and is not on the log yet; [`NO_GAP`] when none.
-    gap: AtomicU64,
-}
-
-const NO_GAP: u64 = u64::MAX;
-
-/// A journal being written by this process.
-pub struct Journal {
-    map: MmapMut,
-    path: PathBuf,
-    header: Header,
-    seed: u32,
-    slot_seeds: Vec<u32>,
-    slots: Vec<SlotState>,
-}
-
-impl Journal {
-    /// Create (or start over) the journal at `path` for `n_slots` open ksets, whose writer's
-    /// log has `log_head` as next sequence number and holds every key so far.
-    pub fn create(
-        path: &Path,
-        me: &Identity,
-        n_slots: usize,
-        capacity: u32,
-        log_head: u64,
-    ) -> Result<Journal, JournalError> {
-        let header = Header {
-            n_slots: n_slots as u32,
-            capacity,
-            boot_id: me.boot_id,
-            cache_id: me.cache_id,
-            nonce: random_u32(),
-        };
-        header
-            .check_fields()
-            .map_err(|reason| JournalError::Invalid {
-                path: path.to_path_buf(),
-                reason,
-            })?;
-        let io = |what| {
-            move |source| JournalError::Io {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(path)
-            .map_err(io("creating it"))?;
-        // Emptied first, so no byte of an earlier journal stays (a kill until the header is
-        // whole leaves a file that is not a journal, while the log holds every key).
-        file.set_len(0).map_err(io("emptying it"))?;
-        file.set_len(header.file_len() as u64)
-            .map_err(io("sizing it"))?;
-        // SAFETY: the file is this process's own (created or emptied just now, mode 0600, in
-        // a directory of the service); nothing else writes it while the mapping lives. The
-        // mapping is only accessed through atomics (see `words`).
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io("mapping it"))?;
-        let seed = header.seed();
-        let journal = Journal {
-            map,
-            path: path.to_path_buf(),
-            header,
-            seed,
-            slot_seeds: (0..n_slots).map(|s| layout::slot_seed(seed, s)).collect(),
-            slots: (0..n_slots)
-                .map(|_| SlotState {
-                    next: AtomicU64::new(0),
-                    gap: AtomicU64::new(NO_GAP),
-                })
-                .collect(),
-        };
-        journal.store(layout::LOG_HEAD_AT, log_head);
-        journal.store_bytes(0, &header.encode());
-        Ok(journal)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    pub fn slot_count(&self) -> usize {
-        self.slots.len()
-    }
-
-    /// The mapping as 8-byte words.
-    fn words(&self) -> &[AtomicU64] {
-        // SAFETY: the mapping is page aligned, its length (a multiple of 4096) is a multiple
-        // of 8, and it lives as long as `self`; after `create` wrote nothing through `map`,
-        // every access goes through these atomics, so no reference to it as plain bytes
-        // exists while they are used.
-        unsafe {
-            std::slice::from_raw_parts(self.map.as_ptr().cast::<AtomicU64>(), self.map.len() / 8)
-        }
-    }
-
-    /// One aligned 8-byte store: a process kill leaves it whole or not at all.
-    fn store(&self, at: usize, v: u64) {
-        self.words()[at / 8].store(v.to_le(), Ordering::Relaxed);
-    }
-
-    fn load(&self, at: usize) -> u64 {
-        u64::from_le(self.words()[at / 8].load(Ordering::Relaxed))
-    }
-
-    fn store_bytes(&self, at: usize, bytes: &[u8]) {
-        for (i, w) in bytes.chunks_exact(8).enumerate() {
-            self.store(
-                at + i * 8,
-                u64::from_le_bytes(w.try_into().expect("8 bytes")),
-            );
-        }
-    }
-
-    /// Index of the oldest key of `slot` not on the log.
-    pub fn committed(&self, slot: usize) -> u64 {
-        self.load(self.header.slot_at(slot) + layout::COMMITTED_AT)
-    }
-
-    /// Record `key`, just appended to open kset `slot`. The caller serialises appends to one
-    /// slot (the open kset's lock). False when the ring had no room: the key is not journaled
-    /// and its write must be held until its kset is on the log.
-    pub fn append(&self, slot: usize, key: &KeyRecord) -> bool {
-        let st = &self.slots[slot];
-        let index = st.next.load(Ordering::Relaxed);
-        st.next.store(index + 1, Ordering::Relaxed);
-        let committed = self.committed(slot);
-        let mut gap = st.gap.load(Ordering::Relaxed);
-        if gap != NO_GAP && committed > gap {
-            gap = NO_GAP;
-            st.gap.store(NO_GAP, Ordering::Relaxed);
-        }
-        // Recovery stops at the first missing entry, so after one key that could not be
-        // journaled no later key of the slot may count as journaled until the log passed it.
-        if gap != NO_GAP || index >= committed + self.header.capacity as u64 {
-            if gap == NO_GAP {
-                st.gap.store(index, Ordering::Relaxed);
-            }
-            return false;
-        }
-        let entry = layout::encode_entry(self.slot_seeds[slot], index, key);
-        let at = self.header.entry_at(slot, index);
-        // The index word last: until it is stored the ring position still names the entry
-        // of an earlier lap, so a kill in between leaves no entry that claims this index.
-        self.store_bytes(at + 8, &entry[8..]);
-        self.store_bytes(at, &entry[..8]);
-        true
-    }
-
-    /// The log is about to write kset `seq` (CRC field `kset_crc`); `slots` lists each slot
-    /// whose keys it holds with the index just past its last one there.
-    pub fn kset_writing(&self, seq: u64, kset_crc: u32, slots: &[(usize, u64)]) {
-        for &(slot, upto) in slots {
-            let at = self.header.slot_at(slot);
-            self.store(at + layout::PENDING_SEQ_AT, seq);
-            self.store(at + layout::PENDING_UPTO_AT, upto);
-            let check = layout::pending_check(self.slot_seeds[slot], seq, upto);
-            self.store(at + layout::PENDING_CHECK_AT, check as u64);
-        }
-        self.store(layout::INFLIGHT_AT, seq);
-        self.store(
-            layout::INFLIGHT_AT + 8,
-            layout::inflight_word(self.seed, seq, kset_crc),
-        );
-    }
-
-    /// Kset `seq` announced by [`Journal::kset_writing`] is on the log.
-    pub fn kset_written(&self, seq: u64, slots: &[(usize, u64)]) {
-        self.store(layout::LOG_HEAD_AT, seq + 1);
-        for &(slot, upto) in slots {
-            self.store(self.header.slot_at(slot) + layout::COMMITTED_AT, upto);
-        }
-    }
-
-    /// Kset writing failed: the keys of `slots` stay open, and the sequence number the
-    /// pending markers name will be reused for another kset.
-    pub fn kset_failed(&self, slots: &[usize]) {
-        for &slot in slots {
-            self.store(self.header.slot_at(slot) + layout::PENDING_SEQ_AT, u64::MAX);
-        }
-    }
-}
-
-fn random_u32() -> u32 {
-    let mut b = [0u8; 4];
-    // SAFETY: getrandom writes at most b.len() bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
-        // Only the distinctness of journals at one path depends on it, and the file is
-        // emptied before each journal anyway.
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        return t.subsec_nanos() ^ std::process::id();
-    }
-    u32::from_le_bytes(b)
 }

@@ -54,6 +54,8 @@ pub enum Ignored {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Recovered {
     pub slots: Vec<Vec<KeyRecord>>,
+    /// Per slot, the entry index of its first key in `slots`.
+    pub committed: Vec<u64>,
 }
 
 impl Recovered {
@@ -134,6 +136,7 @@ pub fn recover(
             }
         }
         out.slots.push(keys);
+        out.committed.push(first);
     }
     Ok(out)
 }

@@ -4,6 +4,7 @@
 
 use super::layout::{self, Header, HeaderFault};
 use super::*;
+use crate::cache::format::KeyRecord;
 
 const BOOT: [u8; 16] = [7; 16];
 const CACHE: [u8; 16] = [9; 16];
@@ -31,7 +32,9 @@ fn any_key(_: &KeyRecord) -> Result<(), String> {
 }
 
 fn journal(dir: &tempfile::TempDir, slots: usize, capacity: u32) -> Journal {
-    Journal::create(&path_in(dir.path(), &CACHE), &ME, slots, capacity, HEAD).unwrap()
+    let j = Journal::create(&path_in(dir.path(), &CACHE), &ME, slots, capacity, HEAD).unwrap();
+    j.publish().unwrap();
+    j
 }
 
 fn killed(j: &Journal) -> Vec<u8> {
@@ -278,14 +281,66 @@ fn a_full_ring_refuses_keys_until_the_log_passes_them() {
 }
 
 #[test]
-fn starting_over_forgets_the_previous_journal() {
+fn a_new_journal_replaces_the_previous_one_only_once_published() {
     let dir = tempfile::tempdir().unwrap();
     let j = journal(&dir, 2, 64);
     j.append(0, &key(1));
     drop(j);
-    let j = journal(&dir, 1, 128);
-    let r = recover(&killed(&j), &ME, &log_at(HEAD), &any_key).unwrap();
-    assert_eq!(r.slots, vec![Vec::<KeyRecord>::new()]);
+    let path = path_in(dir.path(), &CACHE);
+    let j = Journal::create(&path, &ME, 1, 128, HEAD).unwrap();
+    j.append(0, &key(2));
+    // A kill before the new journal is published leaves the old one whole.
+    assert_eq!(recovered(&killed(&j), &log_at(HEAD))[0], vec![key(1)]);
+    j.publish().unwrap();
+    assert_eq!(recovered(&killed(&j), &log_at(HEAD)), vec![vec![key(2)]]);
+    j.remove().unwrap();
+    assert_eq!(read_previous(&path).unwrap(), None);
+}
+
+#[test]
+fn a_kill_while_applying_applies_the_same_keys_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = journal(&dir, 2, 64);
+    for n in 0..5 {
+        j.append(0, &key(n));
+    }
+    j.append(1, &key(50));
+    // Killed after announcing kset 40 with slot 0's first three keys, before writing it.
+    j.kset_writing(HEAD, 0x77, &[(0, 3)]);
+    let bytes = killed(&j);
+    drop(j);
+    let first = recover(&bytes, &ME, &log_at(HEAD), &any_key).unwrap();
+    assert_eq!(first.key_count(), 6);
+
+    // The next process applies them: its own first kset is 40 too, holding the first four
+    // applied keys in its own order, and it is killed before the rest reach the log.
+    let path = path_in(dir.path(), &CACHE);
+    let applying = Journal::resume(&path, &first).unwrap();
+    applying.kset_writing(HEAD, 0x99, &[(0, 4)]);
+    applying.kset_written(HEAD, &[(0, 4)]);
+    let again = recover(
+        &killed(&applying),
+        &ME,
+        &LogEnd {
+            head_seq: HEAD + 1,
+            newest_kset_crc: Some(0x99),
+        },
+        &any_key,
+    )
+    .unwrap();
+    // Everything again (the first four twice on the log then, which replays the same), and
+    // never fewer: slot 0's old marker for kset 40 does not count for the new kset 40.
+    assert_eq!(again, first);
+    // Killed while writing its second kset: that one is recognised as its own.
+    applying.kset_writing(HEAD + 1, 0x9a, &[]);
+    let written = LogEnd {
+        head_seq: HEAD + 2,
+        newest_kset_crc: Some(0x9a),
+    };
+    assert_eq!(
+        recover(&killed(&applying), &ME, &written, &any_key).unwrap(),
+        first
+    );
 }
 
 #[test]
