@@ -87,7 +87,7 @@ impl Rng {
 fn run(seed: u64) -> Model {
     let dir = tempfile::tempdir().unwrap();
     let head = 100;
-    let j = Journal::create(
+    let mut j = Journal::create(
         &path_in(dir.path(), &ME.cache_id),
         &ME,
         SLOTS,

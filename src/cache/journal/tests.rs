@@ -382,3 +382,38 @@ fn the_journal_goes_to_the_runtime_directory() {
         Path::new("/run/x/vhost-user-pcache-abababababababababababababababab.journal")
     );
 }
+
+/// What an append costs (a measurement, not a check: `cargo test --release --lib
+/// journal_append_cost -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn journal_append_cost() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = journal(&dir, 1, DEFAULT_CAPACITY);
+    let rounds = 2_000u64;
+    let per_round = DEFAULT_CAPACITY as u64 - 1;
+    let cpu = || {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the one timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        t.tv_sec as f64 * 1e9 + t.tv_nsec as f64
+    };
+    let started = cpu();
+    for round in 0..rounds {
+        for n in 0..per_round {
+            assert!(j.append(0, &key(n)));
+        }
+        // What the log does after a kset: the keys are committed.
+        let upto = (round + 1) * per_round;
+        j.kset_writing(HEAD + round, 1, &[(0, upto)]);
+        j.kset_written(HEAD + round, &[(0, upto)]);
+    }
+    let per_key = (cpu() - started) / (rounds * per_round) as f64;
+    eprintln!(
+        "journal append: {per_key:.1} ns of CPU a key ({} keys)",
+        rounds * per_round
+    );
+}

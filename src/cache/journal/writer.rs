@@ -45,11 +45,11 @@ pub struct Journal {
     mode: Mode,
     /// Tests: called with the whole file after every store (a kill could come right then).
     #[cfg(test)]
-    store_hook: std::sync::Mutex<Option<StoreHook>>,
+    store_hook: Option<StoreHook>,
 }
 
 #[cfg(test)]
-pub(super) type StoreHook = Box<dyn FnMut(Vec<u8>) + Send>;
+pub(super) type StoreHook = Box<dyn Fn(Vec<u8>) + Send + Sync>;
 
 fn io_err(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> JournalError {
     let path = path.to_path_buf();
@@ -165,7 +165,7 @@ impl Journal {
                 .collect(),
             mode,
             #[cfg(test)]
-            store_hook: std::sync::Mutex::new(None),
+            store_hook: None,
         })
     }
 
@@ -201,7 +201,7 @@ impl Journal {
     fn store(&self, at: usize, v: u64) {
         self.words()[at / 8].store(v.to_le(), Ordering::Relaxed);
         #[cfg(test)]
-        if let Some(hook) = self.store_hook.lock().unwrap().as_mut() {
+        if let Some(hook) = &self.store_hook {
             let words = self.words().iter();
             hook(
                 words
@@ -212,8 +212,8 @@ impl Journal {
     }
 
     #[cfg(test)]
-    pub(super) fn set_store_hook(&self, hook: Option<StoreHook>) {
-        *self.store_hook.lock().unwrap() = hook;
+    pub(super) fn set_store_hook(&mut self, hook: Option<StoreHook>) {
+        self.store_hook = hook;
     }
 
     fn load(&self, at: usize) -> u64 {
