@@ -127,3 +127,15 @@ pub fn read_previous(path: &Path) -> Result<Option<Vec<u8>>, JournalError> {
         }),
     }
 }
+
+/// Tests: make the journal at `path` look written in the boot `boot_id`.
+#[cfg(test)]
+pub(crate) fn rewrite_boot_id_for_test(path: &Path, boot_id: [u8; 16]) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let header = layout::Header {
+        boot_id,
+        ..layout::Header::decode(&bytes).unwrap()
+    };
+    bytes[..layout::HEADER_LEN].copy_from_slice(&header.encode());
+    std::fs::write(path, bytes).unwrap();
+}
