@@ -89,6 +89,12 @@ fn another_boot_or_cache_is_ignored() {
         recover(&bytes, &rebooted, &log_at(HEAD), &any_key),
         Err(Ignored::OtherBoot)
     );
+    rewrite_boot_id_for_test(j.path(), [8; 16]);
+    let rewritten = killed(&j);
+    assert_eq!(
+        recover(&rewritten, &ME, &log_at(HEAD), &any_key),
+        Err(Ignored::OtherBoot)
+    );
     let other = Identity {
         cache_id: [1; 16],
         ..ME
