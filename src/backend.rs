@@ -7,12 +7,13 @@ use std::fs::File;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
 };
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -20,7 +21,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::engine::Engine;
+use crate::engine::ErrorChain;
 use crate::serve::WriteCacheChoice;
+use crate::sync::lock;
 use crate::virtio_blk::config::parse_config_write;
 use crate::virtio_blk::features::{
     device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
@@ -30,6 +33,14 @@ use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, QueueWorker, Vring};
 
 /// The epoll handler type of a daemon running this backend.
 pub type EpollHandler = VringEpollHandler<Arc<BlkBackend>>;
+
+/// Why a device state transfer (DEVICE_STATE) failed; the state is empty, so only requests
+/// still in flight can make it wrong.
+#[derive(Clone, Copy, Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("{0} requests still in flight while the device state was transferred")]
+    RequestsInFlight(usize),
+}
 
 pub struct BlkBackend {
     engine: Arc<dyn Engine>,
@@ -41,7 +52,7 @@ pub struct BlkBackend {
     /// The frontend's inflight area (SET_INFLIGHT_FD), taken by each queue when it starts.
     inflight: Mutex<Option<Arc<InflightArea>>>,
     /// Why the last device state transfer failed, for CHECK_DEVICE_STATE.
-    state_error: Mutex<Option<String>>,
+    state_error: Mutex<Option<DeviceStateError>>,
     /// Set once the connection is over: no queue is (re)started after that.
     closed: AtomicBool,
     workers: Vec<Mutex<QueueWorker>>,
@@ -136,13 +147,8 @@ impl BlkBackend {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A worker that panicked left plain data behind; keep serving the other queues.
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -203,7 +209,10 @@ impl VhostUserBackend for BlkBackend {
             "write-through"
         };
         self.write_cache.choose(writeback).map_err(|e| {
-            warn!("refusing the guest's write-cache change to {mode}: {e}");
+            warn!(
+                "refusing the guest's write-cache change to {mode}: {}",
+                ErrorChain(&e)
+            );
             io::Error::other(e)
         })?;
         info!("guest set the write cache to {mode}");
@@ -243,9 +252,7 @@ impl VhostUserBackend for BlkBackend {
         // is in flight to carry over. The state blob is empty: closing `file` ends it when
         // saving; when loading, the frontend's (empty) blob is not read.
         let busy: usize = self.workers.iter().map(|w| lock(w).in_flight()).sum();
-        *lock(&self.state_error) = (busy > 0).then(|| {
-            format!("{busy} requests still in flight while the device state was transferred")
-        });
+        *lock(&self.state_error) = (busy > 0).then_some(DeviceStateError::RequestsInFlight(busy));
         info!("device state transfer ({direction:?}, {phase:?}): empty state");
         drop(file);
         Ok(None)

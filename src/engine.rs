@@ -134,10 +134,11 @@ pub struct Request {
 /// Why a request failed. The virtio layer answers every one of these with `VIRTIO_BLK_S_IOERR`.
 #[derive(Debug, thiserror::Error)]
 pub enum IoError {
-    #[error("backing image I/O failed: {0}")]
+    #[error("backing image I/O failed")]
     Backing(#[source] io::Error),
-    #[error("cache media I/O failed: {0}")]
-    Media(String),
+    /// The engine's cache media failed; the engine's own error is the source.
+    #[error("cache media I/O failed")]
+    Media(#[source] BoxError),
     #[error("cached data at byte {offset} (length {len}) failed its CRC check")]
     DataCrc { offset: u64, len: u32 },
     #[error("the device is read-only")]
@@ -165,14 +166,26 @@ pub enum Submit {
     Busy(Request),
 }
 
-/// Errors opening or operating an engine as a whole (not a single request).
+/// An engine's own error, carried as the source of [`IoError`] and [`EngineError`]: this
+/// interface knows no engine's types.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Errors opening or operating an engine as a whole (not a single request). A message never
+/// repeats its source: whoever reports the error prints the chain.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]
         source: io::Error,
+    },
+    /// What the engine was doing, and the engine's error as the source.
+    #[error("{context}")]
+    Failed {
+        context: String,
+        #[source]
+        source: BoxError,
     },
     #[error("{0}")]
     Invalid(String),
@@ -183,6 +196,14 @@ impl EngineError {
         EngineError::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// `context` failed because of the engine's error `source`.
+    pub fn failed(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        EngineError::Failed {
+            context: context.into(),
+            source: source.into(),
         }
     }
 }
@@ -236,4 +257,21 @@ pub trait EngineQueue: Send {
     /// Block until every submitted request has completed, appending them to `done`. Used when
     /// a queue stops or the frontend goes away.
     fn drain(&mut self, done: &mut Vec<(u64, IoResult)>);
+}
+
+/// Shows an error followed by each of its causes (`what: why: root cause`), for log lines
+/// and status fields: a message leaves its cause to the chain, and a log line has no chain
+/// printer of its own.
+pub struct ErrorChain<'a>(pub &'a dyn std::error::Error);
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            write!(f, ": {e}")?;
+            cause = e.source();
+        }
+        Ok(())
+    }
 }

@@ -9,14 +9,15 @@
 //! - [`passthrough`] (`--cache none`) and [`cache`] (the dm-pcache engine): the engines;
 //! - [`backing`]: the only code that does I/O on the backing image;
 //! - [`control`]: the control socket of a running daemon (status, drain, metrics).
-//! - [`lock`]: one process at a time on a cache media or a backing image.
+//! - [`file_lock`]: one process at a time on a cache media or a backing image (flock).
+//! - [`sync`]: the one mutex helper and the panic policy (a panic stops the daemon).
 
 pub mod backend;
 pub mod backing;
 pub mod cache;
 pub mod control;
 pub mod engine;
-pub mod lock;
+pub mod file_lock;
 pub mod notify;
 pub mod passthrough;
 pub mod poll;

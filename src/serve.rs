@@ -85,19 +85,34 @@ impl ConnectionState {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("invalid configuration: {requested} queues requested; 1 to {MAX_QUEUES} are possible")]
+    QueueCount { requested: u16 },
+    #[error(
+        "invalid configuration: {requested} queues requested but the engine was opened for \
+         {opened}"
+    )]
+    MoreQueuesThanEngine { requested: u16, opened: usize },
+    #[error("invalid configuration: queue size {0} is not a power of two up to {MAX_QUEUE_SIZE}")]
+    QueueSize(u16),
+    #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
         #[source]
         source: vhost::vhost_user::Error,
     },
-    #[error("vhost-user daemon failed: {0}")]
-    Daemon(String),
-    #[error("cannot install signal handlers: {0}")]
+    #[error("vhost-user daemon failed: accepting a connection")]
+    Accept(#[source] vhost::vhost_user::Error),
+    // The daemon crate's error is neither a `std::error::Error` nor `Sync` (it can hold a
+    // thread's panic), so it can be no source: its text is kept instead.
+    #[error("vhost-user daemon failed: creating the connection's daemon: {0}")]
+    CreateDaemon(String),
+    #[error("vhost-user daemon failed: connecting the relay")]
+    Relay(#[source] std::io::Error),
+    #[error("vhost-user daemon failed: starting the connection: {0}")]
+    StartConnection(String),
+    #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("engine shutdown failed: {0}")]
+    #[error("engine shutdown failed")]
     EngineShutdown(#[source] EngineError),
     #[error(transparent)]
     State(#[from] StateFileError),
@@ -106,23 +121,18 @@ pub enum Error {
 impl ServeConfig {
     fn validate(&self, engine: &dyn Engine) -> Result<(), Error> {
         if self.num_queues == 0 || self.num_queues > MAX_QUEUES {
-            return Err(Error::Config(format!(
-                "{} queues requested; 1 to {MAX_QUEUES} are possible",
-                self.num_queues
-            )));
+            return Err(Error::QueueCount {
+                requested: self.num_queues,
+            });
         }
         if usize::from(self.num_queues) > engine.max_queues() {
-            return Err(Error::Config(format!(
-                "{} queues requested but the engine was opened for {}",
-                self.num_queues,
-                engine.max_queues()
-            )));
+            return Err(Error::MoreQueuesThanEngine {
+                requested: self.num_queues,
+                opened: engine.max_queues(),
+            });
         }
         if !self.max_queue_size.is_power_of_two() || self.max_queue_size > MAX_QUEUE_SIZE {
-            return Err(Error::Config(format!(
-                "queue size {} is not a power of two up to {MAX_QUEUE_SIZE}",
-                self.max_queue_size
-            )));
+            return Err(Error::QueueSize(self.max_queue_size));
         }
         Ok(())
     }
@@ -228,7 +238,7 @@ impl Connection<'_> {
         let frontend = match listener.accept() {
             Ok(Some(stream)) => stream,
             Ok(None) => return Ok(()),
-            Err(e) => return Err(Error::Daemon(format!("accepting a connection: {e}"))),
+            Err(e) => return Err(Error::Accept(e)),
         };
         let mem = GuestMemAtomic::new(GuestMemoryMmap::new());
         let backend = Arc::new(BlkBackend::new(
@@ -240,16 +250,16 @@ impl Connection<'_> {
         ));
         let mut daemon =
             VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)
-                .map_err(|e| Error::Daemon(e.to_string()))?;
+                .map_err(|e| Error::CreateDaemon(e.to_string()))?;
         let handlers = daemon.get_epoll_handlers();
         backend.set_epoll_handlers(&handlers);
 
         // The daemon talks to the relay, the relay to the frontend.
-        let (mut inner_listener, relay_end) = inner_connection(&self.config.socket)
-            .map_err(|e| Error::Daemon(format!("connecting the relay: {e}")))?;
+        let (mut inner_listener, relay_end) =
+            inner_connection(&self.config.socket).map_err(Error::Relay)?;
         daemon
             .start(&mut inner_listener)
-            .map_err(|e| Error::Daemon(format!("starting the connection: {e}")))?;
+            .map_err(|e| Error::StartConnection(e.to_string()))?;
         info!("frontend connected");
         self.state.connect();
 

@@ -11,7 +11,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use libfuzzer_sys::fuzz_target;
-use vhost_user_pcache::control::{ControlServer, ControlTarget, EngineStatus, Request, Response};
+use vhost_user_pcache::control::{
+    ControlServer, ControlTarget, EngineStatus, Request, Response, TargetError,
+};
+use vhost_user_pcache::engine::EngineError;
 use vhost_user_pcache::serve::ConnectionState;
 
 /// Answers everything, changes nothing.
@@ -25,20 +28,20 @@ impl ControlTarget for Target {
             ..EngineStatus::default()
         }
     }
-    fn set_gc_percent(&self, percent: u8) -> Result<(), String> {
+    fn set_gc_percent(&self, percent: u8) -> Result<(), TargetError> {
         if percent > 90 {
-            Err(format!("gc_percent {percent} above 90"))
+            Err(EngineError::Invalid(format!("gc_percent {percent} above 90")).into())
         } else {
             Ok(())
         }
     }
-    fn flush(&self) -> Result<(), String> {
+    fn flush(&self) -> Result<(), TargetError> {
         Ok(())
     }
-    fn drain(&self) -> Result<(), String> {
+    fn drain(&self) -> Result<(), TargetError> {
         Ok(())
     }
-    fn undrain(&self) -> Result<(), String> {
+    fn undrain(&self) -> Result<(), TargetError> {
         Ok(())
     }
 }

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 #[derive(thiserror::Error, Debug)]
 pub enum BackingError {
-    #[error("cannot open backing image {}: {source}", path.display())]
+    #[error("cannot open backing image {}", path.display())]
     Open {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
-    #[error("cannot create backing image {}: {source}", path.display())]
+    #[error("cannot create backing image {}", path.display())]
     Create {
         path: PathBuf,
         #[source]
@@ -27,14 +27,14 @@ pub enum BackingError {
         path.display()
     )]
     BadSize { path: PathBuf, size: u64 },
-    #[error("cannot query {what} of backing image {}: {source}", path.display())]
+    #[error("cannot query {what} of backing image {}", path.display())]
     Query {
         path: PathBuf,
         what: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("cannot set up an io_uring for backing image {}: {source}", path.display())]
+    #[error("cannot set up an io_uring for backing image {}", path.display())]
     Ring {
         path: PathBuf,
         #[source]

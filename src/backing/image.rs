@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Opening a backing image and synchronous I/O on it (offline tools, writeback, tests).
+//! Opening a backing image (its synchronous I/O for tests is in `sync_io.rs`).
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::bounce::{align_down, align_up, next_zero_chunk_end, AlignedBuf, ZERO_CHUNK};
+use super::bounce::AlignedBuf;
 use super::error::BackingError;
 use super::rmw::RangeLocks;
 use super::sys;
@@ -46,11 +46,11 @@ pub struct BackingIdentity {
 /// An open backing image: a raw image file or a block device.
 pub struct BackingImage {
     path: PathBuf,
-    file: File,
+    pub(super) file: File,
     size: u64,
     read_only: bool,
     direct: bool,
-    alignment: usize,
+    pub(super) alignment: usize,
     identity: BackingIdentity,
     pub(crate) rmw_locks: RangeLocks,
     #[cfg(test)]
@@ -68,83 +68,21 @@ pub type FlushHook = Box<dyn FnMut() + Send>;
 const PROBE_ALIGNMENTS: [usize; 4] = [512, 1024, 2048, 4096];
 
 impl BackingImage {
+    /// Open the image at `path`: check what it is, open it (direct I/O unless refused), read
+    /// its size, settle the I/O alignment (falling back to buffered I/O where direct I/O does
+    /// not work), and record its identity.
     pub fn open(path: &Path, opts: &BackingOptions) -> Result<Arc<BackingImage>, BackingError> {
-        let open_err = |source| BackingError::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = std::fs::metadata(path).map_err(open_err)?;
+        let meta = std::fs::metadata(path).map_err(open_err(path))?;
         let is_block_device = meta.file_type().is_block_device();
         if !is_block_device && !meta.file_type().is_file() {
             return Err(BackingError::NotFileOrBlockDevice {
                 path: path.to_owned(),
             });
         }
-
-        let mut direct = opts.direct;
-        let file = match open_file(path, opts.read_only, direct) {
-            Err(e) if direct && e.raw_os_error() == Some(libc::EINVAL) => {
-                warn_buffered(path, "the file system refuses O_DIRECT");
-                direct = false;
-                open_file(path, opts.read_only, false)
-            }
-            other => other,
-        }
-        .map_err(open_err)?;
-
-        let size = if is_block_device {
-            sys::block_device_size(&file).map_err(|source| BackingError::Query {
-                path: path.to_owned(),
-                what: "the size",
-                source,
-            })?
-        } else {
-            meta.len()
-        };
-        if size == 0 || size % SECTOR_SIZE != 0 {
-            return Err(BackingError::BadSize {
-                path: path.to_owned(),
-                size,
-            });
-        }
-
-        let mut alignment = SECTOR_SIZE as usize;
-        if is_block_device {
-            alignment = sys::block_device_logical_block_size(&file).map_err(|source| {
-                BackingError::Query {
-                    path: path.to_owned(),
-                    what: "the logical block size",
-                    source,
-                }
-            })?;
-        }
-        let mut file = file;
-        if direct {
-            let found = if is_block_device {
-                probe_direct(&file, alignment, size).map(|()| Some(alignment))
-            } else {
-                find_file_alignment(&file, size)
-            }
-            .map_err(open_err)?;
-            match found {
-                Some(a) if size % a as u64 == 0 => alignment = a,
-                Some(a) => {
-                    warn_buffered(
-                        path,
-                        &format!("its size is not a multiple of the {a}-byte direct I/O alignment"),
-                    );
-                    direct = false;
-                }
-                None => {
-                    warn_buffered(path, "direct I/O fails on it");
-                    direct = false;
-                }
-            }
-            if !direct {
-                file = open_file(path, opts.read_only, false).map_err(open_err)?;
-            }
-        }
-
+        let (file, direct) = open_preferring_direct(path, opts)?;
+        let size = image_size(path, &file, &meta)?;
+        let (file, direct, alignment) =
+            settle_alignment(path, file, opts.read_only, direct, is_block_device, size)?;
         let identity = BackingIdentity {
             size,
             is_block_device,
@@ -258,21 +196,17 @@ impl BackingImage {
     /// flush (every write it issued before has completed), so a crash test can cut there.
     #[cfg(test)]
     pub fn set_flush_hook(&self, hook: Option<FlushHook>) {
-        *self.flush_hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+        *crate::sync::lock(&self.flush_hook) = hook;
     }
 
     /// Run the flush hook, if any. It is taken out while it runs, so a flush it causes itself
     /// does not run it again.
     #[cfg(test)]
     pub(crate) fn before_flush(&self) {
-        let taken = self
-            .flush_hook
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = crate::sync::lock(&self.flush_hook).take();
         if let Some(mut hook) = taken {
             hook();
-            let mut slot = self.flush_hook.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slot = crate::sync::lock(&self.flush_hook);
             if slot.is_none() {
                 *slot = Some(hook);
             }
@@ -307,111 +241,102 @@ impl BackingImage {
         Ok(())
     }
 
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let align = self.io_align();
-        let (start, end) = (
-            align_down(offset, align),
-            align_up(offset + buf.len() as u64, align),
-        );
-        if start == offset && end == offset + buf.len() as u64 && aligned_mem(buf, align) {
-            return self.file.read_exact_at(buf, offset);
-        }
-        let mut bounce = AlignedBuf::zeroed((end - start) as usize, align);
-        self.file.read_exact_at(bounce.as_mut_slice(), start)?;
-        let skip = (offset - start) as usize;
-        buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);
-        Ok(())
-    }
-
-    pub fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, buf.len() as u64)?;
-        self.write_checked(offset, buf, true)
-    }
-
-    /// `write_at` after its checks; `lock` false when the caller holds the aligned range.
-    fn write_checked(&self, offset: u64, buf: &[u8], lock: bool) -> io::Result<()> {
-        let align = self.io_align();
-        let (start, end) = (
-            align_down(offset, align),
-            align_up(offset + buf.len() as u64, align),
-        );
-        if start == offset && end == offset + buf.len() as u64 {
-            if aligned_mem(buf, align) {
-                return self.file.write_all_at(buf, offset);
-            }
-            let mut bounce = AlignedBuf::zeroed(buf.len(), align);
-            bounce.as_mut_slice().copy_from_slice(buf);
-            return self.file.write_all_at(bounce.as_slice(), offset);
-        }
-        if lock {
-            self.rmw_locks.lock_blocking(start, end);
-        }
-        let result = (|| {
-            let mut bounce = AlignedBuf::zeroed((end - start) as usize, align);
-            self.file.read_exact_at(bounce.as_mut_slice(), start)?;
-            let skip = (offset - start) as usize;
-            bounce.as_mut_slice()[skip..skip + buf.len()].copy_from_slice(buf);
-            self.file.write_all_at(bounce.as_slice(), start)
-        })();
-        if lock {
-            self.rmw_locks.unlock(start, end);
-        }
-        result
-    }
-
     /// Make every completed write durable (fdatasync; on a block device, a cache flush).
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
 
-    pub fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        self.check_writable()?;
-        self.check_range(offset, len)?;
-        if len == 0 {
-            return Ok(());
-        }
-        // A read-modify-write of a block this zeroing touches would write the block's old
-        // bytes back over the zeroes: hold the aligned range, as those cycles do.
-        let align = self.io_align();
-        let (start, end) = (align_down(offset, align), align_up(offset + len, align));
-        self.rmw_locks.lock_blocking(start, end);
-        let result = self.zero_locked(offset, len, may_unmap);
-        self.rmw_locks.unlock(start, end);
-        result
-    }
-
-    fn zero_locked(&self, offset: u64, len: u64, may_unmap: bool) -> io::Result<()> {
-        for &mode in sys::zeroing_modes(may_unmap) {
-            match sys::fallocate(&self.file, mode, offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e) if e.raw_os_error().is_some_and(sys::fallocate_unsupported) => continue,
-                Err(e) => return Err(e),
-            }
-        }
-        let zeroes = AlignedBuf::zeroed(ZERO_CHUNK, self.alignment.max(self.io_align()));
-        let (mut cursor, end) = (offset, offset + len);
-        while cursor < end {
-            let next = next_zero_chunk_end(cursor, end, self.io_align());
-            self.write_checked(
-                cursor,
-                &zeroes.as_slice()[..(next - cursor) as usize],
-                false,
-            )?;
-            cursor = next;
-        }
-        Ok(())
-    }
-
-    /// Tell the image `len` bytes at `offset` are unused; they read as zeroes afterwards.
-    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_zeroes(offset, len, true)
+fn open_err(path: &Path) -> impl Fn(io::Error) -> BackingError + '_ {
+    move |source| BackingError::Open {
+        path: path.to_owned(),
+        source,
     }
 }
 
-fn aligned_mem(buf: &[u8], align: usize) -> bool {
-    (buf.as_ptr() as usize) % align == 0
+/// Open with O_DIRECT when asked, or buffered where the file system refuses O_DIRECT.
+/// Returns whether the file is open for direct I/O.
+fn open_preferring_direct(
+    path: &Path,
+    opts: &BackingOptions,
+) -> Result<(File, bool), BackingError> {
+    match open_file(path, opts.read_only, opts.direct) {
+        Err(e) if opts.direct && e.raw_os_error() == Some(libc::EINVAL) => {
+            warn_buffered(path, "the file system refuses O_DIRECT");
+            open_file(path, opts.read_only, false).map(|file| (file, false))
+        }
+        other => other.map(|file| (file, opts.direct)),
+    }
+    .map_err(open_err(path))
+}
+
+/// The size in bytes: of the file, or as the block device reports it. A positive multiple of
+/// the sector size.
+fn image_size(path: &Path, file: &File, meta: &std::fs::Metadata) -> Result<u64, BackingError> {
+    let size = if meta.file_type().is_block_device() {
+        sys::block_device_size(file).map_err(|source| BackingError::Query {
+            path: path.to_owned(),
+            what: "the size",
+            source,
+        })?
+    } else {
+        meta.len()
+    };
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(BackingError::BadSize {
+            path: path.to_owned(),
+            size,
+        });
+    }
+    Ok(size)
+}
+
+/// The alignment I/O must meet: a block device's logical block size, and for direct I/O what
+/// a probe read accepts. Where direct I/O fails, or the size is not a multiple of its
+/// alignment, the image is opened again buffered. Returns the file to use, whether it is
+/// direct, and the alignment.
+fn settle_alignment(
+    path: &Path,
+    file: File,
+    read_only: bool,
+    direct: bool,
+    is_block_device: bool,
+    size: u64,
+) -> Result<(File, bool, usize), BackingError> {
+    let mut alignment = SECTOR_SIZE as usize;
+    if is_block_device {
+        alignment =
+            sys::block_device_logical_block_size(&file).map_err(|source| BackingError::Query {
+                path: path.to_owned(),
+                what: "the logical block size",
+                source,
+            })?;
+    }
+    if !direct {
+        return Ok((file, false, alignment));
+    }
+    let found = if is_block_device {
+        probe_direct(&file, alignment, size).map(|()| Some(alignment))
+    } else {
+        find_file_alignment(&file, size)
+    }
+    .map_err(open_err(path))?;
+    match found {
+        Some(a) if size % a as u64 == 0 => Ok((file, true, a)),
+        Some(a) => {
+            warn_buffered(
+                path,
+                &format!("its size is not a multiple of the {a}-byte direct I/O alignment"),
+            );
+            let file = open_file(path, read_only, false).map_err(open_err(path))?;
+            Ok((file, false, alignment))
+        }
+        None => {
+            warn_buffered(path, "direct I/O fails on it");
+            let file = open_file(path, read_only, false).map_err(open_err(path))?;
+            Ok((file, false, alignment))
+        }
+    }
 }
 
 fn warn_buffered(path: &Path, why: &str) {

@@ -2,8 +2,8 @@
 //! The backing image: the only code that does I/O on it.
 //!
 //! [`BackingImage`] opens a raw image file or a block device (O_DIRECT by default, buffered as a
-//! fallback) and offers synchronous helpers. [`BackingQueue`] is one thread's asynchronous path
-//! to it: an io_uring whose completions ring an eventfd. Requests whose offset, length or
+//! fallback); tests also get synchronous helpers on it. [`BackingQueue`] is one thread's
+//! asynchronous path to it: an io_uring whose completions ring an eventfd. Requests whose offset, length or
 //! memory do not meet [`BackingImage::alignment`] go through aligned bounce buffers; those whose
 //! offset or length is unaligned become read-modify-write cycles, serialised per block.
 
@@ -19,6 +19,8 @@ mod queue;
 #[cfg(test)]
 mod queue_tests;
 mod rmw;
+#[cfg(any(test, feature = "test-util"))]
+mod sync_io;
 mod sys;
 #[cfg(test)]
 pub(crate) mod testutil;

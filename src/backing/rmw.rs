@@ -32,9 +32,7 @@ impl Inner {
 
 impl RangeLocks {
     fn lock_inner(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding this lock leaves the table consistent (every change is one
-        // push or remove), so a poisoned lock is still usable.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        crate::sync::lock(&self.inner)
     }
 
     pub(crate) fn register_waiter(&self, doorbell: Weak<EventFd>) {
@@ -52,10 +50,17 @@ impl RangeLocks {
         true
     }
 
+    #[cfg(any(test, feature = "test-util"))]
     pub(crate) fn lock_blocking(&self, start: u64, end: u64) {
         let mut inner = self.lock_inner();
         while inner.overlaps(start, end) {
-            inner = self.released.wait(inner).unwrap_or_else(|e| e.into_inner());
+            inner = match self.released.wait(inner) {
+                Ok(guard) => guard,
+                // Poisoned while waiting: the same bug `sync::lock` reports.
+                Err(_) => {
+                    panic!("a thread panicked while holding a lock; its data cannot be trusted")
+                }
+            };
         }
         inner.held.push((start, end));
     }

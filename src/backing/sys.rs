@@ -73,6 +73,7 @@ pub(crate) fn fallocate_unsupported(errno: i32) -> bool {
     )
 }
 
+#[cfg(any(test, feature = "test-util"))]
 pub(crate) fn fallocate(file: &File, mode: i32, offset: u64, len: u64) -> io::Result<()> {
     loop {
         // SAFETY: fallocate only reads its integer arguments.

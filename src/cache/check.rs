@@ -15,6 +15,7 @@ use super::format::{self, BackingFingerprint, TailPos};
 use super::inspect::{walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
 use super::CachePos;
+use crate::engine::ErrorChain;
 
 /// How bad a finding is; the order is the exit status order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
@@ -216,6 +217,7 @@ fn check_log(
     report.ksets = walk.report.ksets;
     report.keys = walk.report.keys;
     if let Some(e) = &walk.error {
+        let e = ErrorChain(e).to_string();
         f.add(Severity::Corrupt, format!("key log: {e}"));
     }
     for (seg, gen) in state.generations().iter().enumerate() {
@@ -334,7 +336,7 @@ mod tests {
                 keys.push(k.key)
             }
         });
-        assert_eq!(walk.error, None);
+        assert!(walk.error.is_none(), "{:?}", walk.error);
         keys
     }
 

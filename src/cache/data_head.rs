@@ -15,6 +15,19 @@ use crate::engine::SECTOR_SIZE;
 /// the keys of data already written can always be persisted, written back and collected.
 pub const LOG_RESERVE: u32 = 2;
 
+/// What `SegmentMap::put` fails with: persisting a segment's new generation.
+pub type SegmentError = crate::cache::format::FormatError;
+
+/// A data head could not let go of its segment: the segment's last reference went, and
+/// persisting its new generation failed.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot release data segment {seg}")]
+pub struct ReleaseError {
+    pub seg: u32,
+    #[source]
+    pub source: SegmentError,
+}
+
 #[derive(Debug, Default)]
 pub struct DataHead {
     seg: Option<u32>,
@@ -39,7 +52,7 @@ impl DataHead {
         data_size: u32,
         segments: &SegmentMap,
         store: &dyn GenerationStore,
-    ) -> Result<Option<Allocation>, String> {
+    ) -> Result<Option<Allocation>, ReleaseError> {
         debug_assert!(want > 0 && want as u64 % SECTOR_SIZE == 0 && want <= data_size);
         loop {
             if let Some(seg) = self.seg {
@@ -68,9 +81,11 @@ impl DataHead {
         &mut self,
         segments: &SegmentMap,
         store: &dyn GenerationStore,
-    ) -> Result<(), String> {
+    ) -> Result<(), ReleaseError> {
         if let Some(seg) = self.seg.take() {
-            segments.put(seg, store)?;
+            segments
+                .put(seg, store)
+                .map_err(|e| ReleaseError { seg, source: e })?;
         }
         Ok(())
     }
@@ -82,7 +97,7 @@ mod tests {
 
     struct NoStore;
     impl GenerationStore for NoStore {
-        fn store_gen(&self, _: u32, _: u64) -> Result<(), String> {
+        fn store_gen(&self, _: u32, _: u64) -> Result<(), crate::cache::format::FormatError> {
             Ok(())
         }
     }

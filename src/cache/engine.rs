@@ -1,389 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! The cache engine as a whole: opening (format or replay), the shared core the request paths
-//! work on, the background writeback and GC threads, and the [`Engine`] implementation.
+//! The cache engine's lifecycle (dm-pcache's cache.c): opening (format or replay) into a
+//! [`Core`], starting and stopping the fill, writeback and GC threads, and the [`Engine`] and
+//! control operations, which hand their work to the files that own it.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
-use super::data_head::{Allocation, DataHead};
-use super::fill::{self, Filled};
-use super::format::{self, KeyRecord, Layout};
+use super::core::{CacheError, CacheOptions, Core};
 use super::health::Health;
-use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
-use super::log::{Log, LogError};
-use super::media::{self, Media, MediaOptions, Persistence};
-use super::meta::Meta;
+use super::media::{self, Media, MediaOptions};
 use super::queue::CacheQueue;
-use super::segments::{GenerationStore, SegmentMap};
-use super::stats::Stats;
-use super::{gc, replay, writeback, CachePos};
+use super::stats::{Stats, StatsSnapshot};
+use super::status::{self, CacheStatus};
+use super::{fill, gc, replay, writeback};
 use crate::backing::BackingImage;
-use crate::engine::{Engine, EngineError, EngineQueue};
-
-/// How to open a cache.
-#[derive(Clone, Debug)]
-pub struct CacheOptions {
-    /// The cache media: a devdax device, a file on a DAX file system, or an ordinary file.
-    pub path: PathBuf,
-    /// Size of the file to create when `path` does not exist.
-    pub create_size: Option<u64>,
-    /// Persistence mode; detected when `None`.
-    pub persistence: Option<Persistence>,
-    /// Checksum cached data (used when formatting; an existing cache keeps its setting unless
-    /// this is `Some` and differs, which is an error).
-    pub data_crc: Option<bool>,
-    /// GC threshold in percent of segments used (0..=90); `None` keeps the stored value.
-    pub gc_percent: Option<u8>,
-    /// Number of queues, which is also the number of open ksets.
-    pub queues: usize,
-    /// Reformat the media even if it holds a cache.
-    pub force_format: bool,
-    /// Write back all dirty data in `shutdown` (`--drain-on-exit`).
-    pub drain_on_shutdown: bool,
-}
-
-/// Errors opening a cache. The variants with a `source` do not repeat it in their message:
-/// `{:#}` of an error chain prints each cause once.
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("cache media {path}")]
-    Media {
-        path: PathBuf,
-        #[source]
-        source: media::MediaError,
-    },
-    #[error("cache {path}")]
-    Format {
-        path: PathBuf,
-        #[source]
-        source: format::FormatError,
-    },
-    #[error("cache {path} is corrupt: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-    #[error("cache {path}: {reason}")]
-    Invalid { path: PathBuf, reason: String },
-}
-
-/// State shared by the queues and the background threads.
-pub(crate) struct Core {
-    pub media: Arc<dyn Media>,
-    pub layout: Layout,
-    pub meta: Meta,
-    pub segments: SegmentMap,
-    pub index: Index,
-    pub log: Log,
-    pub heads: Vec<Mutex<DataHead>>,
-    pub backing: Arc<BackingImage>,
-    pub data_crc: bool,
-    pub read_only: bool,
-    pub write_cache: AtomicBool,
-    pub stats: Stats,
-    /// Losses and stalls of the background work, for `status`.
-    pub health: Health,
-    /// The next zeroes key's stamp. Zeroes keys have no segment, so their generation field
-    /// carries a number unique to each instead, letting GC drop exactly the index entries of
-    /// the zeroes keys it reclaims.
-    pub zero_stamp: AtomicU64,
-    /// Set when the engine shuts down; background threads stop.
-    pub stopping: AtomicBool,
-    /// Callers of `drain` in progress; writeback does not pause between ksets while any wait.
-    pub draining: AtomicUsize,
-    /// Drained mode (`ctl drain` until `ctl undrain`): writes complete only once written back,
-    /// and writeback runs without pauses. See `status.rs`.
-    pub drained: AtomicBool,
-    /// Signalled whenever writeback moved dirty_tail.
-    progress: (Mutex<()>, Condvar),
-    /// Read fills on their way to the fill thread.
-    fills: std::sync::mpsc::Sender<Filled>,
-    /// Writeback, GC and fill threads run and open ksets close on their timer. Off only in
-    /// tests that step writeback and GC themselves, so a seeded run repeats exactly.
-    background: bool,
-}
-
-impl GenerationStore for Meta {
-    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
-        Meta::store_gen(self, seg, gen).map_err(|e| e.to_string())
-    }
-}
-
-impl Core {
-    /// Writeback moved dirty_tail: wake `drain`.
-    pub fn writeback_progress(&self) {
-        let _g = self.progress.0.lock().unwrap();
-        self.progress.1.notify_all();
-        if self.drained.load(Ordering::Acquire) {
-            // Queues hold drained-mode writes until dirty_tail passes them.
-            self.segments.wake();
-        }
-    }
-
-    /// Whether writeback should run flat out (a `drain` waits, or drained mode is on).
-    pub fn writeback_unpaced(&self) -> bool {
-        self.draining.load(Ordering::Acquire) > 0 || self.drained.load(Ordering::Acquire)
-    }
-
-    /// Write back everything acknowledged so far and wait until the backing image holds it.
-    pub fn drain(&self) -> Result<(), String> {
-        self.draining.fetch_add(1, Ordering::AcqRel);
-        let result = self.drain_inner();
-        self.draining.fetch_sub(1, Ordering::AcqRel);
-        result
-    }
-
-    fn drain_inner(&self) -> Result<(), String> {
-        // Every completed write's key must be on the log before writeback can see it; a full
-        // log frees up as writeback and GC proceed.
-        loop {
-            match self.close_all_ksets() {
-                Ok(()) => break,
-                Err(LogError::NoSpace) => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => return Err(e.to_string()),
-            }
-            if self.stopping.load(Ordering::Acquire) {
-                return Err("the engine is shutting down".into());
-            }
-        }
-        let target = self.log.head().seq;
-        let mut g = self.progress.0.lock().unwrap();
-        while self.meta.dirty_tail().log_seq < target {
-            if self.stopping.load(Ordering::Acquire) {
-                return Err("the engine is shutting down".into());
-            }
-            if self.read_only {
-                return Err("the cache is open read-only, so nothing is written back".into());
-            }
-            g = self
-                .progress
-                .1
-                .wait_timeout(g, Duration::from_millis(200))
-                .unwrap()
-                .0;
-        }
-        Ok(())
-    }
-
-    fn data_size(&self) -> u32 {
-        self.layout.data_size()
-    }
-
-    /// Media offset of cache position `pos`.
-    pub fn media_offset(&self, pos: CachePos) -> u64 {
-        self.layout.media_offset(pos)
-    }
-
-    /// Address of `len` bytes of cached data at `pos`. Positions come from the index or the
-    /// allocator, which only hold validated ones; a bad one is a bug, not bad input.
-    pub fn data_ptr(&self, pos: CachePos, len: u32) -> *mut u8 {
-        self.media
-            .slice_ptr(self.media_offset(pos), len as u64)
-            .expect("cache position inside the media")
-    }
-
-    /// Start persisting cached data (durable after the caller's fence).
-    pub fn persist_data(&self, pos: CachePos, len: u32) {
-        if let Err(e) = self.media.persist(self.media_offset(pos), len as u64) {
-            log::error!("persisting cache data failed: {e}");
-        }
-    }
-
-    /// Data CRC of `len` bytes at `pos`, or 0 when data CRC is off.
-    pub fn crc_of(&self, pos: CachePos, len: u32) -> u32 {
-        if !self.data_crc {
-            return 0;
-        }
-        let mut buf = vec![0u8; len as usize];
-        match self.media.read(self.media_offset(pos), &mut buf) {
-            Ok(()) => format::data_crc(&buf),
-            Err(_) => 0,
-        }
-    }
-
-    /// Allocate cache space from queue `qid`'s data head. The returned space is pinned.
-    pub fn alloc_data(
-        &self,
-        qid: usize,
-        len: u32,
-        exact: bool,
-    ) -> Result<Option<Allocation>, String> {
-        let mut head = self.heads[qid].lock().unwrap();
-        head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
-    }
-
-    /// Decode the kset at `at` (a tail position), which must carry `at.log_seq`.
-    pub fn read_kset(&self, at: format::TailPos) -> Result<format::Kset, format::FormatError> {
-        let avail = (self.layout.data_size() - at.pos.off).min(format::KSET_MAX_SIZE as u32);
-        let mut buf = vec![0u8; avail as usize];
-        self.media.read(self.media_offset(at.pos), &mut buf)?;
-        self.log.codec().decode_kset(&buf, at.log_seq)
-    }
-
-    /// Drop a pin taken by [`Core::alloc_data`].
-    pub fn unpin(&self, seg: u32) {
-        if let Err(e) = self.segments.put(seg, &self.meta) {
-            log::error!("cannot persist the generation of segment {seg}: {e}");
-        }
-    }
-
-    /// Give up queue `qid`'s data head (the queue is going away).
-    pub fn release_head(&self, qid: usize) {
-        let mut head = self.heads[qid].lock().unwrap();
-        if let Err(e) = head.release(&self.segments, &self.meta) {
-            log::error!("cannot release data head of queue {qid}: {e}");
-        }
-    }
-
-    /// Put a new key in the index and, under the same region lock, in the log: so the log
-    /// holds the versions of every block in index order.
-    pub fn insert_and_log(&self, mut rec: KeyRecord) {
-        if rec.flags & format::KEY_ZEROES != 0 {
-            rec.gen = self.zero_stamp.fetch_add(1, Ordering::Relaxed);
-        }
-        let key = index_key(&rec, true);
-        if rec.flags & format::KEY_CLEAN == 0 {
-            self.stats
-                .dirty_bytes
-                .fetch_add(rec.len as u64, Ordering::Relaxed);
-        }
-        let mut full = false;
-        self.index.insert(key, &mut |_| {
-            if rec.flags & format::KEY_ZEROES == 0 {
-                self.segments.get(rec.seg);
-            }
-            full |= self.log.append(rec);
-        });
-        if full {
-            self.close_full_kset(rec.off);
-        }
-    }
-
-    /// Hand a fill to the fill thread, which makes it durable and logs it.
-    pub fn commit_fill(&self, f: Filled) {
-        if !self.background {
-            // Stepped tests: on the caller's thread, so the media events stay in one order.
-            fill::commit(self, vec![f], true);
-            return;
-        }
-        let sent = self.fills.send(f);
-        if let Err(std::sync::mpsc::SendError(f)) = sent {
-            // The engine is shutting down: the data is just not cached.
-            self.index.abort_fill(f.ticket);
-            self.unpin(f.pos.seg);
-        }
-    }
-
-    /// Replace what is left of a fill's placeholder with clean keys, logged as such.
-    pub fn complete_fill(&self, ticket: FillTicket, pos: CachePos, len: u32) {
-        let gen = self.segments.gen(pos.seg);
-        let crc = CrcSpan {
-            pos,
-            len,
-            crc: self.crc_of(pos, len),
-        };
-        let mut full = None;
-        self.index
-            .complete_fill(ticket, pos, gen, crc, &mut |k: &IndexKey| {
-                self.segments.get(k.pos.seg);
-                let filled = self.log.append(KeyRecord {
-                    off: k.off,
-                    len: k.len,
-                    flags: format::KEY_CLEAN,
-                    seg: k.pos.seg,
-                    seg_off: k.pos.off,
-                    gen: k.gen,
-                    data_crc: self.crc_of(k.pos, k.len),
-                });
-                if filled {
-                    full = Some(k.off);
-                }
-            });
-        if let Some(off) = full {
-            self.close_full_kset(off);
-        }
-    }
-
-    /// Close a kset that filled up, outside the index region lock its key was added under.
-    fn close_full_kset(&self, off: u64) {
-        if let Err(e) = self.log.close_full(off, &*self.media, &self.segments) {
-            log::debug!("full kset stays open for now: {e}");
-        }
-    }
-
-    pub fn close_kset_for(&self, off: u64) -> Result<(), LogError> {
-        self.log.close_for(off, &*self.media, &self.segments)
-    }
-
-    pub fn close_all_ksets(&self) -> Result<(), LogError> {
-        self.log.close_all(&*self.media, &self.segments)
-    }
-
-    /// Whether background threads run (off in stepped tests).
-    pub fn background(&self) -> bool {
-        self.background
-    }
-
-    /// Persist every open kset, waiting for log room as long as the engine runs. A media
-    /// error is retried too: nothing else can make those writes durable.
-    pub fn persist_open_ksets(&self, why: &str) {
-        let mut warned = false;
-        let started = std::time::Instant::now();
-        loop {
-            match self.close_all_ksets() {
-                Ok(()) => return,
-                Err(e) => {
-                    // Stepped tests have no writeback or GC thread to free room: unless
-                    // another thread of the test does within a while, nothing will.
-                    let hopeless = !self.background && started.elapsed() > Duration::from_secs(2);
-                    if self.stopping.load(Ordering::Acquire) || hopeless {
-                        log::error!("{why}: open ksets not persisted: {e}");
-                        return;
-                    }
-                    if !warned {
-                        log::warn!("{why}: waiting to persist the open ksets: {e}");
-                        warned = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-    }
-
-    pub fn close_aged_ksets(&self) -> Result<(), LogError> {
-        if !self.background {
-            return Ok(());
-        }
-        self.log.close_aged(&*self.media, &self.segments)
-    }
-}
-
-/// The in-memory key for an on-media key record.
-pub(crate) fn index_key(rec: &KeyRecord, dirty: bool) -> IndexKey {
-    let pos = CachePos {
-        seg: rec.seg,
-        off: rec.seg_off,
-    };
-    let kind = if rec.flags & format::KEY_ZEROES != 0 {
-        KeyKind::Zeroes
-    } else if rec.flags & format::KEY_CLEAN != 0 || !dirty {
-        KeyKind::Clean
-    } else {
-        KeyKind::Dirty
-    };
-    IndexKey {
-        off: rec.off,
-        len: rec.len,
-        kind,
-        pos,
-        gen: rec.gen,
-        crc: CrcSpan {
-            pos,
-            len: rec.len,
-            crc: rec.data_crc,
-        },
-    }
-}
+use crate::engine::{Engine, EngineError, EngineQueue, ErrorChain};
+use crate::sync::lock;
 
 /// The pmem cache engine.
 pub struct CacheEngine {
@@ -440,13 +73,13 @@ impl CacheEngine {
     pub(crate) fn writeback_step(
         &self,
         queue: &mut crate::backing::BackingQueue,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, writeback::WritebackError> {
         writeback::step(&self.core, queue)
     }
 
     /// Collect one kset if GC is due (what one turn of the GC thread does).
     #[cfg(test)]
-    pub(crate) fn gc_step(&self) -> Result<bool, String> {
+    pub(crate) fn gc_step(&self) -> Result<bool, gc::GcError> {
         gc::collect_one(&self.core)
     }
 
@@ -506,7 +139,9 @@ impl CacheEngine {
     /// Write back all dirty data and wait until the backing image holds every write
     /// acknowledged before the call.
     pub fn drain(&self) -> Result<(), EngineError> {
-        self.core.drain().map_err(EngineError::Invalid)
+        self.core
+            .drain()
+            .map_err(|e| EngineError::failed("writing all dirty data back", e))
     }
 
     /// Stop the background threads without persisting anything, as if the process died here
@@ -516,24 +151,54 @@ impl CacheEngine {
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
-        for t in self.threads.lock().unwrap().drain(..) {
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
     }
 
     /// Counters for status and metrics.
-    pub fn stats(&self) -> super::stats::StatsSnapshot {
-        let free = self.core.segments.free_count();
-        super::stats::StatsSnapshot {
-            segments_used: self.core.segments.count() - free,
-            segments_free: free,
-            ..self.core.stats.snapshot()
-        }
+    pub fn stats(&self) -> StatsSnapshot {
+        status::stats(&self.core)
     }
 
     /// The GC threshold in force.
     pub fn gc_percent(&self) -> u8 {
         self.core.meta.gc_percent()
+    }
+
+    /// The status fields and counters, read without stopping I/O (each field is current, the
+    /// whole is not one atomic snapshot).
+    pub fn status(&self) -> CacheStatus {
+        status::status(&self.core)
+    }
+
+    /// Change the GC threshold (0..=90) and persist it in cache_info.
+    pub fn set_gc_percent(&self, percent: u8) -> Result<(), EngineError> {
+        status::set_gc_percent(&self.core, percent)
+    }
+
+    /// Persist every open kset, as a guest FLUSH does. A full log frees up as writeback and
+    /// GC proceed, so this waits for room rather than failing.
+    pub fn flush_log(&self) -> Result<(), EngineError> {
+        self.core
+            .persist_open_ksets()
+            .map_err(|e| EngineError::failed("persisting the key log", e))
+    }
+
+    /// Enter drained mode, write everything back and flush the backing image (see
+    /// `status.rs`). On error the cache stays in drained mode.
+    pub fn drain_and_hold(&self) -> Result<(), EngineError> {
+        status::drain_and_hold(&self.core)
+    }
+
+    /// Leave drained mode: writes complete as soon as the cache holds them again.
+    pub fn leave_drained(&self) {
+        status::leave_drained(&self.core)
+    }
+
+    /// Whether drained mode is on.
+    pub fn drained(&self) -> bool {
+        self.core.drained.load(Ordering::Acquire)
     }
 }
 
@@ -557,7 +222,8 @@ impl Engine for CacheEngine {
                 self.core.heads.len()
             )));
         }
-        let q = CacheQueue::new(self.core.clone(), index).map_err(EngineError::Invalid)?;
+        let q = CacheQueue::new(self.core.clone(), index)
+            .map_err(|e| EngineError::failed(format!("opening queue {index}"), e))?;
         Ok(Box::new(q))
     }
 
@@ -567,7 +233,12 @@ impl Engine for CacheEngine {
             // Writes completed while the cache was on become durable now, as if flushed: a
             // guest that switched to write-through sends no more FLUSH, so the switch is not
             // done until they are. A full log frees up as writeback and GC proceed.
-            self.core.persist_open_ksets("turning the write cache off");
+            if let Err(e) = self.core.persist_open_ksets() {
+                log::error!(
+                    "turning the write cache off: open ksets not persisted: {}",
+                    ErrorChain(&e)
+                );
+            }
         }
         log::info!(
             "guest set write cache {}",
@@ -582,7 +253,9 @@ impl Engine for CacheEngine {
     fn shutdown(&self) -> Result<(), EngineError> {
         if self.drain_on_shutdown && !self.core.read_only {
             log::info!("writing all dirty data back before exit");
-            self.core.drain().map_err(EngineError::Invalid)?;
+            self.core
+                .drain()
+                .map_err(|e| EngineError::failed("writing all dirty data back", e))?;
             self.core
                 .backing
                 .flush()
@@ -591,11 +264,11 @@ impl Engine for CacheEngine {
         }
         self.core
             .close_all_ksets()
-            .map_err(|e| EngineError::Invalid(format!("persisting the key log: {e}")))?;
+            .map_err(|e| EngineError::failed("persisting the key log", e))?;
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
-        for t in self.threads.lock().unwrap().drain(..) {
+        for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
         for qid in 0..self.core.heads.len() {

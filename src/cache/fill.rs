@@ -14,17 +14,23 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::engine::Core;
-use super::index::FillTicket;
+use super::core::{Core, Filled};
 use super::media::Persistence;
-use super::CachePos;
+use crate::engine::ErrorChain;
 
-/// Backing data already copied into the cache (and to the guest), to be made durable and
-/// logged as a clean key.
-pub(crate) struct Filled {
-    pub ticket: FillTicket,
-    pub pos: CachePos,
-    pub len: u32,
+/// Hand a fill to the fill thread, which makes it durable and logs it.
+pub(super) fn submit(core: &Core, f: Filled) {
+    if !core.background() {
+        // Stepped tests: on the caller's thread, so the media events stay in one order.
+        commit(core, vec![f], true);
+        return;
+    }
+    let sent = core.fills.send(f);
+    if let Err(std::sync::mpsc::SendError(f)) = sent {
+        // The engine is shutting down: the data is just not cached.
+        core.index.abort_fill(f.ticket);
+        core.unpin(f.pos.seg);
+    }
 }
 
 pub(super) fn spawn(core: Arc<Core>, fills: Receiver<Filled>) -> JoinHandle<()> {
@@ -60,14 +66,18 @@ pub(super) fn commit(core: &Core, batch: Vec<Filled>, keep: bool) {
     if keep && core.media.persistence() == Persistence::Pmem {
         for f in &batch {
             if let Err(e) = core.media.persist(core.media_offset(f.pos), f.len as u64) {
-                log::warn!("persisting a read fill failed, not caching it: {e}");
+                log::warn!(
+                    "persisting a read fill failed, not caching it: {}",
+                    ErrorChain(&e)
+                );
                 ok = false;
             }
         }
         if let Err(e) = core.media.fence() {
             log::warn!(
-                "cache media fence failed, not caching {} reads: {e}",
-                batch.len()
+                "cache media fence failed, not caching {} reads: {}",
+                batch.len(),
+                ErrorChain(&e)
             );
             ok = false;
         }

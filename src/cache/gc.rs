@@ -18,11 +18,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::data_head::LOG_RESERVE;
-use super::engine::Core;
-use super::format::TailPos as Tail;
-use super::format::{self, Kset};
+use super::core::Core;
+use super::data_head::{SegmentError, LOG_RESERVE};
+use super::format::{self, Kset, TailPos};
 use super::CachePos;
+use crate::engine::ErrorChain;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -89,7 +89,7 @@ fn run(core: &Core) {
             Ok(true) => {}
             Ok(false) => std::thread::sleep(Duration::from_millis(50)),
             Err(e) => {
-                log::error!("GC stopped: {e}; the cache keeps serving but will not reclaim space. Run `check` on it after stopping the daemon.");
+                log::error!("GC stopped: {}; the cache keeps serving but will not reclaim space. Run `check` on it after stopping the daemon.", ErrorChain(&e));
                 core.stats.gc_errors.fetch_add(1, Ordering::Relaxed);
                 while !core.stopping.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(200));
@@ -99,8 +99,31 @@ fn run(core: &Core) {
     }
 }
 
+/// Why GC stopped. Nothing was half-collected: the kset at key_tail stays where it was, or
+/// key_tail moved past it and only the freeing of its segments failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error("decoding the kset at key_tail (segment {seg} offset {off}, kset {seq})")]
+    Decode {
+        seg: u32,
+        off: u32,
+        seq: u64,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error("persisting key_tail")]
+    StoreKeyTail(#[source] format::FormatError),
+    #[error("freeing {kind} segment {seg}")]
+    Free {
+        kind: &'static str,
+        seg: u32,
+        #[source]
+        source: SegmentError,
+    },
+}
+
 /// Collect one kset if GC is due. `Ok(false)` when there was nothing to do.
-pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
+pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
     let total = core.segments.count();
     if !need_gc(core.segments.used_count(), total, core.meta.gc_percent()) {
         return Ok(false);
@@ -109,12 +132,15 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
     if tail.log_seq >= core.meta.dirty_tail().log_seq {
         return Ok(false);
     }
-    let kset = core
-        .read_kset(tail)
-        .map_err(|e| format!("decoding the kset at key_tail {tail:?}: {e}"))?;
+    let kset = core.read_kset(tail).map_err(|source| GcError::Decode {
+        seg: tail.pos.seg,
+        off: tail.pos.off,
+        seq: tail.log_seq,
+        source,
+    })?;
     match kset {
         Kset::Last { next_seg, .. } => {
-            let next = Tail {
+            let next = TailPos {
                 pos: CachePos {
                     seg: next_seg,
                     off: 0,
@@ -123,13 +149,17 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
             };
             core.meta
                 .store_key_tail(next)
-                .map_err(|e| format!("persisting key_tail: {e}"))?;
+                .map_err(GcError::StoreKeyTail)?;
             core.segments
                 .invalidate(tail.pos.seg, &core.meta)
-                .map_err(|e| format!("freeing log segment {}: {e}", tail.pos.seg))?;
+                .map_err(|e| GcError::Free {
+                    kind: "log",
+                    seg: tail.pos.seg,
+                    source: e,
+                })?;
         }
         Kset::Keys { keys, .. } => {
-            let next = Tail {
+            let next = TailPos {
                 pos: CachePos {
                     seg: tail.pos.seg,
                     off: tail.pos.off + format::kset_size(keys.len()) as u32,
@@ -146,11 +176,15 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, String> {
                 .collect();
             core.meta
                 .store_key_tail(next)
-                .map_err(|e| format!("persisting key_tail: {e}"))?;
+                .map_err(GcError::StoreKeyTail)?;
             for seg in live {
                 core.segments
                     .put(seg, &core.meta)
-                    .map_err(|e| format!("freeing data segment {seg}: {e}"))?;
+                    .map_err(|e| GcError::Free {
+                        kind: "data",
+                        seg,
+                        source: e,
+                    })?;
             }
             // The image holds these zeroes (GC never passes dirty_tail), so reads can go to
             // it: the index keeps only what the log still holds. Unstamped keys (written by

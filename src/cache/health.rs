@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 
 /// Extents logged one by one before the log only counts them.
@@ -50,7 +51,7 @@ impl Health {
 
     /// Writeback met a problem it cannot get past by retrying; logged on the first report.
     pub fn writeback_stalled(&self, why: &str) {
-        let mut s = self.writeback_stalled.lock().unwrap();
+        let mut s = lock(&self.writeback_stalled);
         if s.is_none() {
             log::error!("ALARM: writeback stopped: {why}. The cache keeps serving, but no dirty data reaches the backing image and the cache will fill; stop the daemon and run `check`.");
         }
@@ -59,7 +60,7 @@ impl Health {
 
     /// Writeback moved again.
     pub fn writeback_moving(&self) {
-        if self.writeback_stalled.lock().unwrap().take().is_some() {
+        if lock(&self.writeback_stalled).take().is_some() {
             log::info!("writeback is moving again");
         }
     }
@@ -68,7 +69,7 @@ impl Health {
         HealthStatus {
             lost_extents: self.lost_extents.load(Ordering::Relaxed),
             lost_bytes: self.lost_bytes.load(Ordering::Relaxed),
-            writeback_stalled: self.writeback_stalled.lock().unwrap().clone(),
+            writeback_stalled: lock(&self.writeback_stalled).clone(),
         }
     }
 }

@@ -8,17 +8,18 @@
 use serde::Serialize;
 
 use super::format::{
-    self, decode_record, BackingFingerprint, CacheInfo, Generation, KsetCodec, Layout, MetaRecord,
-    RecordFault, ReplicaSlots, SegmentInfo, Superblock, TailPos,
+    self, decode_record, BackingFingerprint, CacheInfo, FieldFault, Generation, KsetCodec, Layout,
+    MetaRecord, RecordFault, ReplicaSlots, SegmentInfo, Superblock, TailPos,
 };
 use super::media::{Media, MediaError};
-use super::replay::{self, ReplayReport, VisitedKey};
+use super::replay::{self, ReplayError, ReplayReport, VisitedKey};
 use super::segments::{SegmentKind, SegmentMap};
+use crate::engine::ErrorChain;
 
 /// Why a cache could not be inspected.
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
-    #[error("{0}")]
+    #[error(transparent)]
     Media(#[from] MediaError),
     #[error("not a vhost-user-pcache cache: {0}")]
     NotACache(String),
@@ -84,13 +85,13 @@ impl<R: Clone> Replicas<R> {
 pub fn read_replicas<R: MetaRecord>(
     media: &dyn Media,
     slots: &ReplicaSlots,
-    check: &dyn Fn(&R) -> Result<(), String>,
+    check: &dyn Fn(&R) -> Result<(), FieldFault>,
 ) -> Result<Replicas<R>, MediaError> {
     let mut buf = vec![0u8; R::LEN];
     let mut read = |offset: u64| -> Result<Slot<R>, MediaError> {
         media.read(offset, &mut buf)?;
         let state = decode_record::<R>(&buf, slots.kind).and_then(|(r, seq)| {
-            check(&r).map_err(RecordFault::BadField)?;
+            check(&r)?;
             Ok((r, seq))
         });
         Ok(Slot { offset, state })
@@ -133,10 +134,12 @@ impl MediaState {
             if layout.contains(t.pos) {
                 Ok(())
             } else {
-                Err(format!(
-                    "position {}:{} outside the layout",
-                    t.pos.seg, t.pos.off
-                ))
+                Err(FieldFault::OutsideLayout {
+                    seg: t.pos.seg,
+                    off: t.pos.off,
+                    n_segments: layout.n_segments(),
+                    data_size: layout.data_size(),
+                })
             }
         };
         let cache_info = read_replicas(media, &layout.cache_info_slots(), &|_| Ok(()))?;
@@ -149,9 +152,7 @@ impl MediaState {
                 if found == seg {
                     Ok(())
                 } else {
-                    Err(format!(
-                        "record of segment {found} in the slots of segment {seg}"
-                    ))
+                    Err(FieldFault::OtherSegment { seg, found })
                 }
             };
             segment_info.push(read_replicas(
@@ -192,7 +193,7 @@ pub struct LogWalk {
     pub head: Option<(u32, u32, u64)>,
     pub report: ReplayReport,
     /// Why the walk stopped before the end of the log, if it did.
-    pub error: Option<String>,
+    pub error: Option<ReplayError>,
 }
 
 /// Walk the log as replay does (unreadable generations count as 0), calling `visit` for
@@ -347,7 +348,8 @@ pub fn inspect(
     let walk = walk_log(media, &state, &info, key_tail, dirty_tail, &mut |_| {});
     if let Some(e) = walk.error {
         return Err(InspectError::Unreadable(format!(
-            "the key log is inconsistent: {e} (run `check`)"
+            "the key log is inconsistent: {} (run `check`)",
+            ErrorChain(&e)
         )));
     }
     let (head_seg, head_off, head_seq) = walk.head.unwrap_or_default();

@@ -24,9 +24,11 @@ use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::format::{self, KeyRecord, KsetCodec};
-use super::media::{Media, Persistence};
+use super::media::{Media, MediaError, Persistence};
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
+use crate::engine::ErrorChain;
+use crate::sync::lock;
 
 /// Ksets are closed at least this often while they hold keys (dm-pcache's delayed flush).
 pub const KSET_MAX_AGE: Duration = Duration::from_secs(1);
@@ -36,8 +38,15 @@ pub const KSET_MAX_AGE: Duration = Duration::from_secs(1);
 pub enum LogError {
     #[error("no free segment to extend the key log")]
     NoSpace,
-    #[error("cache media error while writing the key log: {0}")]
-    Media(String),
+    #[error("cache media error while writing the key log")]
+    Media(#[source] MediaError),
+    /// The keys could not be encoded as a kset (a key the format cannot hold: a bug).
+    #[error("encoding a kset of {keys} keys")]
+    Encode {
+        keys: usize,
+        #[source]
+        source: format::FormatError,
+    },
 }
 
 #[derive(Default)]
@@ -100,7 +109,7 @@ impl Log {
     }
 
     pub fn head(&self) -> LogHead {
-        *self.head.lock().unwrap()
+        *lock(&self.head)
     }
 
     /// Which kset a key at backing offset `off` belongs to.
@@ -111,7 +120,7 @@ impl Log {
     /// Add a key to its region's kset. Returns true when that kset is full and should be
     /// closed (after the caller released the index region lock).
     pub fn append(&self, key: KeyRecord) -> bool {
-        let mut k = self.ksets[self.kset_for(key.off)].open.lock().unwrap();
+        let mut k = lock(&self.ksets[self.kset_for(key.off)].open);
         k.keys.push(key);
         k.since.get_or_insert_with(Instant::now);
         k.keys.len() >= format::KSET_MAX_KEYS
@@ -127,8 +136,8 @@ impl Log {
     ) -> Result<(), LogError> {
         let idx = self.kset_for(off);
         let slot = &self.ksets[idx];
-        let mut c = slot.committer.lock().unwrap();
-        if c.attached > 0 && slot.open.lock().unwrap().keys.len() < COMMIT_BACKLOG {
+        let mut c = lock(&slot.committer);
+        if c.attached > 0 && lock(&slot.open).keys.len() < COMMIT_BACKLOG {
             if !c.wanted {
                 c.wanted = true;
                 slot.wake.notify_one();
@@ -149,9 +158,9 @@ impl Log {
         segments: &SegmentMap,
     ) {
         let slot = &self.ksets[idx];
-        slot.committer.lock().unwrap().attached += 1;
+        lock(&slot.committer).attached += 1;
         loop {
-            let mut c = slot.committer.lock().unwrap();
+            let mut c = lock(&slot.committer);
             while !c.wanted && !stop.load(Ordering::Acquire) {
                 c = slot.wake.wait_timeout(c, KSET_MAX_AGE).unwrap().0;
             }
@@ -162,14 +171,14 @@ impl Log {
             c.wanted = false;
             drop(c);
             if let Err(e) = self.close(idx, media, segments) {
-                log::debug!("kset {idx} stays open for now: {e}");
+                log::debug!("kset {idx} stays open for now: {}", ErrorChain(&e));
             }
         }
     }
 
     /// Wake kset `idx`'s committers so one whose stop flag is set returns.
     pub fn wake_committer(&self, idx: usize) {
-        let _c = self.ksets[idx].committer.lock().unwrap();
+        let _c = lock(&self.ksets[idx].committer);
         self.ksets[idx].wake.notify_all();
     }
 
@@ -203,10 +212,7 @@ impl Log {
     /// Persist the ksets whose oldest key waited longer than [`KSET_MAX_AGE`].
     pub fn close_aged(&self, media: &dyn Media, segments: &SegmentMap) -> Result<(), LogError> {
         for idx in 0..self.ksets.len() {
-            let aged = self.ksets[idx]
-                .open
-                .lock()
-                .unwrap()
+            let aged = lock(&self.ksets[idx].open)
                 .since
                 .is_some_and(|t| t.elapsed() >= KSET_MAX_AGE);
             if aged {
@@ -228,13 +234,10 @@ impl Log {
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        let mut closing: Vec<_> = idxs
-            .iter()
-            .map(|&i| self.ksets[i].closing.lock().unwrap())
-            .collect();
+        let mut closing: Vec<_> = idxs.iter().map(|&i| lock(&self.ksets[i].closing)).collect();
         let mut taken = 0;
         for (n, &i) in idxs.iter().enumerate() {
-            let mut open = self.ksets[i].open.lock().unwrap();
+            let mut open = lock(&self.ksets[i].open);
             if !open.keys.is_empty() {
                 std::mem::swap(&mut open.keys, &mut *closing[n]);
                 open.since = None;
@@ -251,7 +254,7 @@ impl Log {
             let done = written.min(keys.len());
             written -= done;
             if done < keys.len() {
-                let mut open = self.ksets[i].open.lock().unwrap();
+                let mut open = lock(&self.ksets[i].open);
                 open.keys.splice(0..0, keys.drain(done..));
                 open.since = Some(Instant::now());
             }
@@ -274,7 +277,7 @@ impl Log {
         if media.persistence() == Persistence::Msync {
             self.sync_data(lists.iter().flat_map(|l| l.iter()), media)?;
         }
-        let mut head = self.head.lock().unwrap();
+        let mut head = lock(&self.head);
         let mut chunk: Vec<KeyRecord> = Vec::with_capacity(format::KSET_MAX_KEYS);
         for key in lists.iter().flat_map(|l| l.iter()) {
             chunk.push(*key);
@@ -302,16 +305,14 @@ impl Log {
                 seg: k.seg,
                 off: k.seg_off,
             });
-            media
-                .persist(at, k.len as u64)
-                .map_err(|e| LogError::Media(e.to_string()))?;
+            media.persist(at, k.len as u64).map_err(LogError::Media)?;
         }
         fence(media)
     }
 
     /// Wait until the head moves past `seq` or `timeout` passes; returns the head.
     pub fn wait_beyond(&self, seq: u64, timeout: Duration) -> LogHead {
-        let head = self.head.lock().unwrap();
+        let head = lock(&self.head);
         let (head, _) = self
             .closed
             .wait_timeout_while(head, timeout, |h| h.seq <= seq)
@@ -340,7 +341,10 @@ impl Log {
         let mut buf = Vec::with_capacity(format::KSET_MAX_SIZE);
         self.codec
             .encode_kset(head.seq, keys, &mut buf)
-            .map_err(|e| LogError::Media(format!("encoding a kset: {e}")))?;
+            .map_err(|source| LogError::Encode {
+                keys: keys.len(),
+                source,
+            })?;
         let data_size = self.layout.data_size() as u64;
         // Always leave room for the LAST kset that chains to the next segment, and for the
         // zeroed header that ends the log.
@@ -354,7 +358,7 @@ impl Log {
             let mut last = Vec::with_capacity(format::KSET_HEADER_SIZE);
             self.codec
                 .encode_last_kset(head.seq, next, &mut last)
-                .map_err(|e| LogError::Media(format!("encoding a LAST kset: {e}")))?;
+                .map_err(|source| LogError::Encode { keys: 0, source })?;
             write(media, self.layout.media_offset(head.pos), &last)?;
             fence(media)?;
             *head = LogHead {
@@ -364,7 +368,10 @@ impl Log {
             buf.clear();
             self.codec
                 .encode_kset(head.seq, keys, &mut buf)
-                .map_err(|e| LogError::Media(format!("encoding a kset: {e}")))?;
+                .map_err(|source| LogError::Encode {
+                    keys: keys.len(),
+                    source,
+                })?;
         }
         let at = self.layout.media_offset(head.pos);
         // The zeroed header after the kset ends replay at the true end of the log even when
@@ -385,9 +392,9 @@ fn write(media: &dyn Media, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
     media
         .write(offset, bytes)
         .and_then(|()| media.persist(offset, bytes.len() as u64))
-        .map_err(|e| LogError::Media(e.to_string()))
+        .map_err(LogError::Media)
 }
 
 fn fence(media: &dyn Media) -> Result<(), LogError> {
-    media.fence().map_err(|e| LogError::Media(e.to_string()))
+    media.fence().map_err(LogError::Media)
 }

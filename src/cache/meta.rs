@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use super::format::{self, CacheInfo, FormatError, Layout, Tail, TailPos};
 use super::media::Media;
+use super::segments::GenerationStore;
+use crate::sync::lock;
 
 pub struct Meta {
     media: Arc<dyn Media>,
@@ -40,22 +42,22 @@ impl Meta {
     }
 
     pub fn key_tail(&self) -> TailPos {
-        *self.key_tail.lock().unwrap()
+        *lock(&self.key_tail)
     }
 
     pub fn dirty_tail(&self) -> TailPos {
-        *self.dirty_tail.lock().unwrap()
+        *lock(&self.dirty_tail)
     }
 
     pub fn store_key_tail(&self, t: TailPos) -> Result<(), FormatError> {
-        let mut cur = self.key_tail.lock().unwrap();
+        let mut cur = lock(&self.key_tail);
         format::store_tail(&*self.media, &self.layout, Tail::Key, &t)?;
         *cur = t;
         Ok(())
     }
 
     pub fn store_dirty_tail(&self, t: TailPos) -> Result<(), FormatError> {
-        let mut cur = self.dirty_tail.lock().unwrap();
+        let mut cur = lock(&self.dirty_tail);
         format::store_tail(&*self.media, &self.layout, Tail::Dirty, &t)?;
         *cur = t;
         Ok(())
@@ -88,7 +90,7 @@ impl Meta {
     }
 
     fn update_info(&self, change: impl FnOnce(&mut CacheInfo)) -> Result<(), FormatError> {
-        let mut info = self.info.lock().unwrap();
+        let mut info = lock(&self.info);
         let mut next = *info;
         change(&mut next);
         if next != *info {
@@ -96,5 +98,11 @@ impl Meta {
             *info = next;
         }
         Ok(())
+    }
+}
+
+impl GenerationStore for Meta {
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError> {
+        Meta::store_gen(self, seg, gen)
     }
 }

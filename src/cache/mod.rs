@@ -22,7 +22,9 @@ pub struct CachePos {
 }
 
 pub mod check;
+mod core;
 mod data_head;
+#[cfg(any(test, feature = "test-util"))]
 pub mod driver;
 mod engine;
 mod fill;
@@ -44,7 +46,8 @@ pub mod status;
 mod write;
 mod writeback;
 
-pub use engine::{CacheEngine, CacheError, CacheOptions};
+pub use self::core::{CacheError, CacheOptions};
+pub use engine::CacheEngine;
 pub use status::CacheStatus;
 
 #[cfg(test)]

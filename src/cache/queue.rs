@@ -19,13 +19,15 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::engine::Core;
+use super::core::Core;
 use super::format::KeyRecord;
 use super::index::{FillTicket, Piece};
 use super::media::Persistence;
 use super::CachePos;
 use crate::backing::BackingQueue;
-use crate::engine::{DataSeg, EngineQueue, IoError, IoResult, Request, RequestKind, Submit};
+use crate::engine::{
+    DataSeg, EngineQueue, ErrorChain, IoError, IoResult, Request, RequestKind, Submit,
+};
 
 /// io_uring depth of a queue's backing reads.
 const BACKING_DEPTH: u32 = 128;
@@ -35,6 +37,19 @@ const TICK: Duration = Duration::from_millis(super::log::KSET_MAX_AGE.as_millis(
 
 /// Longest time the room eventfd goes unread while no request of this queue waits for room.
 const ROOM_CHECK: Duration = Duration::from_micros(200);
+
+/// Why a queue could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot set up backing I/O")]
+    Backing(#[source] crate::backing::BackingError),
+    #[error("cannot create the kset timer")]
+    Timer(#[source] vmm_sys_util::errno::Error),
+    #[error("cannot create the eventfd that signals free space")]
+    EventFd(#[source] std::io::Error),
+    #[error("cannot start the log committer thread")]
+    Committer(#[source] std::io::Error),
+}
 
 /// What a request path did with a request.
 pub(super) enum Outcome {
@@ -139,22 +154,17 @@ pub struct CacheQueue {
 }
 
 impl CacheQueue {
-    pub(super) fn new(core: Arc<Core>, qid: usize) -> Result<CacheQueue, String> {
-        let backing = BackingQueue::new(core.backing.clone(), BACKING_DEPTH)
-            .map_err(|e| format!("cannot set up backing I/O for queue {qid}: {e}"))?;
-        let mut timer = TimerFd::new().map_err(|e| format!("timerfd: {e}"))?;
-        timer
-            .reset(TICK, Some(TICK))
-            .map_err(|e| format!("timerfd: {e}"))?;
-        let room = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    pub(super) fn new(core: Arc<Core>, qid: usize) -> Result<CacheQueue, QueueError> {
+        let backing =
+            BackingQueue::new(core.backing.clone(), BACKING_DEPTH).map_err(QueueError::Backing)?;
+        let mut timer = TimerFd::new().map_err(QueueError::Timer)?;
+        timer.reset(TICK, Some(TICK)).map_err(QueueError::Timer)?;
+        let room = EventFd::new(libc::EFD_NONBLOCK).map_err(QueueError::EventFd)?;
         core.segments
-            .add_waiter(room.try_clone().map_err(|e| format!("eventfd: {e}"))?);
+            .add_waiter(room.try_clone().map_err(QueueError::EventFd)?);
         let persist_per_write = core.media.persistence() == Persistence::Pmem;
         let committer = if core.media.persistence() == Persistence::Msync && core.background() {
-            Some(
-                spawn_committer(core.clone(), qid)
-                    .map_err(|e| format!("cannot start the log committer of queue {qid}: {e}"))?,
-            )
+            Some(spawn_committer(core.clone(), qid).map_err(QueueError::Committer)?)
         } else {
             None
         };
@@ -204,14 +214,15 @@ impl CacheQueue {
         let mut keys = std::mem::take(&mut self.staged_keys);
         if let Err(e) = fenced {
             log::error!(
-                "cache media fence failed; failing {} writes: {e}",
-                staged.len()
+                "cache media fence failed; failing {} writes: {}",
+                staged.len(),
+                ErrorChain(&e)
             );
             for w in staged.drain(..) {
                 keys[w.keys].iter().for_each(|k| self.core.unpin(k.seg));
                 if w.last {
                     self.completed
-                        .push((w.tag, Err(IoError::Media(e.to_string()))));
+                        .push((w.tag, Err(IoError::Media(e.to_string().into()))));
                 } else if self.partial.as_ref().is_some_and(|p| p.tag == w.tag) {
                     // A leading part that was not logged: the write, handed back, starts over.
                     self.partial = None;
@@ -353,7 +364,11 @@ impl EngineQueue for CacheQueue {
             // as the reading was late.
             self.next_tick = now + TICK * 9 / 10;
             if let Err(e) = self.core.close_aged_ksets() {
-                log::debug!("queue {}: aged kset not closed yet: {e}", self.qid);
+                log::debug!(
+                    "queue {}: aged kset not closed yet: {}",
+                    self.qid,
+                    ErrorChain(&e)
+                );
             }
         }
         if self.saw_busy || now >= self.next_room_check {

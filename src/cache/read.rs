@@ -12,11 +12,12 @@
 use std::io;
 use std::sync::atomic::{fence, Ordering};
 
-use super::fill::Filled;
+use super::core::Filled;
+use super::fill;
 use super::format;
 use super::index::Piece;
 use super::queue::{CacheQueue, MissRead, Outcome, ReadInFlight};
-use crate::engine::{DataSeg, IoError};
+use crate::engine::{DataSeg, ErrorChain, IoError};
 
 impl CacheQueue {
     pub(super) fn submit_read(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
@@ -197,7 +198,7 @@ impl CacheQueue {
                     // SAFETY: `guest` is valid for this request (DataSeg contract); the source
                     // is the cache space this fill owns (pinned until `unpin` below).
                     unsafe { DataSeg::scatter(&guest, core.data_ptr(pos, len)) };
-                    core.commit_fill(Filled { ticket, pos, len });
+                    fill::submit(&core, Filled { ticket, pos, len });
                     (read, None)
                 }
                 Err(e) => {
@@ -208,7 +209,7 @@ impl CacheQueue {
             },
         };
         if let Some(e) = &error {
-            log::warn!("backing read for a cache miss failed: {e}");
+            log::warn!("backing read for a cache miss failed: {}", ErrorChain(e));
         }
         let Some(r) = self.reads.get_mut(&read) else {
             return;

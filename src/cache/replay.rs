@@ -12,16 +12,17 @@
 
 use std::sync::Arc;
 
+use super::core::{index_key, CacheError, CacheOptions};
 use super::data_head::LOG_RESERVE;
-use super::engine::{index_key, CacheError, CacheOptions};
 use super::format::{self, BackingFingerprint, FormatOptions, Kset, KsetCodec, Layout, TailPos};
 use super::index::Index;
 use super::log::{Log, LogHead};
-use super::media::Media;
+use super::media::{Media, MediaError};
 use super::meta::Meta;
 use super::segments::{SegmentKind, SegmentMap};
 use super::CachePos;
 use crate::backing::BackingImage;
+use crate::engine::ErrorChain;
 
 /// Everything [`open`] rebuilt.
 pub(super) struct Opened {
@@ -47,6 +48,59 @@ pub struct ReplayReport {
     pub log_segments: u32,
     /// Highest stamp of a zeroes key seen (see `Core::insert_and_log`).
     pub zero_stamp: u64,
+}
+
+/// Why the log walk could not rebuild the cache: the log on the media is corrupt, or could
+/// not be read. A kset that merely ends the log is not an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("reading the kset at {seg}:{off}")]
+    Read {
+        seg: u32,
+        off: u32,
+        #[source]
+        source: MediaError,
+    },
+    #[error(
+        "kset {seq} at segment {seg} offset {off} is damaged, yet kset {} follows it at offset \
+         {next_off}: the log is corrupt, and replaying only up to the damage would lose flushed \
+         writes",
+        seq + 1
+    )]
+    DamagedBeforeValid {
+        seq: u64,
+        seg: u32,
+        off: u32,
+        next_off: usize,
+        #[source]
+        damage: format::FormatError,
+    },
+    #[error("kset at segment {seg} offset {off}")]
+    Corrupt {
+        seg: u32,
+        off: u32,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error(
+        "LAST kset {seq} at segment {seg} links to segment {next_seg}, which the log already uses"
+    )]
+    LastLinksToUsed { seq: u64, seg: u32, next_seg: u32 },
+    #[error(
+        "dirty_tail ({}:{} kset {}) is not on the log from key_tail ({}:{} kset {}) to its end \
+         ({}:{} kset {end_seq})",
+        dirty_tail.pos.seg, dirty_tail.pos.off, dirty_tail.log_seq,
+        key_tail.pos.seg, key_tail.pos.off, key_tail.log_seq,
+        end.seg, end.off
+    )]
+    DirtyTailOffLog {
+        key_tail: TailPos,
+        dirty_tail: TailPos,
+        end: CachePos,
+        end_seq: u64,
+    },
+    #[error("a live key points into log segment {0}")]
+    KeyInLogSegment(u32),
 }
 
 /// The fingerprint that ties a cache to its backing image: its size, and for a regular file
@@ -156,9 +210,9 @@ pub(super) fn open(
         key_tail,
         dirty_tail,
     )
-    .map_err(|reason| CacheError::Corrupt {
+    .map_err(|e| CacheError::Corrupt {
         path: path.clone(),
-        reason,
+        reason: ErrorChain(&e).to_string(),
     })?;
     log::info!(
         "cache {}: replayed {} ksets, {} keys ({} dirty, {} bytes), {} stale; {} of {} segments in use",
@@ -226,7 +280,7 @@ pub fn walk(
     index: Option<&Index>,
     key_tail: TailPos,
     dirty_tail: TailPos,
-) -> Result<(LogHead, ReplayReport), String> {
+) -> Result<(LogHead, ReplayReport), ReplayError> {
     let tails = (key_tail, dirty_tail);
     walk_visit(media, layout, codec, segments, index, tails, &mut |_| {})
 }
@@ -252,7 +306,7 @@ pub fn walk_visit(
     index: Option<&Index>,
     (key_tail, dirty_tail): (TailPos, TailPos),
     visit: &mut dyn FnMut(VisitedKey),
-) -> Result<(LogHead, ReplayReport), String> {
+) -> Result<(LogHead, ReplayReport), ReplayError> {
     let mut report = ReplayReport::default();
     let mut pos = key_tail.pos;
     let mut seq = key_tail.log_seq;
@@ -265,74 +319,24 @@ pub fn walk_visit(
         if pos == dirty_tail.pos && seq == dirty_tail.log_seq {
             dirty = true;
         }
-        // Two ksets' worth, so a damaged kset's successor can be looked for.
-        let avail = (layout.data_size() - pos.off).min(2 * format::KSET_MAX_SIZE as u32) as usize;
-        let bytes = &mut buf[..avail];
-        media
-            .read(layout.media_offset(pos), bytes)
-            .map_err(|e| format!("reading the kset at {}:{}: {e}", pos.seg, pos.off))?;
-        let kset = match codec.decode_kset(bytes, seq) {
-            Ok(k) => k,
-            Err(e) if e.is_end_of_log() => {
-                if let Some(next) = next_kset_after(codec, bytes, seq) {
-                    return Err(format!(
-                        "kset {seq} at segment {} offset {} is damaged ({e}), yet kset {} follows it at offset {}: the log is corrupt, and replaying only up to the damage would lose flushed writes",
-                        pos.seg, pos.off, seq + 1, pos.off as usize + next
-                    ));
-                }
-                break;
-            }
-            Err(e) => {
-                return Err(format!(
-                    "kset at segment {} offset {}: {e}",
-                    pos.seg, pos.off
-                ))
-            }
+        let Some(kset) = read_next_kset(media, layout, codec, &mut buf, pos, seq)? else {
+            break;
         };
         report.ksets += 1;
         match kset {
             Kset::Last { next_seg, .. } => {
-                if segments.kind(next_seg) != SegmentKind::Free {
-                    return Err(format!(
-                        "LAST kset {seq} at segment {} links to segment {next_seg}, which the log already uses",
-                        pos.seg
-                    ));
-                }
-                segments.mark_used(next_seg, SegmentKind::Log);
-                report.log_segments += 1;
-                pos = CachePos {
-                    seg: next_seg,
-                    off: 0,
-                };
+                pos = follow_last(segments, &mut report, pos, seq, next_seg)?;
             }
             Kset::Keys { ref keys, .. } => {
+                let mut replay = KeyReplay {
+                    segments,
+                    index,
+                    report: &mut report,
+                    data_segs: &mut data_segs,
+                    visit: &mut *visit,
+                };
                 for k in keys {
-                    report.keys += 1;
-                    let key_dirty = dirty && !k.is_clean();
-                    let stale = !k.is_zeroes() && k.gen != segments.gen(k.seg);
-                    visit(VisitedKey {
-                        key: *k,
-                        kset_seq: seq,
-                        dirty: key_dirty,
-                        stale,
-                    });
-                    if k.is_zeroes() {
-                        report.zero_stamp = report.zero_stamp.max(k.gen);
-                    } else {
-                        if stale {
-                            report.stale_keys += 1;
-                            continue;
-                        }
-                        segments.get(k.seg);
-                        data_segs.push(k.seg);
-                    }
-                    if key_dirty {
-                        report.dirty_keys += 1;
-                        report.dirty_bytes += k.len as u64;
-                    }
-                    if let Some(index) = index {
-                        index.insert(index_key(k, key_dirty), &mut |_| {});
-                    }
+                    replay.key(k, seq, dirty);
                 }
                 pos.off += kset.encoded_len() as u32;
             }
@@ -343,21 +347,166 @@ pub fn walk_visit(
         dirty = true;
     }
     if !dirty {
-        return Err(format!(
-            "dirty_tail ({}:{} kset {}) is not on the log from key_tail ({}:{} kset {}) to its end ({}:{} kset {seq})",
-            dirty_tail.pos.seg, dirty_tail.pos.off, dirty_tail.log_seq,
-            key_tail.pos.seg, key_tail.pos.off, key_tail.log_seq,
-            pos.seg, pos.off
-        ));
+        return Err(ReplayError::DirtyTailOffLog {
+            key_tail,
+            dirty_tail,
+            end: pos,
+            end_seq: seq,
+        });
     }
+    mark_data_segments(segments, data_segs)?;
+    Ok((LogHead { pos, seq }, report))
+}
+
+/// The kset with sequence number `seq` at `pos`, or `None` when the log ends there. A kset
+/// that fails its CRC ends the log, unless a valid successor follows it: then the damage is
+/// corruption (see [`next_kset_after`]).
+fn read_next_kset(
+    media: &dyn Media,
+    layout: &Layout,
+    codec: &KsetCodec,
+    buf: &mut [u8],
+    pos: CachePos,
+    seq: u64,
+) -> Result<Option<Kset>, ReplayError> {
+    // Two ksets' worth, so a damaged kset's successor can be looked for.
+    let avail = (layout.data_size() - pos.off).min(2 * format::KSET_MAX_SIZE as u32) as usize;
+    let bytes = &mut buf[..avail];
+    media
+        .read(layout.media_offset(pos), bytes)
+        .map_err(|source| ReplayError::Read {
+            seg: pos.seg,
+            off: pos.off,
+            source,
+        })?;
+    match codec.decode_kset(bytes, seq) {
+        Ok(k) => Ok(Some(k)),
+        Err(e) if e.is_end_of_log() => match next_kset_after(codec, bytes, seq) {
+            Some(next) => Err(ReplayError::DamagedBeforeValid {
+                seq,
+                seg: pos.seg,
+                off: pos.off,
+                next_off: pos.off as usize + next,
+                damage: e,
+            }),
+            None => Ok(None),
+        },
+        Err(source) => Err(ReplayError::Corrupt {
+            seg: pos.seg,
+            off: pos.off,
+            source,
+        }),
+    }
+}
+
+/// Move past the LAST kset `seq` at `pos` to the start of the log segment it names, which
+/// must not be on the log already.
+fn follow_last(
+    segments: &SegmentMap,
+    report: &mut ReplayReport,
+    pos: CachePos,
+    seq: u64,
+    next_seg: u32,
+) -> Result<CachePos, ReplayError> {
+    if segments.kind(next_seg) != SegmentKind::Free {
+        return Err(ReplayError::LastLinksToUsed {
+            seq,
+            seg: pos.seg,
+            next_seg,
+        });
+    }
+    segments.mark_used(next_seg, SegmentKind::Log);
+    report.log_segments += 1;
+    Ok(CachePos {
+        seg: next_seg,
+        off: 0,
+    })
+}
+
+/// What replaying one key updates: the report, the segment references, the index.
+struct KeyReplay<'a> {
+    segments: &'a SegmentMap,
+    index: Option<&'a Index>,
+    report: &'a mut ReplayReport,
+    /// Segments live keys point into, checked and marked once the walk is done.
+    data_segs: &'a mut Vec<u32>,
+    visit: &'a mut dyn FnMut(VisitedKey),
+}
+
+impl KeyReplay<'_> {
+    /// Replay key `k` of kset `seq`; `dirty` says whether that kset is at or after dirty_tail.
+    /// A stale key (its segment reused since) is counted and otherwise ignored.
+    fn key(&mut self, k: &format::KeyRecord, seq: u64, dirty: bool) {
+        self.report.keys += 1;
+        let key_dirty = dirty && !k.is_clean();
+        let stale = !k.is_zeroes() && k.gen != self.segments.gen(k.seg);
+        (self.visit)(VisitedKey {
+            key: *k,
+            kset_seq: seq,
+            dirty: key_dirty,
+            stale,
+        });
+        if k.is_zeroes() {
+            self.report.zero_stamp = self.report.zero_stamp.max(k.gen);
+        } else {
+            if stale {
+                self.report.stale_keys += 1;
+                return;
+            }
+            self.segments.get(k.seg);
+            self.data_segs.push(k.seg);
+        }
+        if key_dirty {
+            self.report.dirty_keys += 1;
+            self.report.dirty_bytes += k.len as u64;
+        }
+        if let Some(index) = self.index {
+            index.insert(index_key(k, key_dirty), &mut |_| {});
+        }
+    }
+}
+
+/// Mark the segments live keys point into as data segments; a key pointing into a log
+/// segment is corruption.
+fn mark_data_segments(segments: &SegmentMap, data_segs: Vec<u32>) -> Result<(), ReplayError> {
     for seg in data_segs {
         match segments.kind(seg) {
-            SegmentKind::Log => {
-                return Err(format!("a live key points into log segment {seg}"));
-            }
+            SegmentKind::Log => return Err(ReplayError::KeyInLogSegment(seg)),
             SegmentKind::Free => segments.mark_used(seg, SegmentKind::Data),
             SegmentKind::Data => {}
         }
     }
-    Ok((LogHead { pos, seq }, report))
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn out_of_range() -> MediaError {
+        MediaError::OutOfRange {
+            offset: 4096,
+            len: 512,
+            media_len: 1024,
+        }
+    }
+
+    #[test]
+    fn a_printed_chain_shows_each_cause_once() {
+        let cause = out_of_range().to_string();
+        let read = ReplayError::Read {
+            seg: 1,
+            off: 64,
+            source: out_of_range(),
+        };
+        let text = ErrorChain(&read).to_string();
+        assert_eq!(text, format!("reading the kset at 1:64: {cause}"));
+        let via_format = ReplayError::Corrupt {
+            seg: 1,
+            off: 64,
+            source: format::FormatError::from(out_of_range()),
+        };
+        let text = ErrorChain(&via_format).to_string();
+        assert_eq!(text.matches(&cause).count(), 1, "{text}");
+    }
 }

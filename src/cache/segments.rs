@@ -14,6 +14,10 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::sync::lock;
+
+use super::format::FormatError;
+
 /// What a segment in use holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegmentKind {
@@ -24,10 +28,11 @@ pub enum SegmentKind {
 
 /// Persists a segment's new generation; implemented by the engine over the media.
 pub trait GenerationStore: Send + Sync {
-    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String>;
+    fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError>;
 }
 
-struct Allocation {
+/// What each segment holds and how many are free: the state allocation searches.
+struct SegmentUsage {
     kind: Vec<SegmentKind>,
     free: u32,
     /// Where the next search for a free segment starts, so allocation rotates over the media.
@@ -36,7 +41,7 @@ struct Allocation {
 
 /// In-memory state of every segment of one cache.
 pub struct SegmentMap {
-    alloc: Mutex<Allocation>,
+    usage: Mutex<SegmentUsage>,
     refs: Vec<AtomicU32>,
     gens: Vec<AtomicU64>,
     /// Queues that found no room; each is woken when a segment is freed.
@@ -50,7 +55,7 @@ impl SegmentMap {
     pub fn new(gens: &[u64]) -> SegmentMap {
         let n = gens.len();
         SegmentMap {
-            alloc: Mutex::new(Allocation {
+            usage: Mutex::new(SegmentUsage {
                 kind: vec![SegmentKind::Free; n],
                 free: n as u32,
                 hint: 0,
@@ -71,7 +76,9 @@ impl SegmentMap {
         self.refs.len() as u32
     }
 
-    /// Current generation of `seg` (0 for an out-of-range id, which no valid key carries).
+    /// Current generation of `seg`, or `u64::MAX` for an out-of-range id instead of a panic.
+    /// Keys are checked against the layout before their segment is looked up, so no caller
+    /// passes one today.
     pub fn gen(&self, seg: u32) -> u64 {
         self.gens
             .get(seg as usize)
@@ -79,7 +86,7 @@ impl SegmentMap {
     }
 
     pub fn free_count(&self) -> u32 {
-        self.alloc.lock().unwrap().free
+        lock(&self.usage).free
     }
 
     pub fn used_count(&self) -> u32 {
@@ -87,12 +94,12 @@ impl SegmentMap {
     }
 
     pub fn kind(&self, seg: u32) -> SegmentKind {
-        self.alloc.lock().unwrap().kind[seg as usize]
+        lock(&self.usage).kind[seg as usize]
     }
 
     /// Mark `seg` as in use during replay (log segments and segments that live keys point to).
     pub fn mark_used(&self, seg: u32, kind: SegmentKind) {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.usage);
         if a.kind[seg as usize] == SegmentKind::Free {
             a.free -= 1;
         }
@@ -104,7 +111,7 @@ impl SegmentMap {
     /// the data already written; otherwise a full cache could not be written back and freed.
     /// A data segment starts with one reference: the data head's.
     pub fn alloc(&self, kind: SegmentKind, reserve: u32) -> Option<u32> {
-        let mut a = self.alloc.lock().unwrap();
+        let mut a = lock(&self.usage);
         if a.free <= reserve {
             return None;
         }
@@ -133,7 +140,7 @@ impl SegmentMap {
     }
 
     /// Drop a reference; the last one invalidates and frees the segment.
-    pub fn put(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), String> {
+    pub fn put(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), FormatError> {
         let before = self.refs[seg as usize].fetch_sub(1, Ordering::AcqRel);
         debug_assert!(before > 0, "segment {seg} reference count underflow");
         if before == 1 {
@@ -145,13 +152,13 @@ impl SegmentMap {
     /// Bump and persist the generation of `seg`, then free it. The generation is persisted
     /// before the segment can be handed out again, so no key of its previous life survives a
     /// crash as current.
-    pub fn invalidate(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), String> {
+    pub fn invalidate(&self, seg: u32, store: &dyn GenerationStore) -> Result<(), FormatError> {
         let gen = self.gens[seg as usize].load(Ordering::Acquire) + 1;
         store.store_gen(seg, gen)?;
         self.gens[seg as usize].store(gen, Ordering::Release);
         self.invalidations.fetch_add(1, Ordering::AcqRel);
         {
-            let mut a = self.alloc.lock().unwrap();
+            let mut a = lock(&self.usage);
             if a.kind[seg as usize] != SegmentKind::Free {
                 a.kind[seg as usize] = SegmentKind::Free;
                 a.free += 1;
@@ -163,21 +170,18 @@ impl SegmentMap {
 
     /// Register an eventfd to be written whenever a segment becomes free.
     pub fn add_waiter(&self, fd: EventFd) {
-        self.waiters.lock().unwrap().push(fd);
+        lock(&self.waiters).push(fd);
     }
 
     /// Forget a waiter previously added (matched by file descriptor number).
     pub fn remove_waiter(&self, raw: std::os::fd::RawFd) {
         use std::os::fd::AsRawFd;
-        self.waiters
-            .lock()
-            .unwrap()
-            .retain(|w| w.as_raw_fd() != raw);
+        lock(&self.waiters).retain(|w| w.as_raw_fd() != raw);
     }
 
     /// Wake every waiting queue (space was freed, or something else they wait for happened).
     pub fn wake(&self) {
-        for w in self.waiters.lock().unwrap().iter() {
+        for w in lock(&self.waiters).iter() {
             let _ = w.write(1);
         }
     }
@@ -189,8 +193,8 @@ mod tests {
 
     struct Gens(Mutex<Vec<(u32, u64)>>);
     impl GenerationStore for Gens {
-        fn store_gen(&self, seg: u32, gen: u64) -> Result<(), String> {
-            self.0.lock().unwrap().push((seg, gen));
+        fn store_gen(&self, seg: u32, gen: u64) -> Result<(), FormatError> {
+            lock(&self.0).push((seg, gen));
             Ok(())
         }
     }
@@ -220,7 +224,7 @@ mod tests {
         map.put(seg, &store).unwrap();
         assert_eq!(map.kind(seg), SegmentKind::Free);
         assert_eq!(map.gen(seg), 6);
-        assert_eq!(*store.0.lock().unwrap(), vec![(seg, 6)]);
+        assert_eq!(*lock(&store.0), vec![(seg, 6)]);
     }
 
     #[test]

@@ -10,16 +10,14 @@
 //! pauses.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::CacheEngine;
+use super::core::Core;
 use super::format::{TailPos, MAX_GC_PERCENT};
 use super::health::HealthStatus;
-use super::log::LogError;
 use super::stats::StatsSnapshot;
-use crate::engine::{Engine, EngineError};
+use crate::engine::EngineError;
 
 /// A log position: segment, byte offset in its data area, and log sequence number.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,105 +79,96 @@ pub struct CacheStatus {
     pub health: HealthStatus,
 }
 
-impl CacheEngine {
-    /// The status fields and counters, read without stopping I/O (each field is current, the
-    /// whole is not one atomic snapshot).
-    pub fn status(&self) -> CacheStatus {
-        let core = &self.core;
-        let head = core.log.head();
-        let drained = core.drained.load(Ordering::Acquire);
-        let write_cache = core.write_cache.load(Ordering::Acquire);
-        CacheStatus {
-            persistence: core.media.persistence().to_string(),
-            segments_total: core.segments.count(),
-            segments_used: core.segments.used_count(),
-            segment_data_bytes: core.layout.data_size(),
-            gc_percent: core.meta.gc_percent(),
-            key_head: LogPosition {
-                seg: head.pos.seg,
-                off: head.pos.off,
-                seq: head.seq,
-            },
-            dirty_tail: core.meta.dirty_tail().into(),
-            key_tail: core.meta.key_tail().into(),
-            flags: CacheFlags {
-                data_crc: core.data_crc,
-                writethrough: drained || !write_cache,
-                drained,
-                write_cache,
-                read_only: core.read_only,
-            },
-            stats: self.stats(),
-            health: core.health.status(),
-        }
+/// Counters for status and metrics.
+pub(super) fn stats(core: &Core) -> StatsSnapshot {
+    let free = core.segments.free_count();
+    StatsSnapshot {
+        segments_used: core.segments.count() - free,
+        segments_free: free,
+        ..core.stats.snapshot()
     }
+}
 
-    /// Change the GC threshold (0..=90) and persist it in cache_info.
-    pub fn set_gc_percent(&self, percent: u8) -> Result<(), EngineError> {
-        if percent > MAX_GC_PERCENT {
-            return Err(EngineError::Invalid(format!(
-                "gc_percent {percent} is out of range 0..={MAX_GC_PERCENT}"
-            )));
-        }
-        if self.core.read_only {
-            return Err(EngineError::Invalid(
-                "the cache is open read-only; gc_percent cannot be stored".into(),
-            ));
-        }
-        self.core
-            .meta
-            .set_gc_percent(percent)
-            .map_err(|e| EngineError::Invalid(format!("persisting gc_percent: {e}")))
+/// The status fields and counters, read without stopping I/O (each field is current, the
+/// whole is not one atomic snapshot).
+pub(super) fn status(core: &Core) -> CacheStatus {
+    let head = core.log.head();
+    let drained = core.drained.load(Ordering::Acquire);
+    let write_cache = core.write_cache.load(Ordering::Acquire);
+    CacheStatus {
+        persistence: core.media.persistence().to_string(),
+        segments_total: core.segments.count(),
+        segments_used: core.segments.used_count(),
+        segment_data_bytes: core.layout.data_size(),
+        gc_percent: core.meta.gc_percent(),
+        key_head: LogPosition {
+            seg: head.pos.seg,
+            off: head.pos.off,
+            seq: head.seq,
+        },
+        dirty_tail: core.meta.dirty_tail().into(),
+        key_tail: core.meta.key_tail().into(),
+        flags: CacheFlags {
+            data_crc: core.data_crc,
+            writethrough: drained || !write_cache,
+            drained,
+            write_cache,
+            read_only: core.read_only,
+        },
+        stats: stats(core),
+        health: core.health.status(),
     }
+}
 
-    /// Persist every open kset, as a guest FLUSH does. A full log frees up as writeback and
-    /// GC proceed, so this waits for room rather than failing.
-    pub fn flush_log(&self) -> Result<(), EngineError> {
-        loop {
-            match self.core.close_all_ksets() {
-                Ok(()) => return Ok(()),
-                Err(LogError::NoSpace) if !self.core.stopping.load(Ordering::Acquire) => {
-                    std::thread::sleep(Duration::from_millis(10))
-                }
-                Err(e) => return Err(EngineError::Invalid(format!("persisting the key log: {e}"))),
+/// Change the GC threshold (0..=90) and persist it in cache_info.
+pub(super) fn set_gc_percent(core: &Core, percent: u8) -> Result<(), EngineError> {
+    if percent > MAX_GC_PERCENT {
+        return Err(EngineError::Invalid(format!(
+            "gc_percent {percent} is out of range 0..={MAX_GC_PERCENT}"
+        )));
+    }
+    if core.read_only {
+        return Err(EngineError::Invalid(
+            "the cache is open read-only; gc_percent cannot be stored".into(),
+        ));
+    }
+    core.meta
+        .set_gc_percent(percent)
+        .map_err(|e| EngineError::failed("persisting gc_percent", e))
+}
+
+/// Enter drained mode, write everything back and flush the backing image. On error the
+/// cache stays in drained mode (writes still complete, once written back), so a retry or
+/// `leave_drained` decides what happens next.
+pub(super) fn drain_and_hold(core: &Core) -> Result<(), EngineError> {
+    if core.read_only {
+        return Err(EngineError::Invalid(
+            "the cache is open read-only, so nothing is written back".into(),
+        ));
+    }
+    // SeqCst, paired with the load in `CacheQueue::hold_if_needed`: every write completed
+    // without being held has its keys logged where the drain below closes and writes back.
+    core.drained.store(true, Ordering::SeqCst);
+    log::info!("drain requested: writing all dirty data back, then writethrough");
+    core.drain()
+        .map_err(|e| EngineError::failed("writing all dirty data back", e))?;
+    core.backing
+        .flush()
+        .map_err(|e| EngineError::io("flushing the backing image", e))?;
+    log::info!("drained: the backing image holds all acknowledged data");
+    Ok(())
+}
+
+/// Leave drained mode: writes complete as soon as the cache holds them again.
+pub(super) fn leave_drained(core: &Core) {
+    if core.drained.swap(false, Ordering::SeqCst) {
+        log::info!(
+            "undrain: back to write-back caching (write cache {})",
+            if core.write_cache.load(Ordering::Acquire) {
+                "on"
+            } else {
+                "off"
             }
-        }
-    }
-
-    /// Enter drained mode, write everything back and flush the backing image. On error the
-    /// cache stays in drained mode (writes still complete, once written back), so a retry or
-    /// `leave_drained` decides what happens next.
-    pub fn drain_and_hold(&self) -> Result<(), EngineError> {
-        if self.core.read_only {
-            return Err(EngineError::Invalid(
-                "the cache is open read-only, so nothing is written back".into(),
-            ));
-        }
-        // SeqCst, paired with the load in `CacheQueue::hold_if_needed`: every write completed
-        // without being held has its keys logged where the drain below closes and writes back.
-        self.core.drained.store(true, Ordering::SeqCst);
-        log::info!("drain requested: writing all dirty data back, then writethrough");
-        self.drain()?;
-        self.core
-            .backing
-            .flush()
-            .map_err(|e| EngineError::io("flushing the backing image", e))?;
-        log::info!("drained: the backing image holds all acknowledged data");
-        Ok(())
-    }
-
-    /// Leave drained mode: writes complete as soon as the cache holds them again.
-    pub fn leave_drained(&self) {
-        if self.core.drained.swap(false, Ordering::SeqCst) {
-            log::info!(
-                "undrain: back to write-back caching (write cache {})",
-                if self.write_cache() { "on" } else { "off" }
-            );
-        }
-    }
-
-    /// Whether drained mode is on.
-    pub fn drained(&self) -> bool {
-        self.core.drained.load(Ordering::Acquire)
+        );
     }
 }

@@ -17,7 +17,7 @@ use super::format::{self, KeyRecord};
 use super::log::LogError;
 use super::queue::{CacheQueue, Outcome, PartialWrite, StagedWrite};
 use super::REGION_SIZE;
-use crate::engine::{DataSeg, IoError};
+use crate::engine::{DataSeg, ErrorChain, IoError};
 
 /// Split `offset..offset + len` at region boundaries, as `(offset, len)` pieces.
 pub(super) fn region_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64, u32)> {
@@ -82,13 +82,16 @@ impl CacheQueue {
                         // Space comes back only through writeback and GC, which see only
                         // closed ksets: do not make them wait for the kset timer.
                         if let Err(e) = core.close_all_ksets() {
-                            log::debug!("full cache: open ksets not closed yet: {e}");
+                            log::debug!(
+                                "full cache: open ksets not closed yet: {}",
+                                ErrorChain(&e)
+                            );
                         }
                         return Outcome::Busy;
                     }
                     Err(e) => {
                         self.unstage_keys(first_key);
-                        return Outcome::Done(Err(IoError::Media(e)));
+                        return Outcome::Done(Err(IoError::Media(e.into())));
                     }
                 };
                 let dst = core.data_ptr(alloc.pos, alloc.len);
@@ -184,7 +187,7 @@ impl CacheQueue {
                 self.core.stats.busy.fetch_add(1, Ordering::Relaxed);
                 Outcome::Busy
             }
-            Err(LogError::Media(e)) => Outcome::Done(Err(IoError::Media(e))),
+            Err(e) => Outcome::Done(Err(IoError::Media(e.into()))),
         }
     }
 }

@@ -16,14 +16,14 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use super::core::Core;
 use super::data_head::LOG_RESERVE;
-use super::engine::Core;
-use super::format::TailPos as Tail;
-use super::format::{self, Kset};
+use super::format::{self, Kset, TailPos};
 use super::index::Piece;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
+use crate::engine::ErrorChain;
 
 /// Longest pause between retries of a failing kset.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -47,43 +47,64 @@ pub(super) fn pace(dirty_bytes: u64, capacity: u64) -> Duration {
     }
 }
 
+/// Why a turn of writeback did not move dirty_tail. The kset stays dirty and is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum WritebackError {
+    #[error("the kset at dirty_tail (segment {seg} offset {off}, kset {seq}) cannot be read")]
+    ReadKset {
+        seg: u32,
+        off: u32,
+        seq: u64,
+        #[source]
+        source: format::FormatError,
+    },
+    #[error("backing write of {len} bytes at byte {offset} failed")]
+    BackingWrite {
+        len: u32,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("flushing the backing image failed")]
+    BackingFlush(#[source] std::io::Error),
+    #[error("persisting dirty_tail")]
+    StoreTail(#[source] format::FormatError),
+}
+
+/// The writeback thread: [`step`] after step, with the pauses around it (pacing between
+/// ksets, waiting for new ones, backing off after failures) that tests leave out.
 fn run(core: &Core) {
     let mut queue = match BackingQueue::new(core.backing.clone(), 64) {
         Ok(q) => q,
         Err(e) => {
-            log::error!("writeback cannot start, dirty data stays in the cache: {e}");
+            log::error!(
+                "writeback cannot start, dirty data stays in the cache: {}",
+                ErrorChain(&e)
+            );
             return;
         }
     };
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     while !core.stopping.load(Ordering::Acquire) {
-        let tail = core.meta.dirty_tail();
-        if core.log.head().seq <= tail.log_seq {
-            // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when no
-            // queue is running to close them on its timer, so close aged ones here, and all of
-            // them when the cache is about to refuse writes.
-            let closed = if core.segments.free_count() <= LOG_RESERVE + 1 {
-                core.close_all_ksets()
-            } else {
-                core.close_aged_ksets()
-            };
-            if let Err(e) = closed {
-                log::debug!("writeback: aged kset not closed yet: {e}");
-            }
-            core.log
-                .wait_beyond(tail.log_seq, Duration::from_millis(500));
-            continue;
-        }
-        match write_back_kset(core, &mut queue, tail) {
-            Ok(next) => {
-                if let Err(e) = core.meta.store_dirty_tail(next) {
-                    log::error!("writeback: cannot persist dirty_tail: {e}");
-                    sleep_unless_stopping(core, MAX_BACKOFF);
-                    continue;
+        match step(core, &mut queue) {
+            Ok(false) => {
+                // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when
+                // no queue is running to close them on its timer, so close aged ones here,
+                // and all of them when the cache is about to refuse writes.
+                let closed = if core.segments.free_count() <= LOG_RESERVE + 1 {
+                    core.close_all_ksets()
+                } else {
+                    core.close_aged_ksets()
+                };
+                if let Err(e) = closed {
+                    log::debug!("writeback: aged kset not closed yet: {}", ErrorChain(&e));
                 }
-                core.writeback_progress();
-                core.health.writeback_moving();
+                let tail = core.meta.dirty_tail();
+                core.log
+                    .wait_beyond(tail.log_seq, Duration::from_millis(500));
+            }
+            Ok(true) => {
                 if failing {
                     log::info!("writeback recovered; writing dirty data back again");
                     failing = false;
@@ -95,11 +116,15 @@ fn run(core: &Core) {
                     sleep_unless_stopping(core, pace(dirty, capacity));
                 }
             }
+            Err(e @ WritebackError::StoreTail(_)) => {
+                log::error!("writeback: {}", ErrorChain(&e));
+                sleep_unless_stopping(core, MAX_BACKOFF);
+            }
             Err(e) => {
-                core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
                 if !failing {
                     log::error!(
-                        "writeback failed, data stays dirty in the cache and will be retried: {e}"
+                        "writeback failed, data stays dirty in the cache and will be retried: {}",
+                        ErrorChain(&e)
                     );
                     failing = true;
                 }
@@ -110,10 +135,10 @@ fn run(core: &Core) {
     }
 }
 
-/// One turn of the writeback loop without its pauses: write back the kset at dirty_tail and
-/// persist the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail.
-#[cfg(test)]
-pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, String> {
+/// One turn of writeback without its pauses: write back the kset at dirty_tail and persist
+/// the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail. The
+/// writeback thread runs exactly this; stepped tests call it directly.
+pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, WritebackError> {
     let tail = core.meta.dirty_tail();
     if core.log.head().seq <= tail.log_seq {
         return Ok(false);
@@ -123,8 +148,9 @@ pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, String
     })?;
     core.meta
         .store_dirty_tail(next)
-        .map_err(|e| format!("persisting dirty_tail: {e}"))?;
+        .map_err(WritebackError::StoreTail)?;
     core.writeback_progress();
+    core.health.writeback_moving();
     Ok(true)
 }
 
@@ -135,18 +161,24 @@ fn sleep_unless_stopping(core: &Core, d: Duration) {
 }
 
 /// Write back the kset at `tail`; returns the position after it.
-fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<Tail, String> {
-    let kset = core.read_kset(tail).map_err(|e| {
-        let why = format!(
-            "the kset at dirty_tail (segment {} offset {}, kset {}) cannot be read: {e}",
-            tail.pos.seg, tail.pos.off, tail.log_seq
-        );
-        core.health.writeback_stalled(&why);
-        why
+fn write_back_kset(
+    core: &Core,
+    queue: &mut BackingQueue,
+    tail: TailPos,
+) -> Result<TailPos, WritebackError> {
+    let kset = core.read_kset(tail).map_err(|source| {
+        let e = WritebackError::ReadKset {
+            seg: tail.pos.seg,
+            off: tail.pos.off,
+            seq: tail.log_seq,
+            source,
+        };
+        core.health.writeback_stalled(&ErrorChain(&e).to_string());
+        e
     })?;
     let keys = match kset {
         Kset::Last { next_seg, .. } => {
-            return Ok(Tail {
+            return Ok(TailPos {
                 pos: CachePos {
                     seg: next_seg,
                     off: 0,
@@ -217,18 +249,23 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
     let mut done = Vec::new();
     if issued > 0 {
         queue.wait(&mut done);
-        if let Some((id, Err(e))) = done.iter().find(|(_, r)| r.is_err()) {
-            let k = &keys[*id as usize];
-            return Err(format!(
-                "backing write of {} bytes at byte {} failed: {e}",
-                k.len, k.off
-            ));
+        if let Some(i) = done.iter().position(|(_, r)| r.is_err()) {
+            let (id, result) = done.swap_remove(i);
+            let k = &keys[id as usize];
+            return Err(WritebackError::BackingWrite {
+                len: k.len,
+                offset: k.off,
+                source: result.expect_err("found as an error"),
+            });
         }
         done.clear();
         queue.flush(u64::MAX);
         queue.wait(&mut done);
-        if let Some((_, Err(e))) = done.first() {
-            return Err(format!("flushing the backing image failed: {e}"));
+        if let Some((_, Err(_))) = done.first() {
+            let (_, result) = done.swap_remove(0);
+            return Err(WritebackError::BackingFlush(
+                result.expect_err("found as an error"),
+            ));
         }
     }
     core.stats
@@ -238,7 +275,7 @@ fn write_back_kset(core: &Core, queue: &mut BackingQueue, tail: Tail) -> Result<
         bytes.min(core.stats.dirty_bytes.load(Ordering::Relaxed)),
         Ordering::Relaxed,
     );
-    Ok(Tail {
+    Ok(TailPos {
         pos: CachePos {
             seg: tail.pos.seg,
             off: tail.pos.off + size,

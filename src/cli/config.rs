@@ -64,7 +64,7 @@ pub fn load(path: &Path) -> Result<FileConfig> {
 
 /// Parses config file text.
 pub fn parse(text: &str) -> Result<FileConfig> {
-    let table: toml::Table = text.parse().map_err(|e| anyhow!("not valid TOML: {e}"))?;
+    let table: toml::Table = text.parse().context("not valid TOML")?;
     let mut c = FileConfig::default();
     for (key, value) in table {
         set(&mut c, &key, value).with_context(|| format!("key `{key}`"))?;

@@ -85,7 +85,7 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
             "the daemon is not running: nothing listens on {}",
             socket.display()
         ),
-        _ => anyhow!("cannot connect to {}: {e}", socket.display()),
+        _ => anyhow::Error::new(e).context(format!("cannot connect to {}", socket.display())),
     })?;
     let mut line = serde_json::to_string(request)?;
     line.push('\n');

@@ -77,7 +77,7 @@ pub fn run(args: &DrainArgs) -> Result<()> {
         .with_context(|| format!("flushing backing image {}", args.backing.display()));
     let closed = engine
         .shutdown()
-        .map_err(|e| anyhow!("closing cache {}: {e}", args.cache.display()));
+        .with_context(|| format!("closing cache {}", args.cache.display()));
     flushed?;
     closed?;
     println!(
@@ -128,7 +128,7 @@ fn drain_with_progress(engine: &CacheEngine, total: u64) -> Result<()> {
         let result = worker
             .join()
             .map_err(|_| anyhow!("the drain thread panicked"))
-            .and_then(|r| r.map_err(|e| anyhow!("writing back: {e}")));
+            .and_then(|r| r.context("writing back"));
         if result.is_err() {
             bar.abandon();
             let _ = engine.shutdown();

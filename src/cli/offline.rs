@@ -10,7 +10,7 @@ use vhost_user_pcache::backing::{BackingImage, BackingOptions};
 use vhost_user_pcache::cache::format::BackingFingerprint;
 use vhost_user_pcache::cache::media::{open_media, Media, MediaOptions};
 use vhost_user_pcache::cache::replay::fingerprint;
-use vhost_user_pcache::lock::{LockedObject, PathLock};
+use vhost_user_pcache::file_lock::{LockedObject, PathLock};
 
 /// Locks held while a tool runs: a daemon or another tool on the same files is refused.
 pub struct Locks {
@@ -32,8 +32,7 @@ pub fn lock(cache: &Path, image: Option<&Path>, create_cache: bool) -> Result<Lo
 
 /// Open an existing cache media.
 pub fn open_cache(path: &Path) -> Result<Arc<dyn Media>> {
-    open_media(path, &MediaOptions::default())
-        .with_context(|| format!("opening cache media {}", path.display()))
+    open_media(path, &MediaOptions::default()).context("opening the cache media")
 }
 
 /// Open a backing image; `write` for writeback, otherwise only to read its identity.
@@ -42,8 +41,7 @@ pub fn open_image(path: &Path, write: bool) -> Result<Arc<BackingImage>> {
         read_only: !write,
         direct: write,
     };
-    BackingImage::open(path, &options)
-        .with_context(|| format!("opening backing image {}", path.display()))
+    Ok(BackingImage::open(path, &options)?)
 }
 
 /// The fingerprint of the image at `path`, if one was given.

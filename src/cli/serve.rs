@@ -17,7 +17,7 @@ use vhost_user_pcache::cache::replay::min_segments;
 use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::control::{CacheControl, ControlServer, ControlTarget, PassthroughControl};
 use vhost_user_pcache::engine::Engine;
-use vhost_user_pcache::lock::{LockedObject, PathLock};
+use vhost_user_pcache::file_lock::{LockedObject, PathLock};
 use vhost_user_pcache::passthrough::PassthroughEngine;
 use vhost_user_pcache::serve::{self, ConnectionState, ServeConfig};
 
@@ -391,14 +391,14 @@ fn build_engine(
         drain_on_shutdown: args.drain_on_exit,
         path,
     };
-    let engine = Arc::new(
-        CacheEngine::open(&opts, image)
-            .with_context(|| format!("opening cache {}", opts.path.display()))?,
-    );
+    let engine = Arc::new(CacheEngine::open(&opts, image).context("opening the cache")?);
     Ok((engine.clone(), Arc::new(CacheControl(engine))))
 }
 
 pub fn run(args: &ServeArgs) -> Result<()> {
+    // A panicking queue worker, writeback or GC thread stops the daemon with the panic in the
+    // log; the service manager restarts it and the log on the media is replayed.
+    vhost_user_pcache::sync::stop_process_on_panic();
     let args = &args.with_config_file()?;
     let Some(socket) = &args.socket else {
         bail!("no vhost-user socket: give --socket PATH or `socket` in the config file");
@@ -414,8 +414,7 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         read_only: args.read_only,
         direct: true,
     };
-    let image = BackingImage::open(&path, &options)
-        .with_context(|| format!("opening backing image {}", path.display()))?;
+    let image = BackingImage::open(&path, &options)?;
     info!(
         "backing image {} ({} bytes{})",
         path.display(),
@@ -431,4 +430,75 @@ pub fn run(args: &ServeArgs) -> Result<()> {
     let config = ServeConfig::from(args);
     serve::run_with_state(&config, engine, &connection)
         .with_context(|| format!("serving on {}", socket.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    /// Set in the child process the test below starts.
+    const CHILD_ENV: &str = "VHOST_USER_PCACHE_PANIC_TEST_DIR";
+
+    #[derive(Parser)]
+    struct ServeCli {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
+    /// In a child process, `serve` runs on a thread; once it listens, another thread panics.
+    /// Without the daemon's panic policy that thread would just end and the daemon would
+    /// serve on (the child would pass its test and exit 0); with it the process stops with
+    /// status 70 and the panic's message.
+    #[test]
+    fn a_panicking_thread_stops_the_serving_daemon() {
+        if let Some(dir) = std::env::var_os(CHILD_ENV) {
+            let dir = PathBuf::from(dir);
+            let socket = dir.join("vhost.sock");
+            let image = dir.join("disk.img");
+            let cli = ServeCli::parse_from([
+                "serve",
+                "--socket",
+                socket.to_str().unwrap(),
+                "--backing",
+                image.to_str().unwrap(),
+                "--create-backing",
+                "1M",
+                "--cache",
+                "none",
+            ]);
+            std::thread::spawn(move || run(&cli.args));
+            let start = Instant::now();
+            while !socket.exists() {
+                assert!(
+                    start.elapsed() < Duration::from_secs(30),
+                    "serve never listened"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let worker = std::thread::Builder::new()
+                .name("queue-worker-test".into())
+                .spawn(|| panic!("an invariant broke"))
+                .unwrap();
+            let _ = worker.join();
+            // Still here: the panic did not stop the process.
+            std::thread::sleep(Duration::from_millis(200));
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "cli::serve::tests::a_panicking_thread_stops_the_serving_daemon",
+                "--exact",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(70), "{stderr}");
+        assert!(stderr.contains("an invariant broke"), "{stderr}");
+    }
 }

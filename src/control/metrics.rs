@@ -5,6 +5,7 @@
 use std::fmt::Write;
 
 use super::Status;
+use crate::cache::CacheStatus;
 
 const PREFIX: &str = "vhost_user_pcache_";
 
@@ -13,199 +14,241 @@ enum Kind {
     Counter,
 }
 
-struct Writer(String);
+use Kind::{Counter, Gauge};
 
-impl Writer {
-    fn metric(&mut self, name: &str, kind: Kind, help: &str, value: u64) {
-        let kind = match kind {
-            Kind::Gauge => "gauge",
-            Kind::Counter => "counter",
-        };
-        let _ = writeln!(self.0, "# HELP {PREFIX}{name} {help}");
-        let _ = writeln!(self.0, "# TYPE {PREFIX}{name} {kind}");
-        let _ = writeln!(self.0, "{PREFIX}{name} {value}");
-    }
+/// One metric: its name after [`PREFIX`], its type, its help text and where its value comes
+/// from.
+struct Metric<F> {
+    name: &'static str,
+    kind: Kind,
+    help: &'static str,
+    value: F,
 }
 
-/// Renders `status` as Prometheus text.
+/// Reads a metric of every engine.
+type EngineValue = fn(&Status) -> u64;
+/// Reads a metric of the cache engine.
+type CacheValue = fn(&Status, &CacheStatus) -> u64;
+
+/// Metrics of every engine.
+const COMMON: &[Metric<EngineValue>] = &[
+    Metric {
+        name: "capacity_bytes",
+        kind: Gauge,
+        help: "Size of the disk in bytes.",
+        value: |s| s.engine.capacity_bytes,
+    },
+    Metric {
+        name: "read_only",
+        kind: Gauge,
+        help: "1 when the disk is read-only.",
+        value: |s| s.engine.read_only.into(),
+    },
+    Metric {
+        name: "write_cache",
+        kind: Gauge,
+        help: "1 when the guest has its write cache on.",
+        value: |s| s.engine.write_cache.into(),
+    },
+    Metric {
+        name: "drained",
+        kind: Gauge,
+        help: "1 between drain and undrain.",
+        value: |s| s.engine.drained.into(),
+    },
+    Metric {
+        name: "connected",
+        kind: Gauge,
+        help: "1 while a vhost-user frontend is connected.",
+        value: |s| s.connection.connected.into(),
+    },
+    Metric {
+        name: "connections_total",
+        kind: Counter,
+        help: "Frontend connections accepted since start.",
+        value: |s| s.connection.connections,
+    },
+];
+
+/// Metrics of the cache engine only.
+const CACHE: &[Metric<CacheValue>] = &[
+    Metric {
+        name: "segments",
+        kind: Gauge,
+        help: "Cache segments.",
+        value: |_, c| c.segments_total.into(),
+    },
+    Metric {
+        name: "segments_used",
+        kind: Gauge,
+        help: "Cache segments in use (log and data).",
+        value: |_, c| c.segments_used.into(),
+    },
+    Metric {
+        name: "gc_percent",
+        kind: Gauge,
+        help: "GC threshold in percent of segments used.",
+        value: |_, c| c.gc_percent.into(),
+    },
+    Metric {
+        name: "data_crc",
+        kind: Gauge,
+        help: "1 when cached data is checksummed.",
+        value: |_, c| c.flags.data_crc.into(),
+    },
+    Metric {
+        name: "writethrough",
+        kind: Gauge,
+        help: "1 when writes complete only once on the media log.",
+        value: |_, c| c.flags.writethrough.into(),
+    },
+    Metric {
+        name: "dirty_bytes",
+        kind: Gauge,
+        help: "Bytes in the cache not yet written back.",
+        value: |_, c| c.stats.dirty_bytes,
+    },
+    Metric {
+        name: "writeback_rate_bytes_per_second",
+        kind: Gauge,
+        help: "Bytes written back per second over the last second.",
+        value: |s, _| s.writeback_rate_bytes_per_sec,
+    },
+    Metric {
+        name: "key_head_seq",
+        kind: Gauge,
+        help: "Log sequence number of the next kset.",
+        value: |_, c| c.key_head.seq,
+    },
+    Metric {
+        name: "dirty_tail_seq",
+        kind: Gauge,
+        help: "Log sequence number of the oldest kset not yet written back.",
+        value: |_, c| c.dirty_tail.seq,
+    },
+    Metric {
+        name: "key_tail_seq",
+        kind: Gauge,
+        help: "Log sequence number of the oldest kset not yet reclaimed.",
+        value: |_, c| c.key_tail.seq,
+    },
+    Metric {
+        name: "segment_data_bytes",
+        kind: Gauge,
+        help: "Bytes of data one cache segment holds.",
+        value: |_, c| c.segment_data_bytes.into(),
+    },
+    Metric {
+        name: "read_hits_total",
+        kind: Counter,
+        help: "Reads served entirely from the cache.",
+        value: |_, c| c.stats.read_hits,
+    },
+    Metric {
+        name: "read_misses_total",
+        kind: Counter,
+        help: "Reads that needed the backing image.",
+        value: |_, c| c.stats.read_misses,
+    },
+    Metric {
+        name: "read_bytes_total",
+        kind: Counter,
+        help: "Bytes read by the guest.",
+        value: |_, c| c.stats.read_bytes,
+    },
+    Metric {
+        name: "write_bytes_total",
+        kind: Counter,
+        help: "Bytes written by the guest.",
+        value: |_, c| c.stats.write_bytes,
+    },
+    Metric {
+        name: "busy_total",
+        kind: Counter,
+        help: "Requests held back because the cache had no room.",
+        value: |_, c| c.stats.busy,
+    },
+    Metric {
+        name: "crc_errors_total",
+        kind: Counter,
+        help: "Cached extents that failed their data CRC.",
+        value: |_, c| c.stats.crc_errors,
+    },
+    Metric {
+        name: "writeback_bytes_total",
+        kind: Counter,
+        help: "Bytes written back to the backing image.",
+        value: |_, c| c.stats.writeback_bytes,
+    },
+    Metric {
+        name: "writeback_errors_total",
+        kind: Counter,
+        help: "Failed writeback attempts.",
+        value: |_, c| c.stats.writeback_errors,
+    },
+    Metric {
+        name: "gc_runs_total",
+        kind: Counter,
+        help: "Ksets reclaimed by garbage collection.",
+        value: |_, c| c.stats.gc_runs,
+    },
+    Metric {
+        name: "gc_errors_total",
+        kind: Counter,
+        help: "Garbage collection failures.",
+        value: |_, c| c.stats.gc_errors,
+    },
+    Metric {
+        name: "lost_extents_total",
+        kind: Counter,
+        help: "Dirty extents given up because their cached data failed its CRC.",
+        value: |_, c| c.health.lost_extents,
+    },
+    Metric {
+        name: "lost_bytes_total",
+        kind: Counter,
+        help: "Bytes of newest data in those extents, which never reached the backing image.",
+        value: |_, c| c.health.lost_bytes,
+    },
+    Metric {
+        name: "writeback_stalled",
+        kind: Gauge,
+        help: "1 while writeback cannot go on (see ctl status), else 0.",
+        value: |_, c| u64::from(c.health.writeback_stalled.is_some()),
+    },
+];
+
+fn write_metric<F>(out: &mut String, metric: &Metric<F>, value: u64) {
+    let (name, help) = (metric.name, metric.help);
+    let kind = match metric.kind {
+        Gauge => "gauge",
+        Counter => "counter",
+    };
+    let _ = writeln!(out, "# HELP {PREFIX}{name} {help}");
+    let _ = writeln!(out, "# TYPE {PREFIX}{name} {kind}");
+    let _ = writeln!(out, "{PREFIX}{name} {value}");
+}
+
+/// Renders `status` as Prometheus text: the engine's name as a label, the metrics of every
+/// engine, then those of the cache when there is one.
 pub fn render_metrics(status: &Status) -> String {
-    use Kind::{Counter, Gauge};
-    let mut w = Writer(String::new());
-    let e = &status.engine;
+    let mut out = String::new();
     let _ = writeln!(
-        w.0,
+        out,
         "# HELP {PREFIX}info Engine serving the disk (label engine: pcache or none).\n\
          # TYPE {PREFIX}info gauge\n\
          {PREFIX}info{{engine=\"{}\"}} 1",
-        e.engine
+        status.engine.engine
     );
-    w.metric(
-        "capacity_bytes",
-        Gauge,
-        "Size of the disk in bytes.",
-        e.capacity_bytes,
-    );
-    w.metric(
-        "read_only",
-        Gauge,
-        "1 when the disk is read-only.",
-        e.read_only.into(),
-    );
-    w.metric(
-        "write_cache",
-        Gauge,
-        "1 when the guest has its write cache on.",
-        e.write_cache.into(),
-    );
-    w.metric(
-        "drained",
-        Gauge,
-        "1 between drain and undrain.",
-        e.drained.into(),
-    );
-    w.metric(
-        "connected",
-        Gauge,
-        "1 while a vhost-user frontend is connected.",
-        status.connection.connected.into(),
-    );
-    w.metric(
-        "connections_total",
-        Counter,
-        "Frontend connections accepted since start.",
-        status.connection.connections,
-    );
-    let Some(c) = &e.cache else {
-        return w.0;
-    };
-    let s = &c.stats;
-    let gauges: [(&str, &str, u64); 11] = [
-        ("segments", "Cache segments.", c.segments_total.into()),
-        (
-            "segments_used",
-            "Cache segments in use (log and data).",
-            c.segments_used.into(),
-        ),
-        (
-            "gc_percent",
-            "GC threshold in percent of segments used.",
-            c.gc_percent.into(),
-        ),
-        (
-            "data_crc",
-            "1 when cached data is checksummed.",
-            c.flags.data_crc.into(),
-        ),
-        (
-            "writethrough",
-            "1 when writes complete only once on the media log.",
-            c.flags.writethrough.into(),
-        ),
-        (
-            "dirty_bytes",
-            "Bytes in the cache not yet written back.",
-            s.dirty_bytes,
-        ),
-        (
-            "writeback_rate_bytes_per_second",
-            "Bytes written back per second over the last second.",
-            status.writeback_rate_bytes_per_sec,
-        ),
-        (
-            "key_head_seq",
-            "Log sequence number of the next kset.",
-            c.key_head.seq,
-        ),
-        (
-            "dirty_tail_seq",
-            "Log sequence number of the oldest kset not yet written back.",
-            c.dirty_tail.seq,
-        ),
-        (
-            "key_tail_seq",
-            "Log sequence number of the oldest kset not yet reclaimed.",
-            c.key_tail.seq,
-        ),
-        (
-            "segment_data_bytes",
-            "Bytes of data one cache segment holds.",
-            c.segment_data_bytes.into(),
-        ),
-    ];
-    for (name, help, value) in gauges {
-        w.metric(name, Gauge, help, value);
+    for metric in COMMON {
+        write_metric(&mut out, metric, (metric.value)(status));
     }
-    let counters: [(&str, &str, u64); 10] = [
-        (
-            "read_hits_total",
-            "Reads served entirely from the cache.",
-            s.read_hits,
-        ),
-        (
-            "read_misses_total",
-            "Reads that needed the backing image.",
-            s.read_misses,
-        ),
-        ("read_bytes_total", "Bytes read by the guest.", s.read_bytes),
-        (
-            "write_bytes_total",
-            "Bytes written by the guest.",
-            s.write_bytes,
-        ),
-        (
-            "busy_total",
-            "Requests held back because the cache had no room.",
-            s.busy,
-        ),
-        (
-            "crc_errors_total",
-            "Cached extents that failed their data CRC.",
-            s.crc_errors,
-        ),
-        (
-            "writeback_bytes_total",
-            "Bytes written back to the backing image.",
-            s.writeback_bytes,
-        ),
-        (
-            "writeback_errors_total",
-            "Failed writeback attempts.",
-            s.writeback_errors,
-        ),
-        (
-            "gc_runs_total",
-            "Ksets reclaimed by garbage collection.",
-            s.gc_runs,
-        ),
-        (
-            "gc_errors_total",
-            "Garbage collection failures.",
-            s.gc_errors,
-        ),
-    ];
-    for (name, help, value) in counters {
-        w.metric(name, Counter, help, value);
+    if let Some(cache) = &status.engine.cache {
+        for metric in CACHE {
+            write_metric(&mut out, metric, (metric.value)(status, cache));
+        }
     }
-    let h = &c.health;
-    w.metric(
-        "lost_extents_total",
-        Counter,
-        "Dirty extents given up because their cached data failed its CRC.",
-        h.lost_extents,
-    );
-    w.metric(
-        "lost_bytes_total",
-        Counter,
-        "Bytes of newest data in those extents, which never reached the backing image.",
-        h.lost_bytes,
-    );
-    w.metric(
-        "writeback_stalled",
-        Gauge,
-        "1 while writeback cannot go on (see ctl status), else 0.",
-        u64::from(h.writeback_stalled.is_some()),
-    );
-    w.0
+    out
 }
 
 #[cfg(test)]
@@ -267,5 +310,39 @@ mod tests {
         let text = render_metrics(&status);
         assert!(text.contains("vhost_user_pcache_connected 0"));
         assert!(!text.contains("dirty_bytes"));
+    }
+
+    /// Sets every number in `value` to a different value of 2 or more, every flag to true.
+    fn distinct_numbers(value: &mut serde_json::Value, next: &mut u64) {
+        match value {
+            serde_json::Value::Number(_) => {
+                *next += 1;
+                *value = (*next).into();
+            }
+            serde_json::Value::Bool(_) => *value = true.into(),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|v| distinct_numbers(v, next)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|v| distinct_numbers(v, next)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn every_counting_metric_reads_a_field_of_its_own() {
+        let mut status = Status::default();
+        status.engine.cache = Some(CacheStatus::default());
+        let mut json = serde_json::to_value(&status).unwrap();
+        distinct_numbers(&mut json, &mut 1);
+        let status: Status = serde_json::from_value(json).unwrap();
+        let text = render_metrics(&status);
+        let mut values: Vec<u64> = samples(&text)
+            .into_iter()
+            .map(|(_, v)| v)
+            .filter(|&v| v > 1)
+            .collect();
+        let count = values.len();
+        values.sort_unstable();
+        values.dedup();
+        assert_eq!(values.len(), count, "two metrics show one field:\n{text}");
+        assert!(count >= 20, "{text}");
     }
 }

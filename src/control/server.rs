@@ -11,8 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::{render_metrics, ConnectionStatus, ControlTarget, Request, Response, Status};
+use crate::engine::ErrorChain;
 use crate::poll::poll_readable;
 use crate::serve::ConnectionState;
+use crate::sync::lock;
 
 /// Longest request line accepted; requests are a few dozen bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
@@ -23,7 +25,7 @@ pub enum ControlError {
     InUse(PathBuf),
     #[error("control socket {0}: a file that is not a socket is in the way")]
     NotASocket(PathBuf),
-    #[error("control socket {path}: {source}")]
+    #[error("control socket {path}")]
     Io {
         path: PathBuf,
         #[source]
@@ -145,7 +147,7 @@ fn accept_loop(listener: &UnixListener, shared: &Arc<Shared>) {
             }
         }
         let bytes = writeback_bytes(shared.target.as_ref());
-        let mut rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rate = lock(&shared.rate);
         if rate.at.elapsed().as_millis() >= 1000 {
             rate.sample(bytes);
         }
@@ -219,12 +221,12 @@ fn handle(shared: &Shared, request: Request) -> Response {
     };
     match outcome {
         Ok(()) => Response::done(),
-        Err(e) => Response::failed(e),
+        Err(e) => Response::failed(ErrorChain(&e).to_string()),
     }
 }
 
 fn status(shared: &Shared) -> Status {
-    let rate = shared.rate.lock().unwrap_or_else(|p| p.into_inner()).rate;
+    let rate = lock(&shared.rate).rate;
     Status {
         engine: shared.target.status(),
         connection: ConnectionStatus {
@@ -232,5 +234,24 @@ fn status(shared: &Shared) -> Status {
             connections: shared.connection.connections(),
         },
         writeback_rate_bytes_per_sec: rate,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::TargetError;
+
+    #[test]
+    fn a_failure_answers_with_each_cause_once() {
+        let error = TargetError::FlushImage(std::io::Error::other("device gone"));
+        assert_eq!(
+            ErrorChain(&error).to_string(),
+            "flushing the backing image: device gone"
+        );
+        assert_eq!(
+            ErrorChain(&TargetError::NoCache).to_string(),
+            TargetError::NoCache.to_string()
+        );
     }
 }

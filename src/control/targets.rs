@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::{ControlTarget, EngineStatus};
+use super::{ControlTarget, EngineStatus, TargetError};
 use crate::backing::BackingImage;
 use crate::cache::CacheEngine;
 use crate::engine::Engine;
@@ -25,19 +25,19 @@ impl ControlTarget for CacheControl {
         }
     }
 
-    fn set_gc_percent(&self, percent: u8) -> Result<(), String> {
-        self.0.set_gc_percent(percent).map_err(|e| e.to_string())
+    fn set_gc_percent(&self, percent: u8) -> Result<(), TargetError> {
+        self.0.set_gc_percent(percent).map_err(TargetError::from)
     }
 
-    fn flush(&self) -> Result<(), String> {
-        self.0.flush_log().map_err(|e| e.to_string())
+    fn flush(&self) -> Result<(), TargetError> {
+        self.0.flush_log().map_err(TargetError::from)
     }
 
-    fn drain(&self) -> Result<(), String> {
-        self.0.drain_and_hold().map_err(|e| e.to_string())
+    fn drain(&self) -> Result<(), TargetError> {
+        self.0.drain_and_hold().map_err(TargetError::from)
     }
 
-    fn undrain(&self) -> Result<(), String> {
+    fn undrain(&self) -> Result<(), TargetError> {
         self.0.leave_drained();
         Ok(())
     }
@@ -60,13 +60,11 @@ impl PassthroughControl {
         }
     }
 
-    fn flush_image(&self) -> Result<(), String> {
+    fn flush_image(&self) -> Result<(), TargetError> {
         if self.image.read_only() {
             return Ok(());
         }
-        self.image
-            .flush()
-            .map_err(|e| format!("flushing the backing image: {e}"))
+        self.image.flush().map_err(TargetError::FlushImage)
     }
 }
 
@@ -82,21 +80,21 @@ impl ControlTarget for PassthroughControl {
         }
     }
 
-    fn set_gc_percent(&self, _percent: u8) -> Result<(), String> {
-        Err("the daemon runs without a cache (--cache none): there is no gc_percent".into())
+    fn set_gc_percent(&self, _percent: u8) -> Result<(), TargetError> {
+        Err(TargetError::NoCache)
     }
 
-    fn flush(&self) -> Result<(), String> {
+    fn flush(&self) -> Result<(), TargetError> {
         self.flush_image()
     }
 
-    fn drain(&self) -> Result<(), String> {
+    fn drain(&self) -> Result<(), TargetError> {
         self.flush_image()?;
         self.drained.store(true, Ordering::Release);
         Ok(())
     }
 
-    fn undrain(&self) -> Result<(), String> {
+    fn undrain(&self) -> Result<(), TargetError> {
         self.drained.store(false, Ordering::Release);
         Ok(())
     }

@@ -7,6 +7,7 @@ use log::warn;
 
 use super::relay::{Intercept, Message};
 use crate::backend::BlkBackend;
+use crate::engine::ErrorChain;
 use crate::virtio_blk::inflight::InflightArea;
 
 const GET_INFLIGHT_FD: u32 = 31;
@@ -118,10 +119,7 @@ impl Intercept for InflightMessages<'_> {
             SET_INFLIGHT_FD => {
                 let outcome = self.set(&msg);
                 if let Err(e) = &outcome {
-                    match std::error::Error::source(e) {
-                        Some(cause) => warn!("refusing the frontend's inflight area: {e}: {cause}"),
-                        None => warn!("refusing the frontend's inflight area: {e}"),
-                    }
+                    warn!("refusing the frontend's inflight area: {}", ErrorChain(e));
                 }
                 Ok(msg.needs_reply().then(|| msg.ack(outcome.is_ok())))
             }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateFileError {
-    #[error("cannot read state file {path}: {source}")]
+    #[error("cannot read state file {path}")]
     Read {
         path: PathBuf,
         #[source]
@@ -25,7 +25,7 @@ pub enum StateFileError {
          fix it (`write-cache = true` or `false`) or remove it to start with the write cache on"
     )]
     Damaged { path: PathBuf, reason: String },
-    #[error("cannot write state file {path}: {source}")]
+    #[error("cannot write state file {path}")]
     Write {
         path: PathBuf,
         #[source]

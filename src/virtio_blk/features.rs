@@ -46,7 +46,8 @@ pub fn device_features(read_only: bool) -> u64 {
         | bit(VIRTIO_RING_F_EVENT_IDX)
         | bit(VIRTIO_RING_F_INDIRECT_DESC)
         | bit(VIRTIO_F_VERSION_1)
-        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if read_only {
         features |= bit(VIRTIO_BLK_F_RO);
     }
@@ -58,8 +59,9 @@ pub fn device_features(read_only: bool) -> u64 {
 /// lets a restarted daemon resubmit what a crashed one left in flight (its messages are
 /// answered by the serve loop's relay, since the vhost-user-backend crate refuses them).
 /// DEVICE_STATE (an empty state: stopped rings have nothing in flight) lets Cloud Hypervisor
-/// take exact ring positions for snapshot and migration. STATUS is absent: the vhost crate's
-/// backend handler cannot answer it.
+/// take exact ring positions for snapshot and migration. LOG_SHMFD (with the LOG_ALL feature
+/// bit) lets QEMU migrate and save the VM: every guest page the daemon writes is marked in the
+/// frontend's dirty log. STATUS is absent: the vhost crate's backend handler cannot answer it.
 pub fn protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::MQ
@@ -67,6 +69,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
         | VhostUserProtocolFeatures::DEVICE_STATE
+        | VhostUserProtocolFeatures::LOG_SHMFD
 }
 
 /// Whether `features` (a negotiated set) contains virtio-blk feature bit `n`.
@@ -85,7 +88,7 @@ mod tests {
     #[test]
     fn offers_every_handled_feature_and_protocol_bit() {
         let f = device_features(false);
-        for n in [1, 2, 6, 9, 10, 11, 12, 13, 14, 28, 29, 30, 32] {
+        for n in [1, 2, 6, 9, 10, 11, 12, 13, 14, 26, 28, 29, 30, 32] {
             assert!(has_feature(f, n), "feature bit {n} missing");
         }
         assert!(!has_feature(f, VIRTIO_BLK_F_RO));
@@ -113,5 +116,8 @@ mod tests {
         assert!(!p.contains(VhostUserProtocolFeatures::STATUS));
         assert!(p.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD));
         assert!(p.contains(VhostUserProtocolFeatures::DEVICE_STATE));
+        // QEMU blocks migration and savevm without both dirty-logging bits.
+        assert!(p.contains(VhostUserProtocolFeatures::LOG_SHMFD));
+        assert!(has_feature(device_features(false), 26), "VHOST_F_LOG_ALL");
     }
 }

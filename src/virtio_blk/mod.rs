@@ -3,6 +3,7 @@
 //! worker that connects virtqueues to an engine.
 
 pub mod config;
+pub mod dirty_log;
 pub mod features;
 pub mod inflight;
 pub mod queue_worker;

@@ -12,18 +12,21 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use log::{debug, error, warn};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::config::DeviceInfo;
+use super::dirty_log::mark_written;
 use super::features::{STATUS_IOERR, STATUS_OK};
 use super::inflight::QueueInflight;
 use super::request::{decode, Action, Decoded};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
-/// Guest memory as mapped from the vhost-user memory table (no dirty-page bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory as mapped from the vhost-user memory table, with the frontend's dirty-page
+/// log (SET_LOG_BASE) as its bitmap.
+pub type GuestMem = GuestMemoryMmap<BitmapMmapRegion>;
 /// The per-connection, hot-swappable view of guest memory.
 pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// The vring type the backend uses.
@@ -36,6 +39,8 @@ struct InFlight {
     status_addr: GuestAddress,
     used_len: u32,
     mem: Arc<GuestMem>,
+    /// Guest ranges the engine writes by pointer, marked dirty on completion.
+    data_in: Vec<(GuestAddress, u64)>,
 }
 
 pub struct QueueWorker {
@@ -237,6 +242,7 @@ impl QueueWorker {
             head,
             status_addr,
             action,
+            data_in,
         } = decoded;
         match (action, status_addr) {
             (Action::Submit { kind, used_len }, Some(status_addr)) => {
@@ -249,6 +255,7 @@ impl QueueWorker {
                         status_addr,
                         used_len,
                         mem: snapshot.clone(),
+                        data_in,
                     },
                 );
                 self.submit(vring, queue, Request { tag, kind })
@@ -326,6 +333,8 @@ impl QueueWorker {
                 (STATUS_IOERR, 1)
             }
         };
+        // Also after a failure: the engine may have written part of the data.
+        mark_written(req.mem.as_ref(), &req.data_in);
         write_status(&req.mem, req.status_addr, status);
         self.add_used(vring, req.head, used_len);
         true

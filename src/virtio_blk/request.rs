@@ -25,6 +25,10 @@ pub struct Decoded {
     /// Guest address of the status byte; `None` when the chain has none the device may write.
     pub status_addr: Option<GuestAddress>,
     pub action: Action,
+    /// The guest ranges an engine request writes through raw pointers (IN data), which the
+    /// guest memory's dirty bitmap cannot see: they are marked when the request completes.
+    /// Empty unless `action` is `Submit`.
+    pub data_in: Vec<(GuestAddress, u64)>,
 }
 
 #[derive(Debug)]
@@ -103,38 +107,38 @@ impl Ranges {
         (Ranges(head), Ranges(tail))
     }
 
-    /// Copies the first `buf.len()` bytes out of guest memory.
-    fn read<M: GuestMemoryBackend>(&self, mem: &M, buf: &mut [u8]) -> Result<(), ()> {
+    /// Copies the first `buf.len()` bytes out of guest memory; false when the ranges are
+    /// shorter or not all readable.
+    fn read<M: GuestMemoryBackend>(&self, mem: &M, buf: &mut [u8]) -> bool {
         let mut done = 0;
         for &(addr, len) in &self.0 {
             if done == buf.len() {
                 break;
             }
             let n = (len as usize).min(buf.len() - done);
-            mem.read_slice(&mut buf[done..done + n], addr)
-                .map_err(|_| ())?;
+            if mem.read_slice(&mut buf[done..done + n], addr).is_err() {
+                return false;
+            }
             done += n;
         }
-        if done == buf.len() {
-            Ok(())
-        } else {
-            Err(())
-        }
+        done == buf.len()
     }
 
-    /// Copies `buf` into the start of the ranges (which must be at least as long).
-    fn write<M: GuestMemoryBackend>(&self, mem: &M, buf: &[u8]) -> Result<(), ()> {
+    /// Copies `buf` into the start of the ranges (which must be at least as long); false when
+    /// guest memory refused a part.
+    fn write<M: GuestMemoryBackend>(&self, mem: &M, buf: &[u8]) -> bool {
         let mut done = 0;
         for &(addr, len) in &self.0 {
             if done == buf.len() {
                 break;
             }
             let n = (len as usize).min(buf.len() - done);
-            mem.write_slice(&buf[done..done + n], addr)
-                .map_err(|_| ())?;
+            if mem.write_slice(&buf[done..done + n], addr).is_err() {
+                return false;
+            }
             done += n;
         }
-        Ok(())
+        true
     }
 
     /// Host addresses of the ranges, split where guest memory regions end: the zero-copy
@@ -224,6 +228,7 @@ where
             head,
             status_addr: None,
             action: Action::Discard,
+            data_in: Vec::new(),
         };
     };
     let answer = |e: DecodeError| {
@@ -235,6 +240,7 @@ where
                 status: e.status(),
                 used_len: 1,
             },
+            data_in: Vec::new(),
         }
     };
     if let Some(e) = early_error {
@@ -242,11 +248,23 @@ where
     }
     let split = split.expect("split is Some when there is no error");
     match decode_request(&split, mem, info) {
-        Ok(action) => Decoded {
-            head,
-            status_addr: Some(status_addr),
-            action,
-        },
+        Ok(action) => {
+            // Everything writable before the status byte; empty for any type but IN (the
+            // decoder refuses other types with writable data).
+            let data_in = match action {
+                Action::Submit { .. } => {
+                    let (data_in, _status) = split.writable.split_at(split.writable.total() - 1);
+                    data_in.0
+                }
+                _ => Vec::new(),
+            };
+            Decoded {
+                head,
+                status_addr: Some(status_addr),
+                action,
+                data_in,
+            }
+        }
         Err(e) => answer(e),
     }
 }
@@ -266,136 +284,191 @@ where
     mem.check_range(addr, 1).then_some(addr)
 }
 
+/// A request's parts once its header is read: the header fields, the readable bytes after the
+/// header (OUT data or discard segments) and the writable bytes before the status byte (IN
+/// data or the GET_ID answer).
+struct Parts {
+    request_type: u32,
+    sector: u64,
+    payload: Ranges,
+    data_in: Ranges,
+}
+
+impl Parts {
+    /// Refuses a request type that must have no device-writable data.
+    fn only_status_writable(&self) -> Result<(), DecodeError> {
+        if self.data_in.total() == 0 {
+            Ok(())
+        } else {
+            Err(DecodeError::WrongDirection(self.request_type))
+        }
+    }
+
+    /// Refuses a request type that must have no driver-readable data after the header.
+    fn only_header_readable(&self) -> Result<(), DecodeError> {
+        if self.payload.total() == 0 {
+            Ok(())
+        } else {
+            Err(DecodeError::WrongDirection(self.request_type))
+        }
+    }
+}
+
+fn writable_device(info: &DeviceInfo) -> Result<(), DecodeError> {
+    if info.read_only {
+        Err(DecodeError::ReadOnly)
+    } else {
+        Ok(())
+    }
+}
+
 fn decode_request<G: GuestMemoryBackend>(
     split: &SplitChain,
     mem: &G,
     info: &DeviceInfo,
 ) -> Result<Action, DecodeError> {
+    let parts = read_header(split, mem)?;
+    match parts.request_type {
+        VIRTIO_BLK_T_IN => decode_read(&parts, mem, info),
+        VIRTIO_BLK_T_OUT => decode_write(&parts, mem, info),
+        VIRTIO_BLK_T_FLUSH => decode_flush(&parts),
+        VIRTIO_BLK_T_GET_ID => answer_get_id(&parts, mem, info),
+        VIRTIO_BLK_T_DISCARD => decode_discard_or_write_zeroes(&parts, mem, info, true),
+        VIRTIO_BLK_T_WRITE_ZEROES => decode_discard_or_write_zeroes(&parts, mem, info, false),
+        other => Err(DecodeError::UnsupportedType(other)),
+    }
+}
+
+/// Reads the 16-byte header and splits the chain around it and around the status byte.
+fn read_header<G: GuestMemoryBackend>(split: &SplitChain, mem: &G) -> Result<Parts, DecodeError> {
     let readable_len = split.readable.total();
     if readable_len < REQUEST_HEADER_LEN as u64 {
         return Err(DecodeError::ShortHeader(readable_len));
     }
     let (header_ranges, payload) = split.readable.split_at(REQUEST_HEADER_LEN as u64);
     let mut header = [0u8; REQUEST_HEADER_LEN];
-    header_ranges
-        .read(mem, &mut header)
-        .map_err(|_| DecodeError::ShortHeader(readable_len))?;
-    let request_type = u32::from_le_bytes(header[0..4].try_into().unwrap());
-    let sector = u64::from_le_bytes(header[8..16].try_into().unwrap());
-    let (data_out, _status) = split.writable.split_at(split.writable.total() - 1);
-
-    let only_status_writable = || {
-        if data_out.total() == 0 {
-            Ok(())
-        } else {
-            Err(DecodeError::WrongDirection(request_type))
-        }
-    };
-    let only_header_readable = || {
-        if payload.total() == 0 {
-            Ok(())
-        } else {
-            Err(DecodeError::WrongDirection(request_type))
-        }
-    };
-    let writable_device = || {
-        if info.read_only {
-            Err(DecodeError::ReadOnly)
-        } else {
-            Ok(())
-        }
-    };
-
-    match request_type {
-        VIRTIO_BLK_T_IN => {
-            only_header_readable()?;
-            let len = data_out.total();
-            let offset = byte_range(sector, len, info)?;
-            let used_len = u32::try_from(len + 1).map_err(|_| DecodeError::Misaligned(len))?;
-            let bufs = data_out.data_segs(mem)?;
-            Ok(Action::Submit {
-                kind: RequestKind::Read { offset, bufs },
-                used_len,
-            })
-        }
-        VIRTIO_BLK_T_OUT => {
-            only_status_writable()?;
-            writable_device()?;
-            let len = payload.total();
-            let offset = byte_range(sector, len, info)?;
-            let bufs = payload.data_segs(mem)?;
-            Ok(Action::Submit {
-                kind: RequestKind::Write { offset, bufs },
-                used_len: 1,
-            })
-        }
-        VIRTIO_BLK_T_FLUSH => {
-            only_status_writable()?;
-            only_header_readable()?;
-            Ok(Action::Submit {
-                kind: RequestKind::Flush,
-                used_len: 1,
-            })
-        }
-        VIRTIO_BLK_T_GET_ID => {
-            only_header_readable()?;
-            let n = (data_out.total() as usize).min(info.serial.len());
-            data_out
-                .write(mem, &info.serial[..n])
-                .map_err(|_| DecodeError::NoStatus)?;
-            Ok(Action::Answer {
-                status: STATUS_OK,
-                used_len: n as u32 + 1,
-            })
-        }
-        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
-            only_status_writable()?;
-            writable_device()?;
-            let discard = request_type == VIRTIO_BLK_T_DISCARD;
-            let (max_seg, max_sectors) = if discard {
-                (info.max_discard_seg, info.max_discard_sectors)
-            } else {
-                (info.max_write_zeroes_seg, info.max_write_zeroes_sectors)
-            };
-            let bytes = payload.total();
-            let count = bytes / DISCARD_SEGMENT_LEN as u64;
-            if bytes % DISCARD_SEGMENT_LEN as u64 != 0 || count == 0 || count > u64::from(max_seg) {
-                return Err(DecodeError::BadSegmentCount {
-                    count,
-                    bytes,
-                    max: max_seg,
-                });
-            }
-            // One segment per request is advertised, so `count` is 1 here.
-            let mut seg = [0u8; DISCARD_SEGMENT_LEN];
-            payload
-                .read(mem, &mut seg)
-                .map_err(|_| DecodeError::ShortHeader(bytes))?;
-            let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
-            let num_sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap());
-            let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
-            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
-            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
-                return Err(DecodeError::UnsupportedFlags(flags));
-            }
-            if num_sectors > max_sectors {
-                return Err(DecodeError::SegmentTooLong(num_sectors));
-            }
-            let len = u64::from(num_sectors) * SECTOR_SIZE;
-            let offset = byte_range(seg_sector, len, info)?;
-            let kind = if discard {
-                RequestKind::Discard { offset, len }
-            } else {
-                RequestKind::WriteZeroes {
-                    offset,
-                    len,
-                    may_unmap: unmap,
-                }
-            };
-            Ok(Action::Submit { kind, used_len: 1 })
-        }
-        other => Err(DecodeError::UnsupportedType(other)),
+    if !header_ranges.read(mem, &mut header) {
+        return Err(DecodeError::ShortHeader(readable_len));
     }
+    let (data_in, _status) = split.writable.split_at(split.writable.total() - 1);
+    Ok(Parts {
+        request_type: u32::from_le_bytes(header[0..4].try_into().unwrap()),
+        sector: u64::from_le_bytes(header[8..16].try_into().unwrap()),
+        payload,
+        data_in,
+    })
+}
+
+/// IN: the engine reads straight into the chain's writable buffers.
+fn decode_read<G: GuestMemoryBackend>(
+    parts: &Parts,
+    mem: &G,
+    info: &DeviceInfo,
+) -> Result<Action, DecodeError> {
+    parts.only_header_readable()?;
+    let len = parts.data_in.total();
+    let offset = byte_range(parts.sector, len, info)?;
+    let used_len = u32::try_from(len + 1).map_err(|_| DecodeError::Misaligned(len))?;
+    let bufs = parts.data_in.data_segs(mem)?;
+    Ok(Action::Submit {
+        kind: RequestKind::Read { offset, bufs },
+        used_len,
+    })
+}
+
+/// OUT: the engine writes straight from the chain's readable buffers.
+fn decode_write<G: GuestMemoryBackend>(
+    parts: &Parts,
+    mem: &G,
+    info: &DeviceInfo,
+) -> Result<Action, DecodeError> {
+    parts.only_status_writable()?;
+    writable_device(info)?;
+    let len = parts.payload.total();
+    let offset = byte_range(parts.sector, len, info)?;
+    let bufs = parts.payload.data_segs(mem)?;
+    Ok(Action::Submit {
+        kind: RequestKind::Write { offset, bufs },
+        used_len: 1,
+    })
+}
+
+fn decode_flush(parts: &Parts) -> Result<Action, DecodeError> {
+    parts.only_status_writable()?;
+    parts.only_header_readable()?;
+    Ok(Action::Submit {
+        kind: RequestKind::Flush,
+        used_len: 1,
+    })
+}
+
+/// GET_ID needs no engine: the serial is written into the chain here.
+fn answer_get_id<G: GuestMemoryBackend>(
+    parts: &Parts,
+    mem: &G,
+    info: &DeviceInfo,
+) -> Result<Action, DecodeError> {
+    parts.only_header_readable()?;
+    let n = (parts.data_in.total() as usize).min(info.serial.len());
+    if !parts.data_in.write(mem, &info.serial[..n]) {
+        return Err(DecodeError::NoStatus);
+    }
+    Ok(Action::Answer {
+        status: STATUS_OK,
+        used_len: n as u32 + 1,
+    })
+}
+
+/// DISCARD and WRITE_ZEROES: one 16-byte segment (the advertised maximum) with its flags.
+fn decode_discard_or_write_zeroes<G: GuestMemoryBackend>(
+    parts: &Parts,
+    mem: &G,
+    info: &DeviceInfo,
+    discard: bool,
+) -> Result<Action, DecodeError> {
+    parts.only_status_writable()?;
+    writable_device(info)?;
+    let (max_seg, max_sectors) = if discard {
+        (info.max_discard_seg, info.max_discard_sectors)
+    } else {
+        (info.max_write_zeroes_seg, info.max_write_zeroes_sectors)
+    };
+    let bytes = parts.payload.total();
+    let count = bytes / DISCARD_SEGMENT_LEN as u64;
+    if bytes % DISCARD_SEGMENT_LEN as u64 != 0 || count == 0 || count > u64::from(max_seg) {
+        return Err(DecodeError::BadSegmentCount {
+            count,
+            bytes,
+            max: max_seg,
+        });
+    }
+    // One segment per request is advertised, so `count` is 1 here.
+    let mut seg = [0u8; DISCARD_SEGMENT_LEN];
+    if !parts.payload.read(mem, &mut seg) {
+        return Err(DecodeError::ShortHeader(bytes));
+    }
+    let seg_sector = u64::from_le_bytes(seg[0..8].try_into().unwrap());
+    let num_sectors = u32::from_le_bytes(seg[8..12].try_into().unwrap());
+    let flags = u32::from_le_bytes(seg[12..16].try_into().unwrap());
+    let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+    if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
+        return Err(DecodeError::UnsupportedFlags(flags));
+    }
+    if num_sectors > max_sectors {
+        return Err(DecodeError::SegmentTooLong(num_sectors));
+    }
+    let len = u64::from(num_sectors) * SECTOR_SIZE;
+    let offset = byte_range(seg_sector, len, info)?;
+    let kind = if discard {
+        RequestKind::Discard { offset, len }
+    } else {
+        RequestKind::WriteZeroes {
+            offset,
+            len,
+            may_unmap: unmap,
+        }
+    };
+    Ok(Action::Submit { kind, used_len: 1 })
 }
 
 /// Byte offset of `sector`, after checking that `len` bytes from it are sector-aligned and

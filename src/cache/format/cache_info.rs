@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::meta::{get_u32, get_u64, put_u32, put_u64, MetaRecord};
+use super::record::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
 use super::FormatError;
 
 /// Flag: every key carries a CRC of its data, checked on read.
@@ -85,14 +85,17 @@ impl MetaRecord for CacheInfo {
         b[24..56].copy_from_slice(&self.backing.id);
     }
 
-    fn decode_body(b: &[u8]) -> Result<Self, String> {
+    fn decode_body(b: &[u8]) -> Result<Self, FieldFault> {
         let flags = get_u32(b, 4);
         if flags & !KNOWN_FLAGS != 0 {
-            return Err(format!("unknown cache_info flags {flags:#x}"));
+            return Err(FieldFault::UnknownFlags {
+                record: "cache_info",
+                flags,
+            });
         }
         let gc = get_u32(b, 8);
         if gc > MAX_GC_PERCENT as u32 {
-            return Err(format!("gc_percent {gc} above {MAX_GC_PERCENT}"));
+            return Err(FieldFault::GcPercentTooHigh(gc));
         }
         let mut id = [0u8; 32];
         id.copy_from_slice(&b[24..56]);

@@ -7,8 +7,8 @@ use crate::cache::CachePos;
 use super::cache_info::{BackingFingerprint, CacheInfo, DEFAULT_GC_PERCENT, MAX_GC_PERCENT};
 use super::kset::KSET_HEADER_SIZE;
 use super::layout::{Layout, META_PAGE, SEGMENTS_OFFSET, SEGMENT_DATA_OFFSET, SUPERBLOCK_OFFSET};
-use super::meta::{decode_record, encode_record, load_latest, write_initial, MetaRecord};
-use super::meta::{RecordFault, RecordKind, Versioned};
+use super::record::{decode_record, encode_record, load_latest, write_initial, MetaRecord};
+use super::record::{FieldFault, RecordFault, RecordKind, Versioned};
 use super::segment::{Generation, SegmentInfo, SegmentType};
 use super::superblock::Superblock;
 use super::tails::TailPos;
@@ -150,9 +150,7 @@ pub fn probe(media: &dyn Media) -> Result<Option<Superblock>, FormatError> {
         Err(fault) => return Err(corrupt(fault)),
     };
     if page[Superblock::LEN..].iter().any(|&b| b != 0) {
-        return Err(corrupt(RecordFault::BadField(
-            "bytes after the superblock record are not zero".into(),
-        )));
+        return Err(corrupt(RecordFault::BadField(FieldFault::TrailingBytes)));
     }
     sb.layout(media.len())?;
     Ok(Some(sb))

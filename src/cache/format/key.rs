@@ -4,7 +4,7 @@
 use crate::engine::SECTOR_SIZE;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, put_u32, put_u64};
+use super::record::{get_u32, get_u64, put_u32, put_u64};
 
 /// Encoded size of a key.
 pub const KEY_SIZE: usize = 40;
@@ -73,55 +73,79 @@ impl KeyRecord {
     }
 
     /// Check every field against the layout and the backing image size.
-    pub fn validate(&self, layout: &Layout, backing_size: u64) -> Result<(), String> {
+    pub fn validate(&self, layout: &Layout, backing_size: u64) -> Result<(), KeyFault> {
         if self.flags & !KEY_KNOWN_FLAGS != 0 {
-            return Err(format!("unknown key flags {:#x}", self.flags));
+            return Err(KeyFault::UnknownFlags(self.flags));
         }
         if self.len == 0 || self.len as u64 % SECTOR_SIZE != 0 {
-            return Err(format!(
-                "length {} is not a non-zero multiple of 512",
-                self.len
-            ));
+            return Err(KeyFault::Length(self.len));
         }
         if self.off % SECTOR_SIZE != 0 {
-            return Err(format!(
-                "backing offset {} is not a multiple of 512",
-                self.off
-            ));
+            return Err(KeyFault::UnalignedOffset(self.off));
         }
         match self.off.checked_add(self.len as u64) {
             Some(end) if end <= backing_size => {}
             _ => {
-                return Err(format!(
-                    "extent {}+{} beyond the backing image of {backing_size} bytes",
-                    self.off, self.len
-                ))
+                return Err(KeyFault::BeyondBacking {
+                    off: self.off,
+                    len: self.len,
+                    backing_size,
+                })
             }
         }
         if self.flags & KEY_UNMAP != 0 && !self.is_zeroes() {
-            return Err("the unmap flag on a key with data".into());
+            return Err(KeyFault::UnmapWithData);
         }
         if self.is_zeroes() {
             if self.seg != 0 || self.seg_off != 0 || self.data_crc != 0 {
-                return Err("a zeroes key names cache data".into());
+                return Err(KeyFault::ZeroesWithData);
             }
             return Ok(());
         }
         if self.seg >= layout.n_segments() {
-            return Err(format!(
-                "segment {} out of {}",
-                self.seg,
-                layout.n_segments()
-            ));
+            return Err(KeyFault::SegmentOutOfRange {
+                seg: self.seg,
+                n_segments: layout.n_segments(),
+            });
         }
         if self.seg_off as u64 + self.len as u64 > layout.data_size() as u64 {
-            return Err(format!(
-                "data {}+{} beyond the segment's {} data bytes",
-                self.seg_off,
-                self.len,
-                layout.data_size()
-            ));
+            return Err(KeyFault::BeyondSegment {
+                seg_off: self.seg_off,
+                len: self.len,
+                data_size: layout.data_size(),
+            });
         }
         Ok(())
     }
+}
+
+/// Why a key whose kset passed its CRC is refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KeyFault {
+    #[error("unknown key flags {0:#x}")]
+    UnknownFlags(u32),
+    #[error("length {0} is not a non-zero multiple of 512")]
+    Length(u32),
+    #[error("backing offset {0} is not a multiple of 512")]
+    UnalignedOffset(u64),
+    #[error("extent {off}+{len} beyond the backing image of {backing_size} bytes")]
+    BeyondBacking {
+        off: u64,
+        len: u32,
+        backing_size: u64,
+    },
+    #[error("the unmap flag on a key with data")]
+    UnmapWithData,
+    #[error("a zeroes key names cache data")]
+    ZeroesWithData,
+    #[error("segment {seg} out of {n_segments}")]
+    SegmentOutOfRange { seg: u32, n_segments: u32 },
+    #[error("data {seg_off}+{len} beyond the segment's {data_size} data bytes")]
+    BeyondSegment {
+        seg_off: u32,
+        len: u32,
+        data_size: u32,
+    },
+    #[error("reserved field {0:#x} is not zero")]
+    ReservedNotZero(u32),
 }

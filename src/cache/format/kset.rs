@@ -8,9 +8,9 @@
 //! end of the log, and never takes a stale kset from an earlier use of a segment for the log.
 //! The CRC is seeded with the cache id, so ksets from an earlier format never match either.
 
-use super::key::{KeyRecord, KEY_SIZE};
+use super::key::{KeyFault, KeyRecord, KEY_SIZE};
 use super::layout::Layout;
-use super::meta::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, RecordKind};
+use super::record::{get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, FieldFault, RecordKind};
 use super::{FormatError, CRC_SEED, FORMAT_VERSION};
 
 /// Size of a kset header.
@@ -103,7 +103,7 @@ impl KsetCodec {
         }
         for (index, key) in keys.iter().enumerate() {
             key.validate(&self.layout, self.backing_size)
-                .map_err(|reason| FormatError::BadKey { seq, index, reason })?;
+                .map_err(|fault| FormatError::BadKey { seq, index, fault })?;
         }
         let start = out.len();
         out.resize(start + kset_size(keys.len()), 0);
@@ -199,17 +199,20 @@ impl KsetCodec {
         if flags & !KSET_FLAG_LAST != 0 {
             return Err(FormatError::KsetBadField {
                 seq,
-                reason: format!("unknown kset flags {flags:#x}"),
+                fault: FieldFault::UnknownFlags {
+                    record: "kset",
+                    flags,
+                },
             });
         }
         if is_last {
             if count >= self.layout.n_segments() {
                 return Err(FormatError::KsetBadField {
                     seq,
-                    reason: format!(
-                        "next log segment {count} out of {}",
-                        self.layout.n_segments()
-                    ),
+                    fault: FieldFault::NextSegmentOutOfRange {
+                        next_seg: count,
+                        n_segments: self.layout.n_segments(),
+                    },
                 });
             }
             return Ok(Kset::Last {
@@ -225,11 +228,11 @@ impl KsetCodec {
                 return Err(FormatError::BadKey {
                     seq,
                     index,
-                    reason: format!("reserved field {reserved:#x} is not zero"),
+                    fault: KeyFault::ReservedNotZero(reserved),
                 });
             }
             key.validate(&self.layout, self.backing_size)
-                .map_err(|reason| FormatError::BadKey { seq, index, reason })?;
+                .map_err(|fault| FormatError::BadKey { seq, index, fault })?;
             keys.push(key);
         }
         Ok(Kset::Keys { seq, keys })

@@ -6,7 +6,7 @@
 
 use crate::cache::{CachePos, SEGMENT_SIZE};
 
-use super::meta::{RecordKind, ReplicaSlots};
+use super::record::{RecordKind, ReplicaSlots};
 use super::FormatError;
 
 /// Size of one metadata page (the stride between replicas).

@@ -14,7 +14,7 @@ mod init;
 mod key;
 mod kset;
 mod layout;
-mod meta;
+mod record;
 mod segment;
 mod superblock;
 mod tails;
@@ -27,15 +27,15 @@ pub use cache_info::{
     MAX_GC_PERCENT,
 };
 pub use init::{format, open_metadata, probe, FormatOptions, OpenedCache};
-pub use key::{KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
+pub use key::{KeyFault, KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
 pub use kset::{
     kset_size, Kset, KsetCodec, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC, KSET_MAX_KEYS,
     KSET_MAX_SIZE, KSET_ZERO_HEADER,
 };
 pub use layout::*;
-pub use meta::{
-    decode_record, encode_record, load_latest, load_latest_checked, store, MetaRecord, RecordFault,
-    RecordKind, ReplicaSlots, Versioned, HEADER_LEN,
+pub use record::{
+    decode_record, encode_record, load_latest, load_latest_checked, store, FieldFault, MetaRecord,
+    RecordFault, RecordKind, ReplicaSlots, Versioned, HEADER_LEN,
 };
 pub use segment::{
     load_generation, load_segment_info, store_generation, store_segment_info, Generation,
@@ -69,7 +69,8 @@ pub fn data_crc(data: &[u8]) -> u32 {
 /// Errors of the on-media format. Messages say what is wrong and where.
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
-    #[error("cache media: {0}")]
+    /// Transparent, so a printed chain shows the media error once.
+    #[error(transparent)]
     Media(#[from] MediaError),
     #[error(
         "media of {media_len} bytes cannot hold {n_segments} segments: a cache needs at least \
@@ -124,13 +125,13 @@ pub enum FormatError {
     KsetBadCrc { stored: u32, computed: u32 },
     #[error("kset sequence number {found}, expected {expected}")]
     KsetSeq { expected: u64, found: u64 },
-    #[error("kset {seq} passed its CRC but is invalid: {reason}")]
-    KsetBadField { seq: u64, reason: String },
-    #[error("kset {seq} key {index} passed the CRC but is invalid: {reason}")]
+    #[error("kset {seq} passed its CRC but is invalid: {fault}")]
+    KsetBadField { seq: u64, fault: FieldFault },
+    #[error("kset {seq} key {index} passed the CRC but is invalid: {fault}")]
     BadKey {
         seq: u64,
         index: usize,
-        reason: String,
+        fault: KeyFault,
     },
 }
 

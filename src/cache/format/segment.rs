@@ -7,8 +7,8 @@
 use crate::cache::media::Media;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
-use super::meta::{MetaRecord, Versioned};
+use super::record::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
+use super::record::{FieldFault, MetaRecord, Versioned};
 use super::FormatError;
 
 /// What a segment is for. Only one type exists today: a cache segment, which holds log
@@ -53,13 +53,15 @@ impl MetaRecord for SegmentInfo {
         put_u32(b, 8, self.flags);
     }
 
-    fn decode_body(b: &[u8]) -> Result<Self, String> {
+    fn decode_body(b: &[u8]) -> Result<Self, FieldFault> {
         let code = get_u32(b, 4);
-        let seg_type =
-            SegmentType::from_code(code).ok_or(format!("unknown segment type {code}"))?;
+        let seg_type = SegmentType::from_code(code).ok_or(FieldFault::UnknownSegmentType(code))?;
         let flags = get_u32(b, 8);
         if flags & !SEGMENT_KNOWN_FLAGS != 0 {
-            return Err(format!("unknown segment flags {flags:#x}"));
+            return Err(FieldFault::UnknownFlags {
+                record: "segment",
+                flags,
+            });
         }
         Ok(SegmentInfo {
             seg_id: get_u32(b, 0),
@@ -84,7 +86,7 @@ impl MetaRecord for Generation {
         put_u64(b, 8, self.gen);
     }
 
-    fn decode_body(b: &[u8]) -> Result<Self, String> {
+    fn decode_body(b: &[u8]) -> Result<Self, FieldFault> {
         Ok(Generation {
             seg_id: get_u32(b, 0),
             gen: get_u64(b, 8),
@@ -103,13 +105,11 @@ fn check_seg(layout: &Layout, seg: u32) -> Result<(), FormatError> {
     }
 }
 
-fn same_seg(seg: u32, found: u32) -> Result<(), String> {
+fn same_seg(seg: u32, found: u32) -> Result<(), FieldFault> {
     if found == seg {
         Ok(())
     } else {
-        Err(format!(
-            "record of segment {found} in the slots of segment {seg}"
-        ))
+        Err(FieldFault::OtherSegment { seg, found })
     }
 }
 

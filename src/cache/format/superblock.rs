@@ -4,7 +4,7 @@
 use crate::cache::SEGMENT_SIZE;
 
 use super::layout::{Layout, SEGMENTS_OFFSET};
-use super::meta::{get_u32, get_u64, put_u32, put_u64, MetaRecord};
+use super::record::{get_u32, get_u64, put_u32, put_u64, FieldFault, MetaRecord};
 
 /// Identifies a vhost-user-pcache cache ("pcache-u" in ASCII, little-endian).
 pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"pcache-u");
@@ -55,12 +55,10 @@ impl MetaRecord for Superblock {
         b[32..48].copy_from_slice(&self.cache_id);
     }
 
-    fn decode_body(b: &[u8]) -> Result<Self, String> {
+    fn decode_body(b: &[u8]) -> Result<Self, FieldFault> {
         let magic = get_u64(b, 0);
         if magic != SUPERBLOCK_MAGIC {
-            return Err(format!(
-                "magic {magic:#018x} is not a vhost-user-pcache cache ({SUPERBLOCK_MAGIC:#018x})"
-            ));
+            return Err(FieldFault::NotACacheMagic(magic));
         }
         let mut cache_id = [0u8; 16];
         cache_id.copy_from_slice(&b[32..48]);
@@ -72,19 +70,16 @@ impl MetaRecord for Superblock {
             cache_id,
         };
         if sb.flags & !SUPERBLOCK_KNOWN_FLAGS != 0 {
-            return Err(format!("unknown superblock flags {:#x}", sb.flags));
+            return Err(FieldFault::UnknownFlags {
+                record: "superblock",
+                flags: sb.flags,
+            });
         }
         if sb.segment_size != SEGMENT_SIZE {
-            return Err(format!(
-                "segment size {} (this build uses {SEGMENT_SIZE})",
-                sb.segment_size
-            ));
+            return Err(FieldFault::SegmentSize(sb.segment_size));
         }
         if sb.segments_offset != SEGMENTS_OFFSET {
-            return Err(format!(
-                "segments at {} (this build puts them at {SEGMENTS_OFFSET})",
-                sb.segments_offset
-            ));
+            return Err(FieldFault::SegmentsOffset(sb.segments_offset));
         }
         Ok(sb)
     }

@@ -5,8 +5,8 @@ use crate::cache::media::Media;
 use crate::cache::CachePos;
 
 use super::layout::Layout;
-use super::meta::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
-use super::meta::{MetaRecord, Versioned};
+use super::record::{get_u32, get_u64, load_latest_checked, put_u32, put_u64, store};
+use super::record::{FieldFault, MetaRecord, Versioned};
 use super::FormatError;
 
 /// Which tail.
@@ -36,7 +36,7 @@ impl MetaRecord for TailPos {
         put_u64(b, 8, self.log_seq);
     }
 
-    fn decode_body(b: &[u8]) -> Result<Self, String> {
+    fn decode_body(b: &[u8]) -> Result<Self, FieldFault> {
         Ok(TailPos {
             pos: CachePos {
                 seg: get_u32(b, 0),
@@ -47,7 +47,7 @@ impl MetaRecord for TailPos {
     }
 }
 
-fn slots(layout: &Layout, tail: Tail) -> super::meta::ReplicaSlots {
+fn slots(layout: &Layout, tail: Tail) -> super::record::ReplicaSlots {
     match tail {
         Tail::Key => layout.key_tail_slots(),
         Tail::Dirty => layout.dirty_tail_slots(),
@@ -64,13 +64,12 @@ pub fn load_tail(
         if layout.contains(t.pos) {
             Ok(())
         } else {
-            Err(format!(
-                "position {}:{} outside the {} segments of {} data bytes",
-                t.pos.seg,
-                t.pos.off,
-                layout.n_segments(),
-                layout.data_size()
-            ))
+            Err(FieldFault::OutsideLayout {
+                seg: t.pos.seg,
+                off: t.pos.off,
+                n_segments: layout.n_segments(),
+                data_size: layout.data_size(),
+            })
         }
     };
     load_latest_checked(media, &slots(layout, tail), &check)

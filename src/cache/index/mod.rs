@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{CachePos, REGION_SHIFT, REGION_SIZE};
+use crate::sync::lock;
 use subtree::Subtree;
 
 /// What an index key stands for.
@@ -184,7 +185,7 @@ impl Index {
         while off < end {
             let part_end = region_end(off).min(end);
             let part = trim(&key, off, (part_end - off) as u32);
-            let mut region = self.lock(off);
+            let mut region = self.lock_region(off);
             let before = region.extents();
             region.insert(&part);
             self.account(before, region.extents());
@@ -214,7 +215,7 @@ impl Index {
         let mut at = off;
         while at < indexed_end {
             let part_end = region_end(at).min(indexed_end);
-            let mut region = self.lock(at);
+            let mut region = self.lock_region(at);
             let before = region.extents();
             let tickets = fill.then_some(&self.next_ticket);
             region.lookup(at, part_end, tickets, gen_of, out);
@@ -250,7 +251,7 @@ impl Index {
         crc: CrcSpan,
         on_insert: &mut dyn FnMut(&IndexKey),
     ) -> u64 {
-        let Some(mut region) = self.try_lock(ticket.off) else {
+        let Some(mut region) = self.lock_region_if_any(ticket.off) else {
             return 0;
         };
         let before = region.extents();
@@ -261,7 +262,7 @@ impl Index {
 
     /// The fill for `ticket` failed or was abandoned: remove what is left of its placeholder.
     pub fn abort_fill(&self, ticket: FillTicket) {
-        if let Some(mut region) = self.try_lock(ticket.off) {
+        if let Some(mut region) = self.lock_region_if_any(ticket.off) {
             region.abort_fill(&ticket);
         }
     }
@@ -293,7 +294,7 @@ impl Index {
             } else {
                 region_start + REGION_SIZE
             };
-            let mut region = self.regions[r].lock().unwrap_or_else(|e| e.into_inner());
+            let mut region = lock(&self.regions[r]);
             let before = region.extents();
             let (n_removed, stopped_at) = region.remove_stale(from, to, gen_of, max - removed);
             self.account(before, region.extents());
@@ -317,7 +318,7 @@ impl Index {
         let mut removed = 0;
         while at < end {
             let part_end = region_end(at).min(end);
-            let mut region = self.lock(at);
+            let mut region = self.lock_region(at);
             let before = region.extents();
             removed += region.remove_zeroes(at, part_end, stamp);
             self.account(before, region.extents());
@@ -328,6 +329,7 @@ impl Index {
     }
 
     /// Number of keys in the index, placeholders not counted.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn extent_count(&self) -> usize {
         self.extents.load(Ordering::Relaxed)
     }
@@ -336,7 +338,7 @@ impl Index {
     /// must not call back into the index.
     pub fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {
         for region in &self.regions {
-            let region = region.lock().unwrap_or_else(|e| e.into_inner());
+            let region = lock(region);
             region.for_each(f);
         }
     }
@@ -347,7 +349,7 @@ impl Index {
     fn checked_entries(&self) -> Vec<IndexKey> {
         let mut all = Vec::new();
         for (r, region) in self.regions.iter().enumerate() {
-            let region = region.lock().unwrap();
+            let region = lock(region);
             let (start, end) = ((r as u64) << REGION_SHIFT, ((r as u64) + 1) << REGION_SHIFT);
             let mut at = start;
             for key in region.all_keys() {
@@ -363,18 +365,15 @@ impl Index {
         all
     }
 
-    /// The region holding byte `off`, which must be below the capacity.
-    fn lock(&self, off: u64) -> MutexGuard<'_, Subtree> {
-        // A panic elsewhere while holding the lock cannot leave the map half-updated in a way
-        // that breaks memory safety; keep serving rather than cascading the panic.
-        self.regions[(off >> REGION_SHIFT) as usize]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// Lock the region holding byte `off`, which must be below the capacity.
+    fn lock_region(&self, off: u64) -> MutexGuard<'_, Subtree> {
+        lock(&self.regions[(off >> REGION_SHIFT) as usize])
     }
 
-    fn try_lock(&self, off: u64) -> Option<MutexGuard<'_, Subtree>> {
+    /// Lock the region holding byte `off`; `None` when `off` is beyond the capacity.
+    fn lock_region_if_any(&self, off: u64) -> Option<MutexGuard<'_, Subtree>> {
         let region = self.regions.get((off >> REGION_SHIFT) as usize)?;
-        Some(region.lock().unwrap_or_else(|e| e.into_inner()))
+        Some(lock(region))
     }
 
     fn account(&self, before: usize, after: usize) {

@@ -8,10 +8,10 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::choose::{choose, Choice, Facts, MapSync};
 use super::cpu_flush::{self, FlushInsn};
 use super::{check_range, msync, Media, MediaError, MediaOptions, Persistence};
 
-/// A cache media backed by a `MAP_SHARED` mapping of a file or device.
 /// Environment variable that lets `pmem` persistence run on an ordinary file, so tests can
 /// exercise the cache-line write-back path where no DAX device exists.
 pub const EMULATE_PMEM_ENV: &str = "VHOST_USER_PCACHE_EMULATE_PMEM";
@@ -20,6 +20,7 @@ fn emulate_pmem() -> bool {
     std::env::var_os(EMULATE_PMEM_ENV).is_some_and(|v| v == "1")
 }
 
+/// A cache media backed by a `MAP_SHARED` mapping of a file or device.
 pub struct MappedMedia {
     base: *mut u8,
     len: u64,
@@ -66,69 +67,42 @@ impl MappedMedia {
         let len = usize::try_from(size).map_err(|_| unsupported("media too large".into()))?;
         let is_devdax = matches!(target, Target::DevDax { .. });
 
-        let (base, persistence) = match (opts.persistence, is_devdax) {
-            (Some(Persistence::Msync), true) => {
-                return Err(unsupported(
-                    "device DAX has no page cache to msync; use pmem".into(),
-                ))
+        let facts = Facts {
+            forced: opts.persistence,
+            devdax: is_devdax,
+            cpu_flush: cpu_flush::SUPPORTED,
+            emulate_pmem: emulate_pmem(),
+        };
+        // The choice when no MAP_SYNC mapping is kept: a plain shared mapping, or a refusal.
+        let map_plain = |choice: Choice, map_sync: MapSync| match choice {
+            Choice::Map(persistence) => {
+                warn_weaker(path, persistence, map_sync);
+                let base = map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?;
+                Ok((base, persistence))
             }
-            (Some(Persistence::Volatile), _) => {
-                log::warn!(
-                    "{}: volatile persistence requested: cache contents will not survive a \
-                     power loss or kernel crash",
-                    path.display()
-                );
-                (
-                    map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                    Persistence::Volatile,
-                )
+            Choice::Refuse(reason) => Err(unsupported(reason.into())),
+            Choice::TryMapSync | Choice::KeepMapSync => {
+                unreachable!("{choice:?} after MAP_SYNC was {map_sync:?}")
             }
-            (Some(Persistence::Msync), false) => (
-                map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                Persistence::Msync,
-            ),
-            (_, true) => {
-                if !cpu_flush::SUPPORTED {
-                    return Err(unsupported("pmem mode is not supported on this CPU".into()));
-                }
-                (
-                    map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                    Persistence::Pmem,
-                )
-            }
-            (forced, false) => match map(&file, len, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
-                Ok(base) if cpu_flush::SUPPORTED => (base, Persistence::Pmem),
-                Ok(base) => {
-                    unmap(base, len);
-                    return Err(unsupported("pmem mode is not supported on this CPU".into()));
-                }
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
-                    if forced == Some(Persistence::Pmem) && emulate_pmem() {
-                        log::warn!(
-                            "{}: {EMULATE_PMEM_ENV} is set: pmem mode on a mapping without \
-                             MAP_SYNC; CPU cache flushes survive a process crash but not a \
-                             power loss (for testing the pmem code path only)",
-                            path.display()
-                        );
-                        (
-                            map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                            Persistence::Pmem,
-                        )
-                    } else if forced == Some(Persistence::Pmem) {
-                        return Err(unsupported(
-                            "pmem persistence requested, but the file is not on a DAX \
-                                 filesystem (MAP_SYNC refused); use msync"
-                                .into(),
-                        ));
-                    } else {
-                        (
-                            map(&file, len, libc::MAP_SHARED).map_err(io_err("mmap"))?,
-                            Persistence::Msync,
-                        )
+        };
+        let (base, persistence) = match choose(facts, MapSync::NotTried) {
+            Choice::TryMapSync => {
+                match map(&file, len, libc::MAP_SHARED_VALIDATE | libc::MAP_SYNC) {
+                    Ok(base) => match choose(facts, MapSync::Accepted) {
+                        Choice::KeepMapSync => (base, Persistence::Pmem),
+                        Choice::Refuse(reason) => {
+                            unmap(base, len);
+                            return Err(unsupported(reason.into()));
+                        }
+                        other => unreachable!("{other:?} after MAP_SYNC was accepted"),
+                    },
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EINVAL)) => {
+                        map_plain(choose(facts, MapSync::Refused), MapSync::Refused)?
                     }
+                    Err(e) => return Err(io_err("mmap")(e)),
                 }
-                Err(e) => return Err(io_err("mmap")(e)),
-            },
+            }
+            other => map_plain(other, MapSync::NotTried)?,
         };
         prepare_mapping(path, base, len, created, is_devdax);
         let flush = cpu_flush::detect();
@@ -161,6 +135,24 @@ impl MappedMedia {
     fn map_end(&self) -> usize {
         let page = msync::page_size();
         (self.base as usize + self.len as usize + page - 1) & !(page - 1)
+    }
+}
+
+/// Warn when the chosen persistence is weaker than its name suggests.
+fn warn_weaker(path: &Path, persistence: Persistence, map_sync: MapSync) {
+    match persistence {
+        Persistence::Volatile => log::warn!(
+            "{}: volatile persistence requested: cache contents will not survive a power loss \
+             or kernel crash",
+            path.display()
+        ),
+        Persistence::Pmem if map_sync == MapSync::Refused => log::warn!(
+            "{}: {EMULATE_PMEM_ENV} is set: pmem mode on a mapping without MAP_SYNC; CPU cache \
+             flushes survive a process crash but not a power loss (for testing the pmem code \
+             path only)",
+            path.display()
+        ),
+        _ => {}
     }
 }
 

@@ -20,11 +20,14 @@
 //!   overlapping a concurrent write, are the caller's bug (the bytes read are unspecified).
 //!
 //! Implementations: [`MappedMedia`] (devdax, a file on a DAX filesystem, an ordinary file) and
-//! [`RecordingMedia`] (in memory, records persistence to produce crash images in tests).
+//! `RecordingMedia` (in memory, records persistence to produce crash images in tests; built
+//! for this crate's tests and with the `test-util` feature only).
 
+mod choose;
 mod cpu_flush;
 mod mapped;
 mod msync;
+#[cfg(any(test, feature = "test-util"))]
 mod recording;
 
 use std::fmt;
@@ -33,10 +36,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 pub use mapped::MappedMedia;
+#[cfg(any(test, feature = "test-util"))]
 pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 
 /// Size of a CPU cache line, the unit in which pmem writes back and in which
-/// [`RecordingMedia`] tracks persistence.
+/// `RecordingMedia` tracks persistence.
 pub const CACHE_LINE: u64 = 64;
 
 /// How writes to the media are made durable.
@@ -94,7 +98,7 @@ pub enum MediaError {
     },
     #[error("unknown persistence mode {0:?} (expected pmem, msync or volatile)")]
     UnknownPersistence(String),
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}")]
     Io {
         path: PathBuf,
         what: &'static str,
@@ -109,7 +113,7 @@ pub enum MediaError {
          a full disk is found now and not in the middle of a guest write)"
     )]
     NoSpace { path: PathBuf, size: u64 },
-    #[error("msync of media range {offset}+{len} failed: {source}")]
+    #[error("msync of media range {offset}+{len} failed")]
     Msync {
         offset: u64,
         len: u64,

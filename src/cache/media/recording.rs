@@ -29,6 +29,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use crate::sync::lock;
 use std::thread::ThreadId;
 
 use memmap2::MmapMut;
@@ -166,8 +168,7 @@ impl RecordingMedia {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic in another test thread must not hide this media's state.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.state)
     }
 
     /// The bytes guaranteed to survive a crash now.
@@ -326,7 +327,7 @@ impl RecordingMedia {
     /// to cut a workload inside its operations. The hook must not call back into this media's
     /// mutating methods.
     pub fn set_event_hook(&self, hook: Option<EventHook>) {
-        *self.hook.lock().unwrap_or_else(|p| p.into_inner()) = hook;
+        *lock(&self.hook) = hook;
         self.events.store(0, Ordering::SeqCst);
     }
 
@@ -342,7 +343,7 @@ impl RecordingMedia {
 
     fn event(&self) {
         let n = self.events.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut hook = self.hook.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hook = lock(&self.hook);
         if let Some(h) = hook.as_mut() {
             h(self, n);
         }

@@ -50,7 +50,10 @@ fn a_damaged_dirty_extent_is_reported_and_writeback_goes_on() {
 
     let tail = engine.core().meta.dirty_tail();
     let moved = engine.writeback_step(&mut wb);
-    assert_eq!(moved, Ok(true), "writeback goes on past a damaged extent");
+    assert!(
+        matches!(moved, Ok(true)),
+        "writeback goes on past a damaged extent: {moved:?}"
+    );
     assert!(engine.core().meta.dirty_tail().log_seq > tail.log_seq);
     let health = engine.status().health;
     assert_eq!(

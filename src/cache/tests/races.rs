@@ -3,8 +3,8 @@
 //! engine so each interleaving is exact.
 
 use crate::backing::BackingQueue;
+use crate::cache::core::Core;
 use crate::cache::driver::Driver;
-use crate::cache::engine::Core;
 use crate::cache::index::Piece;
 use crate::cache::queue::CacheQueue;
 use crate::cache::CacheEngine;

@@ -26,8 +26,7 @@ impl Shared {
     }
 
     fn insert(&self, key: IndexKey) {
-        self.index
-            .insert(key, &mut |k| self.log.lock().unwrap().push(*k));
+        self.index.insert(key, &mut |k| lock(&self.log).push(*k));
     }
 }
 
@@ -116,9 +115,9 @@ fn worker(shared: &Shared, t: u64) {
                     };
                     let gen = shared.gen_of(seg);
                     let log = &shared.log;
-                    let kept = shared.index.complete_fill(ticket, pos, gen, crc, &mut |k| {
-                        log.lock().unwrap().push(*k)
-                    });
+                    let kept = shared
+                        .index
+                        .complete_fill(ticket, pos, gen, crc, &mut |k| lock(log).push(*k));
                     assert!(kept % 512 == 0);
                 }
             }
@@ -171,7 +170,7 @@ fn concurrent_use_keeps_the_index_whole_and_in_log_order() {
     // Replaying the log in order rebuilds the same live keys: the log order is the index
     // order for every block.
     let replayed = Index::new(12 * MIB);
-    for key in shared.log.lock().unwrap().iter() {
+    for key in lock(&shared.log).iter() {
         replayed.insert(*key, &mut |_| {});
     }
     let gen_of = |s: u32| shared.gen_of(s);

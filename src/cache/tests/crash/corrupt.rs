@@ -9,8 +9,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::checker::{fill, identify, Model, SECTOR};
+use super::config::Rng;
 use super::image::ImageMedia;
-use super::workload::{initial_backing, Rng};
+use super::workload::initial_backing;
 use crate::backing::{BackingImage, BackingQueue};
 use crate::cache::driver::Driver;
 use crate::cache::format::{

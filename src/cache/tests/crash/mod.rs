@@ -16,15 +16,21 @@
 //! `PCACHE_CRASH_MODEL=msync` replays an msync-mode seed.
 
 mod checker;
+mod config;
 mod corrupt;
+mod cut;
 mod image;
+mod report;
+mod stepper;
 mod workload;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
-use workload::{Config, MediaModel, Report};
+use crate::sync::lock;
+use config::{Config, MediaModel};
+use report::{Phase, Report};
 
 /// Images the default suite explores.
 const DEFAULT_IMAGES: u64 = 2000;
@@ -99,8 +105,8 @@ fn assert_clean(r: &Report) {
     assert!(r.drains > 0, "no drain ran");
     // Enough cuts that each operation's share of them is well above zero (a single short
     // seed may miss the rarer ones).
-    for phase in workload::Phase::ALL {
-        if phase != workload::Phase::Read && r.cuts >= 200 {
+    for phase in Phase::ALL {
+        if phase != Phase::Read && r.cuts >= 200 {
             assert!(
                 r.cuts_by_phase[phase as usize] > 0,
                 "no cut inside {}",
@@ -177,7 +183,7 @@ fn campaign() {
                         ..config(seed, models[m])
                     });
                     images.fetch_add(r.images, Ordering::Relaxed);
-                    let mut t = totals.lock().unwrap();
+                    let mut t = lock(&totals);
                     t[m].0.add(&r);
                     t[m].1 += 1;
                 }

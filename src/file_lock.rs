@@ -53,11 +53,12 @@ pub enum LockError {
         path: PathBuf,
         holder: Option<u32>,
     },
-    #[error("cannot lock {what} {path}: {error}")]
+    #[error("cannot lock {what} {path}")]
     Io {
         what: LockedObject,
         path: PathBuf,
-        error: io::Error,
+        #[source]
+        source: io::Error,
     },
 }
 
@@ -80,10 +81,10 @@ impl PathLock {
     /// empty file (which the media layer later sizes), so a new cache is locked before it is
     /// formatted.
     pub fn acquire(path: &Path, what: LockedObject, create: bool) -> Result<PathLock, LockError> {
-        let io_err = |error| LockError::Io {
+        let io_err = |source| LockError::Io {
             what,
             path: path.to_path_buf(),
-            error,
+            source,
         };
         // Read access is enough for flock, and works for read-only images and devices.
         let file = OpenOptions::new()

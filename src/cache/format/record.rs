@@ -10,6 +10,11 @@ use std::fmt;
 
 use crate::cache::media::Media;
 
+use crate::cache::SEGMENT_SIZE;
+
+use super::cache_info::MAX_GC_PERCENT;
+use super::layout::SEGMENTS_OFFSET;
+use super::superblock::SUPERBLOCK_MAGIC;
 use super::{record_crc, FormatError, FORMAT_VERSION};
 
 /// Size of the common header.
@@ -65,8 +70,44 @@ pub enum RecordFault {
     WrongKind { found: u16, expected: RecordKind },
     #[error("format version {found}, this build supports {FORMAT_VERSION}")]
     UnsupportedVersion { found: u16 },
-    #[error("{0}")]
-    BadField(String),
+    #[error(transparent)]
+    BadField(#[from] FieldFault),
+}
+
+/// Why a record whose CRC matched is still refused: a field this build does not accept.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FieldFault {
+    #[error("{len} bytes, a {kind} record needs {need}")]
+    TooShort {
+        len: usize,
+        kind: RecordKind,
+        need: usize,
+    },
+    #[error("unknown {record} flags {flags:#x}")]
+    UnknownFlags { record: &'static str, flags: u32 },
+    #[error("unknown segment type {0}")]
+    UnknownSegmentType(u32),
+    #[error("gc_percent {0} above {MAX_GC_PERCENT}")]
+    GcPercentTooHigh(u32),
+    #[error("magic {0:#018x} is not a vhost-user-pcache cache ({SUPERBLOCK_MAGIC:#018x})")]
+    NotACacheMagic(u64),
+    #[error("segment size {0} (this build uses {SEGMENT_SIZE})")]
+    SegmentSize(u64),
+    #[error("segments at {0} (this build puts them at {SEGMENTS_OFFSET})")]
+    SegmentsOffset(u64),
+    #[error("bytes after the superblock record are not zero")]
+    TrailingBytes,
+    #[error("record of segment {found} in the slots of segment {seg}")]
+    OtherSegment { seg: u32, found: u32 },
+    #[error("position {seg}:{off} outside the {n_segments} segments of {data_size} data bytes")]
+    OutsideLayout {
+        seg: u32,
+        off: u32,
+        n_segments: u32,
+        data_size: u32,
+    },
+    #[error("next log segment {next_seg} out of {n_segments}")]
+    NextSegmentOutOfRange { next_seg: u32, n_segments: u32 },
 }
 
 /// A record body: the bytes after the common header.
@@ -76,7 +117,7 @@ pub trait MetaRecord: Sized {
     /// Write the body into `body` (`LEN - HEADER_LEN` bytes, zero-filled beforehand).
     fn encode_body(&self, body: &mut [u8]);
     /// Decode and check a body whose CRC already matched.
-    fn decode_body(body: &[u8]) -> Result<Self, String>;
+    fn decode_body(body: &[u8]) -> Result<Self, FieldFault>;
 }
 
 /// Encode `record` as `kind` with sequence number `seq`.
@@ -97,11 +138,11 @@ pub fn decode_record<R: MetaRecord>(
     kind: RecordKind,
 ) -> Result<(R, u64), RecordFault> {
     let Some(bytes) = bytes.get(..R::LEN) else {
-        return Err(RecordFault::BadField(format!(
-            "{} bytes, a {kind} record needs {}",
-            bytes.len(),
-            R::LEN
-        )));
+        return Err(RecordFault::BadField(FieldFault::TooShort {
+            len: bytes.len(),
+            kind,
+            need: R::LEN,
+        }));
     };
     if bytes.iter().all(|&b| b == 0) {
         return Err(RecordFault::Zeroed);
@@ -123,7 +164,7 @@ pub fn decode_record<R: MetaRecord>(
         return Err(RecordFault::UnsupportedVersion { found: version });
     }
     let seq = get_u64(bytes, 8);
-    let record = R::decode_body(&bytes[HEADER_LEN..]).map_err(RecordFault::BadField)?;
+    let record = R::decode_body(&bytes[HEADER_LEN..])?;
     Ok((record, seq))
 }
 
@@ -155,13 +196,13 @@ type SlotState<R> = Result<(R, u64), RecordFault>;
 fn read_slots<R: MetaRecord>(
     media: &dyn Media,
     slots: &ReplicaSlots,
-    check: &dyn Fn(&R) -> Result<(), String>,
+    check: &dyn Fn(&R) -> Result<(), FieldFault>,
 ) -> Result<[SlotState<R>; 2], FormatError> {
     let mut buf = vec![0u8; R::LEN];
     let mut read = |offset: u64| -> Result<SlotState<R>, FormatError> {
         media.read(offset, &mut buf)?;
         Ok(decode_record::<R>(&buf, slots.kind).and_then(|(r, seq)| {
-            check(&r).map_err(RecordFault::BadField)?;
+            check(&r)?;
             Ok((r, seq))
         }))
     };
@@ -183,7 +224,7 @@ fn newest<R>(states: &[SlotState<R>; 2]) -> Option<usize> {
 pub fn load_latest_checked<R: MetaRecord>(
     media: &dyn Media,
     slots: &ReplicaSlots,
-    check: &dyn Fn(&R) -> Result<(), String>,
+    check: &dyn Fn(&R) -> Result<(), FieldFault>,
 ) -> Result<Versioned<R>, FormatError> {
     let [a, b] = read_slots(media, slots, check)?;
     let (value, seq, slot) = match (a, b) {
