@@ -194,9 +194,12 @@ impl Header {
         Ok(h)
     }
 
-    /// Seed of every CRC and check in the journal outside the header itself.
+    /// Seed of every CRC and check in the journal outside the header itself: from the cache
+    /// id and the nonce, so entries of another journal never verify (the boot id is checked
+    /// on its own).
     pub fn seed(&self) -> u32 {
-        get_u32(&self.encode(), 60)
+        let s = crc32c::crc32c_append(CRC_SEED, &self.cache_id);
+        crc32c::crc32c_append(s, &self.nonce.to_le_bytes())
     }
 }
 

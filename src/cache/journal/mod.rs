@@ -31,6 +31,7 @@
 //! not journaled (and neither is any later key of the slot until the log has passed it), and
 //! the caller holds its write until its kset is on the log, as in write-through mode.
 
+pub(in crate::cache) mod apply;
 #[cfg(test)]
 mod kill_points;
 mod layout;
@@ -76,6 +77,12 @@ pub enum JournalError {
     BootIdInvalid(String),
     #[error("journal {path}: {reason}")]
     Invalid { path: PathBuf, reason: HeaderFault },
+}
+
+/// The CRC field of an encoded kset (its first four bytes), which names it in the in-flight
+/// marker.
+pub fn kset_crc(kset: &[u8]) -> u32 {
+    u32::from_le_bytes(kset[..4].try_into().expect("a kset header"))
 }
 
 /// The current boot's id.
