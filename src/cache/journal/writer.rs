@@ -229,8 +229,12 @@ impl Journal {
         }
     }
 
-    /// Index of the oldest key of `slot` not on the log.
+    /// Index of the oldest key of `slot` not on the log (0 while applying: the applying
+    /// process's open ksets are not this journal's slots).
     pub fn committed(&self, slot: usize) -> u64 {
+        if self.mode == Mode::Applying || slot >= self.slots.len() {
+            return 0;
+        }
         self.load(self.header.slot_at(slot) + layout::COMMITTED_AT)
     }
 

@@ -220,3 +220,24 @@ fn a_journal_from_another_boot_is_ignored() {
         "an unflushed write came back through a journal of another boot"
     );
 }
+
+#[test]
+fn a_restart_with_another_queue_count_applies_the_journal() {
+    // The journal of a 2-queue daemon has two slots; the keys go to the ksets of the new
+    // daemon's own count, and the log writes them while applying without looking for slots
+    // the old journal does not have.
+    let mut host = Host::new(Persistence::Msync);
+    let mut expect = Expect(vec![0; 16 << 20]);
+    let mut engine = host.start();
+    for (round, queues) in [(1, 3), (2, 1)] {
+        let mut d = Driver::new(&engine);
+        workload(&mut d, &mut expect, round);
+        host.kill(engine, d);
+        host.opts.queues = queues;
+        engine = host.start();
+        expect.check(
+            &mut Driver::new(&engine),
+            &format!("{queues} queues after a kill"),
+        );
+    }
+}
