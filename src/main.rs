@@ -36,6 +36,9 @@ enum Command {
     /// Write all dirty data of a cache back to its backing image (offline), so the cache can
     /// be retired.
     Drain(cli::drain::DrainArgs),
+    /// Bind a cache to its backing image after the image's identity changed (copied to new
+    /// storage, re-created): offline; changes nothing but the recorded identity.
+    Rebind(cli::rebind::RebindArgs),
     /// Print the manual page (roff) generated from this command line.
     #[command(hide = true)]
     Man,
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => cli::inspect::run(args),
         Command::Check(args) => return cli::check::run(args),
         Command::Drain(args) => done(cli::drain::run(args)),
+        Command::Rebind(args) => done(cli::rebind::run(args)),
         Command::Ctl(args) => done(cli::ctl::run(args)),
         Command::Man => done(cli::man::run(Cli::command())),
     };

@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Every on-media decoder on arbitrary bytes: superblock, cache_info, key_tail, dirty_tail,
-//! segment info, generation, and ksets with their keys. The input may ask for a correct
+//! segment info, generation, backing_identity, and ksets with their keys. The input may ask for a correct
 //! header and CRC to be filled in, so the checks behind the CRC (the ones bit rot cannot
 //! reach but a bug or a foreign writer could) are fuzzed too. Nothing may panic, and whatever
 //! decodes must encode back to itself.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use vhost_user_pcache::backing::identity::BlockIdentity;
 use vhost_user_pcache::cache::format::{
     decode_record, encode_record, kset_size, CacheInfo, Generation, Kset, KsetCodec, Layout,
     MetaRecord, RecordKind, SegmentInfo, Superblock, TailPos, CRC_SEED, FORMAT_VERSION,
@@ -111,7 +112,7 @@ fuzz_target!(|data: &[u8]| {
     let (which, fix) = (data[0], data[1]);
     let shape: [u8; 9] = data[2..11].try_into().unwrap();
     let mut bytes = data[11..].to_vec();
-    match which % 7 {
+    match which % 8 {
         0 => {
             record::<Superblock>(&mut bytes, RecordKind::Superblock, fix);
             if let Ok((sb, _)) = decode_record::<Superblock>(&bytes, RecordKind::Superblock) {
@@ -126,6 +127,7 @@ fuzz_target!(|data: &[u8]| {
         3 => record::<TailPos>(&mut bytes, RecordKind::DirtyTail, fix),
         4 => record::<SegmentInfo>(&mut bytes, RecordKind::SegmentInfo, fix),
         5 => record::<Generation>(&mut bytes, RecordKind::Generation, fix),
+        7 => record::<BlockIdentity>(&mut bytes, RecordKind::BackingIdentity, fix),
         _ => kset(&mut bytes, fix, &shape),
     }
 });

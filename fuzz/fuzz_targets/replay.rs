@@ -18,7 +18,7 @@ use vhost_user_pcache::cache::format::{
     KSET_MAGIC, KSET_MAX_KEYS, SEGMENTS_OFFSET, SEGMENT_DATA_OFFSET, SUPERBLOCK_OFFSET,
 };
 use vhost_user_pcache::cache::media::{Media, MediaError, Persistence};
-use vhost_user_pcache::cache::replay::{fingerprint, min_segments, replay_only};
+use vhost_user_pcache::cache::replay::{backing_id, min_segments, replay_only};
 use vhost_user_pcache::cache::{check, CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::engine::Engine;
 
@@ -260,6 +260,6 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     let _ = replay_only(&base.opts, media.clone(), &base.backing);
-    let fp = fingerprint(&base.backing);
-    let _ = check::check(&*media, Some(&fp));
+    let found = backing_id(&base.backing);
+    let _ = check::check(&*media, Some(&found));
 });

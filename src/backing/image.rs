@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::bounce::AlignedBuf;
 use super::error::BackingError;
+use super::identity::{self, BlockIdentity};
 use super::rmw::RangeLocks;
 use super::sys;
 use crate::engine::SECTOR_SIZE;
@@ -34,13 +35,17 @@ impl Default for BackingOptions {
 
 /// What a cache records to recognise its backing image later. For a regular file `dev` and
 /// `ino` are the file system device and inode; for a block device `dev` is the device number
-/// itself and `ino` is 0 (device nodes get new inodes on every boot).
+/// itself and `ino` is 0 (device nodes get new inodes on every boot). A block device's
+/// number changes across reboots and re-creation; `stable` is what identifies it instead.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingIdentity {
     pub size: u64,
     pub is_block_device: bool,
     pub dev: u64,
     pub ino: u64,
+    /// A block device's stable identity (see [`super::identity`]); `None` for a regular file
+    /// and for a device the system knows no stable identity of.
+    pub stable: Option<BlockIdentity>,
 }
 
 /// An open backing image: a raw image file or a block device.
@@ -92,6 +97,11 @@ impl BackingImage {
                 meta.dev()
             },
             ino: if is_block_device { 0 } else { meta.ino() },
+            stable: if is_block_device {
+                identity::stable_identity_of_image(path, meta.rdev())
+            } else {
+                None
+            },
         };
         log::info!(
             "backing image {}: {size} bytes, {}, alignment {alignment}{}",

@@ -11,6 +11,7 @@
 mod blockdev_tests;
 mod bounce;
 mod error;
+pub mod identity;
 mod image;
 #[cfg(test)]
 mod image_tests;

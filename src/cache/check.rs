@@ -11,10 +11,11 @@
 
 use serde::Serialize;
 
-use super::format::{self, BackingFingerprint, TailPos};
-use super::inspect::{walk_log, InspectError, MediaState, Replicas};
+use super::format::{self, BackingId, BackingMatch, RecordFault, TailPos};
+use super::inspect::{read_replicas, walk_log, InspectError, MediaState, Replicas};
 use super::media::Media;
 use super::CachePos;
+use crate::backing::identity::BlockIdentity;
 use crate::engine::ErrorChain;
 
 /// How bad a finding is; the order is the exit status order.
@@ -68,14 +69,10 @@ pub struct CheckReport {
 pub enum CheckError {
     #[error(transparent)]
     Inspect(#[from] InspectError),
-    #[error(
-        "the cache belongs to another backing image: it records {expected}, the image given \
-         is {found}"
-    )]
-    WrongBacking {
-        expected: BackingFingerprint,
-        found: BackingFingerprint,
-    },
+    /// A [`format::FormatError::WrongBacking`]: what the cache records, what was given, and
+    /// the safe ways on.
+    #[error(transparent)]
+    WrongBacking(format::FormatError),
 }
 
 struct Findings(Vec<Finding>);
@@ -128,10 +125,7 @@ impl Findings {
 }
 
 /// Check the cache on `media`; with `backing`, it must belong to that image.
-pub fn check(
-    media: &dyn Media,
-    backing: Option<&BackingFingerprint>,
-) -> Result<CheckReport, CheckError> {
+pub fn check(media: &dyn Media, backing: Option<&BackingId>) -> Result<CheckReport, CheckError> {
     let state = match MediaState::read(media) {
         Ok(s) => s,
         Err(InspectError::NotACache(reason)) if looks_like_a_cache(media) => {
@@ -155,12 +149,31 @@ pub fn check(
         );
     }
     let records_checked = 3 + 2 * n as u64;
-    if let (Some(info), Some(fp)) = (&info, backing) {
-        if info.backing != *fp {
-            return Err(CheckError::WrongBacking {
-                expected: info.backing,
-                found: *fp,
-            });
+    // Both slots zero: no stable identity recorded (a file, or a cache of an earlier version).
+    let identity =
+        read_replicas::<BlockIdentity>(media, &state.layout.backing_identity_slots(), &|_| Ok(()))
+            .map_err(InspectError::from)?;
+    let recorded_identity = if identity
+        .slots
+        .iter()
+        .all(|s| matches!(s.state, Err(RecordFault::Zeroed)))
+    {
+        None
+    } else {
+        f.replicas("backing_identity", &identity)
+    };
+    if let (Some(info), Some(found)) = (&info, backing) {
+        let recorded = BackingId {
+            fingerprint: info.backing,
+            stable: recorded_identity,
+        };
+        if format::compare(&recorded, found) == BackingMatch::Different {
+            return Err(CheckError::WrongBacking(
+                format::FormatError::WrongBacking {
+                    recorded: Box::new(recorded),
+                    found: Box::new(found.clone()),
+                },
+            ));
         }
     }
     if let Some(info) = &info {
@@ -397,15 +410,59 @@ mod tests {
     }
 
     #[test]
+    fn backing_identity_is_checked_and_decides_which_image_is_the_caches() {
+        let (_fx, media) = written_back_cache(1);
+        let layout = MediaState::read(&*media).unwrap().layout;
+        let info = format::load_latest::<format::CacheInfo>(&*media, &layout.cache_info_slots())
+            .unwrap()
+            .value;
+        let identity = |value: &str| BlockIdentity {
+            kind: crate::backing::identity::IdentityKind::Wwid,
+            value: value.into(),
+        };
+        let disk = BackingId {
+            fingerprint: info.backing,
+            stable: Some(identity("naa.5000c500a1b2c3d4")),
+        };
+        // None recorded yet: the numbers decide.
+        assert_eq!(check(&*media, Some(&disk)).unwrap().verdict, Verdict::Clean);
+        format::store_backing_identity(&*media, &layout, &identity("naa.5000c500a1b2c3d4"))
+            .unwrap();
+        format::store_backing_identity(&*media, &layout, &identity("naa.5000c500a1b2c3d4"))
+            .unwrap();
+        assert_eq!(check(&*media, Some(&disk)).unwrap().verdict, Verdict::Clean);
+        // Same numbers, another device.
+        let swapped = BackingId {
+            stable: Some(identity("naa.5000c500deadbeef")),
+            ..disk.clone()
+        };
+        assert!(matches!(
+            check(&*media, Some(&swapped)),
+            Err(CheckError::WrongBacking(_))
+        ));
+
+        let slots = layout.backing_identity_slots();
+        flip(&*media, slots.offsets[0] + 30);
+        let report = check(&*media, Some(&disk)).unwrap();
+        assert_eq!(report.verdict, Verdict::Repairable, "{:?}", report.findings);
+        assert!(report.findings[0]
+            .message
+            .contains("backing_identity replica 0"));
+        flip(&*media, slots.offsets[1] + 30);
+        let report = check(&*media, None).unwrap();
+        assert_eq!(report.verdict, Verdict::Corrupt, "{:?}", report.findings);
+    }
+
+    #[test]
     fn wrong_backing_and_blank_media_cannot_be_checked() {
         let (_fx, media) = written_back_cache(1);
-        let other = BackingFingerprint {
+        let other = format::BackingFingerprint {
             size: 1 << 20,
             id: [7; 32],
         };
         assert!(matches!(
-            check(&*media, Some(&other)),
-            Err(CheckError::WrongBacking { .. })
+            check(&*media, Some(&other.into())),
+            Err(CheckError::WrongBacking(_))
         ));
         let blank = RecordingMedia::new(media.len()).unwrap();
         assert!(matches!(

@@ -8,8 +8,8 @@
 use serde::Serialize;
 
 use super::format::{
-    self, decode_record, BackingFingerprint, CacheInfo, FieldFault, Generation, KsetCodec, Layout,
-    MetaRecord, RecordFault, ReplicaSlots, SegmentInfo, Superblock, TailPos,
+    self, decode_record, BackingId, BackingMatch, CacheInfo, FieldFault, Generation, KsetCodec,
+    Layout, MetaRecord, RecordFault, ReplicaSlots, SegmentInfo, Superblock, TailPos,
 };
 use super::media::{Media, MediaError};
 use super::replay::{self, ReplayError, ReplayReport, VisitedKey};
@@ -264,9 +264,11 @@ pub struct Inspection {
 pub struct BackingReport {
     pub size: u64,
     pub id: String,
+    /// The stable identity of the backing block device recorded in backing_identity.
+    pub identity: Option<String>,
     /// `matches`, `differs`, or `not checked` (no backing image given).
     pub check: String,
-    /// The fingerprint of the backing image given, when it differs.
+    /// The identity of the backing image given, when it differs.
     pub found: Option<String>,
 }
 
@@ -334,10 +336,7 @@ fn tail_report(r: &Replicas<TailPos>, t: TailPos) -> TailReport {
 }
 
 /// Inspect the cache on `media`; with `backing`, also compare its fingerprint.
-pub fn inspect(
-    media: &dyn Media,
-    backing: Option<&BackingFingerprint>,
-) -> Result<Inspection, InspectError> {
+pub fn inspect(media: &dyn Media, backing: Option<&BackingId>) -> Result<Inspection, InspectError> {
     let state = MediaState::read(media)?;
     let none_valid = |what: &str| {
         InspectError::Unreadable(format!("no valid {what} replica (run `check` for details)"))
@@ -366,17 +365,29 @@ pub fn inspect(
             gen: gens[seg as usize].unwrap_or(0),
         })
         .collect();
+    let recorded = BackingId {
+        fingerprint: info.backing,
+        stable: format::load_backing_identity(media, &state.layout)
+            .map_err(|e| {
+                InspectError::Unreadable(format!(
+                    "backing_identity: {} (run `check`)",
+                    ErrorChain(&e)
+                ))
+            })?
+            .map(|v| v.value),
+    };
+    let differs =
+        backing.filter(|found| format::compare(&recorded, found) == BackingMatch::Different);
     let backing_report = BackingReport {
         size: info.backing.size,
         id: hex(&info.backing.id),
-        check: match backing {
-            None => "not checked".into(),
-            Some(fp) if *fp == info.backing => "matches".into(),
-            Some(_) => "differs".into(),
+        identity: recorded.stable.as_ref().map(ToString::to_string),
+        check: match (backing, differs) {
+            (None, _) => "not checked".into(),
+            (Some(_), None) => "matches".into(),
+            (Some(_), Some(_)) => "differs".into(),
         },
-        found: backing
-            .filter(|fp| **fp != info.backing)
-            .map(|fp| fp.to_string()),
+        found: differs.map(ToString::to_string),
     };
     let r = &walk.report;
     Ok(Inspection {

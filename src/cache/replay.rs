@@ -14,7 +14,10 @@ use std::sync::Arc;
 
 use super::core::{index_key, CacheError, CacheOptions};
 use super::data_head::LOG_RESERVE;
-use super::format::{self, BackingFingerprint, FormatOptions, Kset, KsetCodec, Layout, TailPos};
+use super::format::{
+    self, BackingFingerprint, BackingId, BackingMatch, FormatOptions, Kset, KsetCodec, Layout,
+    TailPos,
+};
 use super::index::Index;
 use super::log::{Log, LogHead};
 use super::media::{Media, MediaError};
@@ -123,6 +126,15 @@ pub fn fingerprint(backing: &BackingImage) -> BackingFingerprint {
     }
 }
 
+/// Everything that ties a cache to its backing image: the fingerprint, and a block device's
+/// stable identity when the system knows one.
+pub fn backing_id(backing: &BackingImage) -> BackingId {
+    BackingId {
+        fingerprint: fingerprint(backing),
+        stable: backing.identity().stable,
+    }
+}
+
 /// Smallest number of segments that lets `queues` workers make progress: a data head each,
 /// the log reserve, and two segments for data to move through.
 pub fn min_segments(queues: usize) -> u32 {
@@ -150,12 +162,12 @@ pub(super) fn open(
         path: path.clone(),
         source,
     };
-    let fp = fingerprint(backing);
+    let found = backing_id(backing);
     let existing = format::probe(&*media).map_err(fmt_err)?;
     if existing.is_none() || opts.force_format {
         let layout = Layout::new(media.len()).map_err(fmt_err)?;
         check_size(&layout, opts, &path)?;
-        let mut f = FormatOptions::new(fp);
+        let mut f = FormatOptions::for_backing(found.clone());
         f.data_crc = opts.data_crc.unwrap_or(false);
         if let Some(p) = opts.gc_percent {
             f.gc_percent = p;
@@ -163,7 +175,7 @@ pub(super) fn open(
         log::info!("formatting cache {}", path.display());
         format::format(&*media, &layout, &f).map_err(fmt_err)?;
     }
-    let opened = format::open_metadata(&*media, &fp).map_err(fmt_err)?;
+    let opened = format::open_metadata_for(&*media, &found).map_err(fmt_err)?;
     let layout = opened.layout;
     check_size(&layout, opts, &path)?;
     let info = opened.cache_info.value;
@@ -178,6 +190,17 @@ pub(super) fn open(
             });
         }
     }
+    let info = if opened.backing_match == BackingMatch::Same {
+        info
+    } else {
+        log::info!(
+            "cache {}: recording its backing image as {found} (it recorded {})",
+            path.display(),
+            opened.recorded_backing
+        );
+        format::record_backing(&*media, &layout, &info, &opened.recorded_backing, &found)
+            .map_err(fmt_err)?
+    };
     let load_tail = |t| {
         format::load_tail(&*media, &layout, t)
             .map(|v| v.value)

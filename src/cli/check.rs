@@ -65,7 +65,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
 
 fn check(args: &CheckArgs) -> Result<CheckReport> {
     let _locks = offline::lock(&args.cache, args.backing.as_deref(), false)?;
-    let found = offline::image_fingerprint(args.backing.as_deref())?;
+    let found = offline::image_backing_id(args.backing.as_deref())?;
     let media = offline::open_cache(&args.cache)?;
     Ok(check::check(&*media, found.as_ref())?)
 }

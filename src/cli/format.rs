@@ -12,7 +12,7 @@ use super::size::parse_size;
 use vhost_user_pcache::cache::format::{self, FormatOptions, Layout, MAX_GC_PERCENT};
 use vhost_user_pcache::cache::inspect;
 use vhost_user_pcache::cache::media::Media;
-use vhost_user_pcache::cache::replay::{fingerprint, min_segments};
+use vhost_user_pcache::cache::replay::{backing_id, min_segments};
 use vhost_user_pcache::cache::SEGMENT_SIZE;
 
 #[derive(Args, Debug)]
@@ -130,7 +130,7 @@ pub fn run(args: &FormatArgs) -> Result<()> {
             Layout::media_len_for(one_queue)
         );
     }
-    let mut opts = FormatOptions::new(fingerprint(&image));
+    let mut opts = FormatOptions::for_backing(backing_id(&image));
     opts.data_crc = args.data_crc;
     opts.gc_percent = args.gc_percent;
     format::format(&*media, &layout, &opts)

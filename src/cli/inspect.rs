@@ -20,8 +20,10 @@ pub struct InspectArgs {
     #[arg(
         long,
         value_name = "IMAGE",
-        long_help = "Backing image to compare with the fingerprint (size, device, inode) recorded \
-                     in the cache. Without it the fingerprint is shown but not checked."
+        long_help = "Backing image to compare with what the cache records: a block device's stable \
+                     identity (WWID, serial, device-mapper UUID...) where one was recorded, else \
+                     the fingerprint (size, device, inode). Without it they are shown but not \
+                     checked."
     )]
     backing: Option<PathBuf>,
 
@@ -32,7 +34,7 @@ pub struct InspectArgs {
 
 pub fn run(args: &InspectArgs) -> Result<ExitCode> {
     let _locks = offline::lock(&args.cache, args.backing.as_deref(), false)?;
-    let found = offline::image_fingerprint(args.backing.as_deref())?;
+    let found = offline::image_backing_id(args.backing.as_deref())?;
     let media = offline::open_cache(&args.cache)?;
     let report = inspect::inspect(&*media, found.as_ref())
         .with_context(|| format!("inspecting cache {}", args.cache.display()))?;
@@ -92,7 +94,7 @@ fn render(args: &InspectArgs, i: &Inspection) -> String {
         "cache {}: {} bytes ({}), {} segments of 16 MiB, {} in use\n\
          cache id {}\n\
          options: data_crc {}, gc_percent {}, first start done: {}\n\
-         backing image: size {} id {}: {backing}\n\
+         backing image: size {} id {}{}: {backing}\n\
          cache_info: {}\n\
          key_tail: {}\n\
          dirty_tail: {}\n\
@@ -110,6 +112,10 @@ fn render(args: &InspectArgs, i: &Inspection) -> String {
         if i.init_done { "yes" } else { "no" },
         i.backing.size,
         i.backing.id,
+        i.backing
+            .identity
+            .as_ref()
+            .map_or(String::new(), |id| format!(", identity {id}")),
         replicas(&i.cache_info),
         tail(&i.key_tail),
         tail(&i.dirty_tail),

@@ -9,5 +9,6 @@ pub mod format;
 pub mod inspect;
 pub mod man;
 pub mod offline;
+pub mod rebind;
 pub mod serve;
 pub mod size;

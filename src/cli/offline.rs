@@ -7,9 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 
 use vhost_user_pcache::backing::{BackingImage, BackingOptions};
-use vhost_user_pcache::cache::format::BackingFingerprint;
+use vhost_user_pcache::cache::format::BackingId;
 use vhost_user_pcache::cache::media::{open_media, Media, MediaOptions};
-use vhost_user_pcache::cache::replay::fingerprint;
+use vhost_user_pcache::cache::replay::backing_id;
 use vhost_user_pcache::file_lock::{LockedObject, PathLock};
 
 /// Locks held while a tool runs: a daemon or another tool on the same files is refused.
@@ -44,9 +44,9 @@ pub fn open_image(path: &Path, write: bool) -> Result<Arc<BackingImage>> {
     Ok(BackingImage::open(path, &options)?)
 }
 
-/// The fingerprint of the image at `path`, if one was given.
-pub fn image_fingerprint(path: Option<&Path>) -> Result<Option<BackingFingerprint>> {
-    path.map(|p| open_image(p, false).map(|img| fingerprint(&img)))
+/// What identifies the image at `path` (see `format::compare`), if one was given.
+pub fn image_backing_id(path: Option<&Path>) -> Result<Option<BackingId>> {
+    path.map(|p| open_image(p, false).map(|img| backing_id(&img)))
         .transpose()
 }
 

@@ -60,8 +60,8 @@ impl CacheInfo {
             Ok(())
         } else {
             Err(FormatError::WrongBacking {
-                expected: self.backing,
-                found: *found,
+                recorded: Box::new(self.backing.into()),
+                found: Box::new((*found).into()),
             })
         }
     }

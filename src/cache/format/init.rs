@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Formatting a media, and recognising a formatted one.
 
+use crate::backing::identity::BlockIdentity;
 use crate::cache::media::Media;
 use crate::cache::CachePos;
 
+use super::backing_identity::{compare, load_backing_identity, BackingId, BackingMatch};
 use super::cache_info::{BackingFingerprint, CacheInfo, DEFAULT_GC_PERCENT, MAX_GC_PERCENT};
 use super::kset::KSET_HEADER_SIZE;
 use super::layout::{Layout, META_PAGE, SEGMENTS_OFFSET, SEGMENT_DATA_OFFSET, SUPERBLOCK_OFFSET};
@@ -15,20 +17,28 @@ use super::tails::TailPos;
 use super::FormatError;
 
 /// Settings chosen at format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FormatOptions {
     pub data_crc: bool,
     pub gc_percent: u8,
     pub backing: BackingFingerprint,
+    /// The backing block device's stable identity, recorded in backing_identity.
+    pub backing_identity: Option<BlockIdentity>,
 }
 
 impl FormatOptions {
-    /// Defaults (no data CRC, gc_percent 70) for `backing`.
+    /// Defaults (no data CRC, gc_percent 70) for a backing image known by its numbers only.
     pub fn new(backing: BackingFingerprint) -> Self {
+        FormatOptions::for_backing(backing.into())
+    }
+
+    /// Defaults (no data CRC, gc_percent 70) for `backing`.
+    pub fn for_backing(backing: BackingId) -> Self {
         FormatOptions {
             data_crc: false,
             gc_percent: DEFAULT_GC_PERCENT,
-            backing,
+            backing: backing.fingerprint,
+            backing_identity: backing.stable,
         }
     }
 }
@@ -80,6 +90,9 @@ pub fn format(
         backing: opts.backing,
     };
     write_initial(media, &layout.cache_info_slots(), &info)?;
+    if let Some(identity) = &opts.backing_identity {
+        write_initial(media, &layout.backing_identity_slots(), identity)?;
+    }
     let start = TailPos {
         pos: CachePos { seg: 0, off: 0 },
         log_seq: 1,
@@ -162,13 +175,27 @@ pub struct OpenedCache {
     pub superblock: Superblock,
     pub layout: Layout,
     pub cache_info: Versioned<CacheInfo>,
+    /// What the cache records about its backing image.
+    pub recorded_backing: BackingId,
+    /// How the backing image given relates to it (never [`BackingMatch::Different`]).
+    pub backing_match: BackingMatch,
 }
 
-/// Open a formatted cache for the backing image `backing`: superblock, layout and the
-/// newest cache_info, checked for consistency and for belonging to `backing`.
+/// [`open_metadata_for`] a backing image known by its numbers only.
 pub fn open_metadata(
     media: &dyn Media,
     backing: &BackingFingerprint,
+) -> Result<OpenedCache, FormatError> {
+    open_metadata_for(media, &(*backing).into())
+}
+
+/// Open a formatted cache for the backing image `backing`: superblock, layout and the
+/// newest cache_info, checked for consistency and for belonging to `backing` (see
+/// [`compare`]). Writes nothing: bringing the record up to date is
+/// [`record_backing`](super::record_backing).
+pub fn open_metadata_for(
+    media: &dyn Media,
+    backing: &BackingId,
 ) -> Result<OpenedCache, FormatError> {
     let superblock = probe(media)?.ok_or(FormatError::Unformatted)?;
     let layout = superblock.layout(media.len())?;
@@ -179,11 +206,23 @@ pub fn open_metadata(
             cache_info.slot, cache_info.value.n_segments, superblock.n_segments
         )));
     }
-    cache_info.value.check_backing(backing)?;
+    let recorded_backing = BackingId {
+        fingerprint: cache_info.value.backing,
+        stable: load_backing_identity(media, &layout)?.map(|v| v.value),
+    };
+    let backing_match = compare(&recorded_backing, backing);
+    if backing_match == BackingMatch::Different {
+        return Err(FormatError::WrongBacking {
+            recorded: Box::new(recorded_backing),
+            found: Box::new(backing.clone()),
+        });
+    }
     Ok(OpenedCache {
         superblock,
         layout,
         cache_info,
+        recorded_backing,
+        backing_match,
     })
 }
 

@@ -21,6 +21,8 @@ pub const CONTROL_OFFSET: u64 = 16 * 1024;
 pub const KEY_TAIL_OFFSETS: [u64; 2] = [16 * 1024, 20 * 1024];
 /// Offsets of the two dirty_tail replicas.
 pub const DIRTY_TAIL_OFFSETS: [u64; 2] = [24 * 1024, 28 * 1024];
+/// Offsets of the two backing_identity replicas (the first records of the reserved area).
+pub const BACKING_IDENTITY_OFFSETS: [u64; 2] = [32 * 1024, 36 * 1024];
 /// Offset of the first segment. 64 KiB leaves room for new global records without moving
 /// the segments and keeps every segment 64 KiB aligned.
 pub const SEGMENTS_OFFSET: u64 = 64 * 1024;
@@ -106,6 +108,11 @@ impl Layout {
     /// Replica slots of cache_info.
     pub fn cache_info_slots(&self) -> ReplicaSlots {
         ReplicaSlots::new(RecordKind::CacheInfo, CACHE_INFO_OFFSETS)
+    }
+
+    /// Replica slots of backing_identity.
+    pub fn backing_identity_slots(&self) -> ReplicaSlots {
+        ReplicaSlots::new(RecordKind::BackingIdentity, BACKING_IDENTITY_OFFSETS)
     }
 
     /// Replica slots of key_tail.

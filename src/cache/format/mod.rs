@@ -9,6 +9,9 @@
 //!   [`CacheInfo`] (at `layout.cache_info_slots()`);
 //! - [`KsetCodec`] for the log, [`data_crc`] for cached data.
 
+mod backing_identity;
+#[cfg(test)]
+mod backing_identity_tests;
 mod cache_info;
 mod init;
 mod key;
@@ -22,11 +25,15 @@ mod tails;
 #[cfg(test)]
 mod tests;
 
+pub use backing_identity::{
+    clear_backing_identity, compare, load_backing_identity, rebind_backing, record_backing,
+    store_backing_identity, BackingId, BackingMatch, IdentityFault,
+};
 pub use cache_info::{
     BackingFingerprint, CacheInfo, CACHE_INFO_DATA_CRC, CACHE_INFO_INIT_DONE, DEFAULT_GC_PERCENT,
     MAX_GC_PERCENT,
 };
-pub use init::{format, open_metadata, probe, FormatOptions, OpenedCache};
+pub use init::{format, open_metadata, open_metadata_for, probe, FormatOptions, OpenedCache};
 pub use key::{KeyFault, KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
 pub use kset::{
     kset_size, Kset, KsetCodec, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC, KSET_MAX_KEYS,
@@ -106,13 +113,19 @@ pub enum FormatError {
     #[error("{0}")]
     Inconsistent(String),
     #[error(
-        "the cache belongs to another backing image: cache records {expected}, the backing \
-         image is {found}"
+        "the cache belongs to another backing image: it records {recorded}; the backing image \
+         given is {found}. {}",
+        wrong_backing_advice(recorded)
     )]
     WrongBacking {
-        expected: BackingFingerprint,
-        found: BackingFingerprint,
+        recorded: Box<BackingId>,
+        found: Box<BackingId>,
     },
+    #[error(
+        "the cache belongs to a backing image of {recorded} bytes; an image of another size \
+         ({found} bytes) cannot be the same image"
+    )]
+    RebindSize { recorded: u64, found: u64 },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("no kset: {0}")]
@@ -149,4 +162,23 @@ impl FormatError {
                 | FormatError::KsetSeq { .. }
         )
     }
+}
+
+/// The safe ways on from a refused backing image. Never formatting: the cache may hold the
+/// only copy of writes not yet written back.
+fn wrong_backing_advice(recorded: &BackingId) -> String {
+    let right = recorded
+        .stable
+        .as_ref()
+        .and_then(|s| s.stable_path())
+        .map(|p| format!(" ({p})"))
+        .unwrap_or_default();
+    format!(
+        "The cache may hold writes not yet on its backing image: do not format it. If the image \
+         given is the wrong one, start again with the recorded one{right}, named by a path that \
+         does not change (/dev/disk/by-id/..., /dev/mapper/...). If you are sure it is the same \
+         image under a new name, number or identity, bind the cache to it with \
+         `vhost-user-pcache rebind --cache CACHE --backing IMAGE` (it changes nothing but the \
+         recorded identity), then start again."
+    )
 }

@@ -31,6 +31,7 @@ pub enum RecordKind {
     SegmentInfo = 0x5305,
     Generation = 0x4706,
     Kset = 0x4B07,
+    BackingIdentity = 0x4208,
 }
 
 impl RecordKind {
@@ -49,6 +50,7 @@ impl RecordKind {
             RecordKind::SegmentInfo => "segment_info",
             RecordKind::Generation => "generation",
             RecordKind::Kset => "kset",
+            RecordKind::BackingIdentity => "backing_identity",
         }
     }
 }
@@ -108,6 +110,8 @@ pub enum FieldFault {
     },
     #[error("next log segment {next_seg} out of {n_segments}")]
     NextSegmentOutOfRange { next_seg: u32, n_segments: u32 },
+    #[error(transparent)]
+    BackingIdentity(#[from] super::backing_identity::IdentityFault),
 }
 
 /// A record body: the bytes after the common header.
