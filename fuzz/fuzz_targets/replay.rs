@@ -101,6 +101,7 @@ fn options() -> CacheOptions {
         queues: 1,
         force_format: false,
         drain_on_shutdown: false,
+        journal_dir: None,
     }
 }
 

@@ -44,6 +44,10 @@ pub struct CacheOptions {
     pub force_format: bool,
     /// Write back all dirty data in `shutdown` (`--drain-on-exit`).
     pub drain_on_shutdown: bool,
+    /// Directory of the process-kill journal (see `journal`), normally
+    /// [`super::journal::default_dir`]; `None`: no journal, so a kill loses the completed
+    /// writes whose keys wait in open ksets.
+    pub journal_dir: Option<PathBuf>,
 }
 
 /// Errors opening a cache. The variants with a `source` do not repeat it in their message:
@@ -244,8 +248,9 @@ impl Core {
     }
 
     /// Put a new key in the index and, under the same region lock, in the log: so the log
-    /// holds the versions of every block in index order.
-    pub fn insert_and_log(&self, mut rec: KeyRecord) {
+    /// holds the versions of every block in index order. False when the process-kill journal
+    /// had no room for it: its write must not complete before its kset is on the log.
+    pub fn insert_and_log(&self, mut rec: KeyRecord) -> bool {
         if rec.flags & format::KEY_ZEROES != 0 {
             rec.gen = self.zero_stamp.fetch_add(1, Ordering::Relaxed);
         }
@@ -256,15 +261,19 @@ impl Core {
                 .fetch_add(rec.len as u64, Ordering::Relaxed);
         }
         let mut full = false;
+        let mut journaled = true;
         self.index.insert(key, &mut |_| {
             if rec.flags & format::KEY_ZEROES == 0 {
                 self.segments.get(rec.seg);
             }
-            full |= self.log.append(rec);
+            let appended = self.log.append(rec);
+            full |= appended.full;
+            journaled &= appended.journaled;
         });
         if full {
             self.close_full_kset(rec.off);
         }
+        journaled
     }
 
     /// Replace what is left of a fill's placeholder with clean keys, logged as such.
@@ -288,7 +297,9 @@ impl Core {
                     gen: k.gen,
                     data_crc: self.crc_of(k.pos, k.len),
                 });
-                if filled {
+                // A clean key the journal has no room for may be lost: the data is on the
+                // backing image.
+                if filled.full {
                     full = Some(k.off);
                 }
             });

@@ -274,6 +274,12 @@ impl Engine for CacheEngine {
         for qid in 0..self.core.heads.len() {
             self.core.release_head(qid);
         }
+        if let Some(journal) = self.core.log.journal() {
+            // Every key of a completed write is on the log: nothing for a next start to apply.
+            if let Err(e) = journal.remove() {
+                log::warn!("{}", ErrorChain(&e));
+            }
+        }
         Ok(())
     }
 }

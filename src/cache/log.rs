@@ -18,12 +18,17 @@
 //! the next kset plus a LAST kset, a LAST kset chains to a fresh log segment. If no segment is
 //! free the keys stay in memory and the close is retried later; writes are held back by the
 //! data-segment reserve long before that can starve the log.
+//!
+//! With a process-kill journal attached, every key appended is also recorded there, and every
+//! kset written is announced to it before and confirmed after (see `journal`), so a daemon
+//! restarted after a kill finds the keys that completed writes left in open ksets.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::format::{self, KeyRecord, KsetCodec};
+use super::journal::Journal;
 use super::media::{Media, MediaError, Persistence};
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
@@ -80,6 +85,17 @@ struct CommitState {
 /// it itself (back-pressure when the media cannot keep up).
 const COMMIT_BACKLOG: usize = 8 * format::KSET_MAX_KEYS;
 
+/// What [`Log::append`] did with a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Appended {
+    /// The kset is full and should be closed (after the caller released the index region
+    /// lock).
+    pub full: bool,
+    /// A kill cannot lose the key: it is in the journal, or there is no journal to keep it.
+    /// False when the journal had no room: the write must wait until its kset is on the log.
+    pub journaled: bool,
+}
+
 /// Position of the next kset and the sequence number it will carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LogHead {
@@ -94,6 +110,8 @@ pub struct Log {
     closed: Condvar,
     layout: format::Layout,
     codec: KsetCodec,
+    /// The process-kill journal, when the cache has one.
+    journal: Option<Journal>,
 }
 
 impl Log {
@@ -105,7 +123,31 @@ impl Log {
             closed: Condvar::new(),
             layout,
             codec,
+            journal: None,
         }
+    }
+
+    /// Attach (or detach) the process-kill journal. Only while the log is not shared yet: a
+    /// new journal must already hold the keys of the open ksets ([`Log::open_keys`]).
+    pub fn set_journal(&mut self, journal: Option<Journal>) {
+        self.journal = journal;
+    }
+
+    pub fn journal(&self) -> Option<&Journal> {
+        self.journal.as_ref()
+    }
+
+    /// The keys waiting in each open kset, oldest first.
+    pub fn open_keys(&self) -> Vec<Vec<KeyRecord>> {
+        self.ksets
+            .iter()
+            .map(|k| lock(&k.open).keys.clone())
+            .collect()
+    }
+
+    /// Number of open ksets.
+    pub fn kset_count(&self) -> usize {
+        self.ksets.len()
     }
 
     pub fn head(&self) -> LogHead {
@@ -117,13 +159,18 @@ impl Log {
         ((off >> REGION_SHIFT) % self.ksets.len() as u64) as usize
     }
 
-    /// Add a key to its region's kset. Returns true when that kset is full and should be
-    /// closed (after the caller released the index region lock).
-    pub fn append(&self, key: KeyRecord) -> bool {
-        let mut k = lock(&self.ksets[self.kset_for(key.off)].open);
+    /// Add a key to its region's kset, and to the journal.
+    pub fn append(&self, key: KeyRecord) -> Appended {
+        let idx = self.kset_for(key.off);
+        let mut k = lock(&self.ksets[idx].open);
         k.keys.push(key);
         k.since.get_or_insert_with(Instant::now);
-        k.keys.len() >= format::KSET_MAX_KEYS
+        // Under the open kset's lock: the journal's entries of a slot follow its keys' order.
+        let journaled = self.journal.as_ref().map_or(true, |j| j.append(idx, &key));
+        Appended {
+            full: k.keys.len() >= format::KSET_MAX_KEYS,
+            journaled,
+        }
     }
 
     /// A key appended for backing offset `off` filled its kset: have the kset's committer
@@ -248,7 +295,7 @@ impl Log {
             return Ok(());
         }
         let mut written = 0;
-        let result = self.write_keys(&closing, media, segments, &mut written);
+        let result = self.write_keys(idxs, &closing, media, segments, &mut written);
         for (n, &i) in idxs.iter().enumerate() {
             let keys = &mut *closing[n];
             let done = written.min(keys.len());
@@ -266,9 +313,11 @@ impl Log {
     }
 
     /// Sync the data the keys name (msync mode), then write them as ksets at the head.
-    /// `written` counts the keys on the media, in the order of `lists`.
+    /// `lists` are the keys taken from open ksets `idxs`; `written` counts the keys on the
+    /// media, in the order of `lists`.
     fn write_keys(
         &self,
+        idxs: &[usize],
         lists: &[std::sync::MutexGuard<'_, Vec<KeyRecord>>],
         media: &dyn Media,
         segments: &SegmentMap,
@@ -278,17 +327,32 @@ impl Log {
             self.sync_data(lists.iter().flat_map(|l| l.iter()), media)?;
         }
         let mut head = lock(&self.head);
+        // Per list: the journal index its next key to be written has (its keys are the
+        // slot's entries from `committed` on), so each kset can name how far it takes them.
+        let mut next: Vec<u64> = idxs
+            .iter()
+            .map(|&i| self.journal.as_ref().map_or(0, |j| j.committed(i)))
+            .collect();
         let mut chunk: Vec<KeyRecord> = Vec::with_capacity(format::KSET_MAX_KEYS);
-        for key in lists.iter().flat_map(|l| l.iter()) {
-            chunk.push(*key);
-            if chunk.len() == format::KSET_MAX_KEYS {
-                self.write_kset(&mut head, &chunk, media, segments)?;
-                *written += chunk.len();
-                chunk.clear();
+        let mut marks: Vec<(usize, u64)> = Vec::with_capacity(idxs.len());
+        for (n, list) in lists.iter().enumerate() {
+            for key in list.iter() {
+                chunk.push(*key);
+                next[n] += 1;
+                match marks.last_mut() {
+                    Some(m) if m.0 == idxs[n] => m.1 = next[n],
+                    _ => marks.push((idxs[n], next[n])),
+                }
+                if chunk.len() == format::KSET_MAX_KEYS {
+                    self.write_kset(&mut head, &chunk, &marks, media, segments)?;
+                    *written += chunk.len();
+                    chunk.clear();
+                    marks.clear();
+                }
             }
         }
         if !chunk.is_empty() {
-            self.write_kset(&mut head, &chunk, media, segments)?;
+            self.write_kset(&mut head, &chunk, &marks, media, segments)?;
             *written += chunk.len();
         }
         Ok(())
@@ -331,10 +395,29 @@ impl Log {
     }
 
     /// Write one kset at the head, chaining to a new log segment first when it does not fit.
+    /// `marks` names, for the journal, each open kset whose keys it holds and the journal
+    /// index just past its last one.
     fn write_kset(
         &self,
         head: &mut LogHead,
         keys: &[KeyRecord],
+        marks: &[(usize, u64)],
+        media: &dyn Media,
+        segments: &SegmentMap,
+    ) -> Result<(), LogError> {
+        let result = self.write_kset_inner(head, keys, marks, media, segments);
+        if let (Err(_), Some(j)) = (&result, &self.journal) {
+            // Its keys stay open, and its sequence number goes to another kset.
+            j.kset_failed(&marks.iter().map(|m| m.0).collect::<Vec<_>>());
+        }
+        result
+    }
+
+    fn write_kset_inner(
+        &self,
+        head: &mut LogHead,
+        keys: &[KeyRecord],
+        marks: &[(usize, u64)],
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
@@ -359,8 +442,10 @@ impl Log {
             self.codec
                 .encode_last_kset(head.seq, next, &mut last)
                 .map_err(|source| LogError::Encode { keys: 0, source })?;
+            self.announce(head.seq, &last, &[]);
             write(media, self.layout.media_offset(head.pos), &last)?;
             fence(media)?;
+            self.confirm(head.seq, &[]);
             *head = LogHead {
                 pos: CachePos { seg: next, off: 0 },
                 seq: head.seq + 1,
@@ -380,11 +465,27 @@ impl Log {
         if head.pos.off as u64 + buf.len() as u64 + format::KSET_HEADER_SIZE as u64 <= data_size {
             write(media, at + buf.len() as u64, &format::KSET_ZERO_HEADER)?;
         }
+        self.announce(head.seq, &buf, marks);
         write(media, at, &buf)?;
         fence(media)?;
+        self.confirm(head.seq, marks);
         head.pos.off += buf.len() as u32;
         head.seq += 1;
         Ok(())
+    }
+
+    /// Tell the journal that the encoded kset `kset` is about to be written.
+    fn announce(&self, seq: u64, kset: &[u8], marks: &[(usize, u64)]) {
+        if let Some(j) = &self.journal {
+            j.kset_writing(seq, super::journal::kset_crc(kset), marks);
+        }
+    }
+
+    /// Tell the journal that kset `seq` is on the media.
+    fn confirm(&self, seq: u64, marks: &[(usize, u64)]) {
+        if let Some(j) = &self.journal {
+            j.kset_written(seq, marks);
+        }
     }
 }
 

@@ -33,6 +33,7 @@ mod gc;
 pub mod health;
 pub mod index;
 pub mod inspect;
+pub mod journal;
 mod log;
 pub mod media;
 mod meta;

@@ -143,6 +143,9 @@ pub struct CacheQueue {
     pub(super) partial: Option<PartialWrite>,
     /// Write-through writes not complete yet, in completion order.
     pub(super) unclosed: Vec<HeldWrite>,
+    /// Keys of this queue's writes that the process-kill journal had no room for may still
+    /// wait in open ksets: writes are held until their ksets are on the log.
+    journal_behind: bool,
     pub(super) reads: HashMap<u64, ReadInFlight>,
     pub(super) misses: HashMap<u64, MissRead>,
     pub(super) next_id: u64,
@@ -184,6 +187,7 @@ impl CacheQueue {
             pieces: Vec::new(),
             partial: None,
             unclosed: Vec::new(),
+            journal_behind: false,
             reads: HashMap::new(),
             misses: HashMap::new(),
             next_id: 0,
@@ -229,12 +233,14 @@ impl CacheQueue {
                 }
             }
         } else {
+            let mut unjournaled = false;
+            for key in &keys {
+                unjournaled |= !self.core.insert_and_log(*key);
+                self.core.unpin(key.seg);
+            }
+            self.check_journal(unjournaled);
             for w in staged.drain(..) {
                 let mine = &keys[w.keys];
-                for key in mine {
-                    self.core.insert_and_log(*key);
-                    self.core.unpin(key.seg);
-                }
                 if !w.last {
                     continue;
                 }
@@ -257,11 +263,20 @@ impl CacheQueue {
     /// mode is read afterwards (SeqCst, paired with `CacheEngine::drain_and_hold`), so a write
     /// that sees it off has its keys in a kset that the drain's close covers.
     pub(super) fn hold_if_needed(&mut self, tag: u64, offs: Vec<u64>) -> bool {
-        if !self.must_hold() {
+        if !self.must_hold() && !self.journal_behind {
             return false;
         }
         self.hold(tag, offs);
         true
+    }
+
+    /// Some keys just logged were not journaled (the journal's ring for their kset was full):
+    /// a kill could lose them, so close every open kset now, or, when that fails, hold this
+    /// queue's writes until it succeeds (see `journal_behind`).
+    pub(super) fn check_journal(&mut self, unjournaled: bool) {
+        if unjournaled || self.journal_behind {
+            self.journal_behind = self.core.close_all_ksets().is_err();
+        }
     }
 
     /// Whether a write whose keys were just logged must be held (see `hold_if_needed`).

@@ -38,6 +38,10 @@ pub(super) struct Opened {
     pub dirty_bytes: u64,
     /// Highest stamp of a zeroes key on the log (0 when none carries one).
     pub zero_stamp: u64,
+    /// The superblock's cache id.
+    pub cache_id: [u8; 16],
+    /// CRC field of the newest kset replayed (for the journal).
+    pub newest_kset_crc: Option<u32>,
 }
 
 /// What the log walk found (also used by offline inspection).
@@ -51,6 +55,8 @@ pub struct ReplayReport {
     pub log_segments: u32,
     /// Highest stamp of a zeroes key seen (see `Core::insert_and_log`).
     pub zero_stamp: u64,
+    /// CRC field of the newest kset met, if any.
+    pub newest_kset_crc: Option<u32>,
 }
 
 /// Why the log walk could not rebuild the cache: the log on the media is corrupt, or could
@@ -250,7 +256,7 @@ pub(super) fn open(
     );
     meta.set_init_done().map_err(fmt_err)?;
     let log = Log::new(layout, codec, head, opts.queues);
-    Ok(Opened {
+    let mut opened = Opened {
         layout,
         meta,
         segments,
@@ -259,7 +265,13 @@ pub(super) fn open(
         data_crc: info.data_crc,
         dirty_bytes: report.dirty_bytes,
         zero_stamp: report.zero_stamp,
-    })
+        cache_id: opened.superblock.cache_id,
+        newest_kset_crc: report.newest_kset_crc,
+    };
+    if let Some(dir) = &opts.journal_dir {
+        super::journal::apply::open(&mut opened, &*media, dir, backing.size());
+    }
+    Ok(opened)
 }
 
 fn check_size(
@@ -346,6 +358,7 @@ pub fn walk_visit(
             break;
         };
         report.ksets += 1;
+        report.newest_kset_crc = Some(super::journal::kset_crc(&buf));
         match kset {
             Kset::Last { next_seg, .. } => {
                 pos = follow_last(segments, &mut report, pos, seq, next_seg)?;

@@ -159,8 +159,9 @@ impl CacheQueue {
         self.commit_staged();
         let flags = format::KEY_ZEROES | if unmap { format::KEY_UNMAP } else { 0 };
         let mut offs = Vec::new();
+        let mut unjournaled = false;
         for (off, piece) in region_pieces(offset, len) {
-            core.insert_and_log(KeyRecord {
+            unjournaled |= !core.insert_and_log(KeyRecord {
                 off,
                 len: piece,
                 flags,
@@ -171,6 +172,7 @@ impl CacheQueue {
             });
             offs.push(off);
         }
+        self.check_journal(unjournaled);
         if self.hold_if_needed(tag, offs) {
             Outcome::Pending
         } else {

@@ -67,6 +67,7 @@ pub fn run(args: &DrainArgs) -> Result<()> {
         queues: 1,
         force_format: false,
         drain_on_shutdown: false,
+        journal_dir: Some(vhost_user_pcache::cache::journal::default_dir()),
     };
     let engine = CacheEngine::open_with_media(&opts, media, image.clone())
         .with_context(|| format!("opening cache {}", args.cache.display()))?;

@@ -389,6 +389,7 @@ fn build_engine(
         queues,
         force_format: false,
         drain_on_shutdown: args.drain_on_exit,
+        journal_dir: Some(vhost_user_pcache::cache::journal::default_dir()),
         path,
     };
     let engine = Arc::new(CacheEngine::open(&opts, image).context("opening the cache")?);

@@ -55,7 +55,15 @@ impl Daemon {
     /// accepts connections.
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
         let _ = std::fs::remove_file(socket);
-        let child = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"));
+        if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
+            // The process-kill journal goes beside the socket, as systemd's RuntimeDirectory=
+            // would have it, not in /dev/shm where a killed daemon's would outlive the test.
+            if let Some(dir) = socket.parent() {
+                cmd.env("RUNTIME_DIRECTORY", dir);
+            }
+        }
+        let child = cmd
             .arg("serve")
             .arg("--socket")
             .arg(socket)

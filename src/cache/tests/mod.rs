@@ -8,6 +8,7 @@ mod faults;
 mod gc;
 mod group_commit;
 mod index_memory;
+mod kill_restart;
 mod large_write;
 mod model;
 mod paths;
@@ -52,6 +53,7 @@ impl Fixture {
             queues,
             force_format: false,
             drain_on_shutdown: false,
+            journal_dir: None,
         };
         Fixture {
             _dir: dir,

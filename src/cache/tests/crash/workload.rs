@@ -72,6 +72,7 @@ pub fn run(cfg: &Config) -> Report {
         queues: cfg.queues,
         force_format: false,
         drain_on_shutdown: false,
+        journal_dir: None,
     };
     let engine = CacheEngine::open_stepped(&opts, media.clone(), backing.clone()).unwrap();
     let model = Arc::new(Mutex::new(Model::new(sectors)));
