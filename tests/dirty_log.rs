@@ -204,6 +204,37 @@ fn pages(addr: u64, len: u64) -> std::ops::Range<u64> {
     addr / PAGE..(addr + len).div_ceil(PAGE)
 }
 
+/// Every page of each named range is marked in the log.
+fn assert_marked<'a>(
+    dirty: &[u64],
+    ranges: impl IntoIterator<Item = (&'a str, std::ops::Range<u64>)>,
+) {
+    for (what, range) in ranges {
+        for page in range {
+            assert!(
+                dirty.contains(&page),
+                "{what}: guest page {page:#x} was written but is not marked in the log \
+                 (dirty: {dirty:x?})"
+            );
+        }
+    }
+}
+
+/// No page of the named ranges (memory the daemon only reads) is marked in the log.
+fn assert_not_marked<'a>(
+    dirty: &[u64],
+    ranges: impl IntoIterator<Item = (&'a str, std::ops::Range<u64>)>,
+) {
+    for (what, range) in ranges {
+        for page in range {
+            assert!(
+                !dirty.contains(&page),
+                "{what}: guest page {page:#x} was only read but is marked in the log"
+            );
+        }
+    }
+}
+
 /// The frontend connected to `daemon`, queue 0 running, with only the first memory region in
 /// the daemon's table.
 fn connect(daemon: &Daemon) -> (Guest, Frontend, EventFd, EventFd) {
@@ -324,40 +355,31 @@ fn pages_the_daemon_writes_after_set_log_base_are_marked_in_the_log() {
     );
 
     let dirty = log.dirty_pages();
-    for (what, range) in [
-        (
-            "read data from the cache",
-            pages(READ_CACHED_BUF, IO_LEN.into()),
-        ),
-        (
-            "read data from the image",
-            pages(READ_IMAGE_BUF, IO_LEN.into()),
-        ),
-        ("status byte", pages(STATUS, 1)),
-        ("used ring", pages(USED, 1)),
-    ] {
-        for page in range {
-            assert!(
-                dirty.contains(&page),
-                "{what}: guest page {page:#x} was written but is not marked in the log \
-                 (dirty: {dirty:x?})"
-            );
-        }
-    }
+    assert_marked(
+        &dirty,
+        [
+            (
+                "read data from the cache",
+                pages(READ_CACHED_BUF, IO_LEN.into()),
+            ),
+            (
+                "read data from the image",
+                pages(READ_IMAGE_BUF, IO_LEN.into()),
+            ),
+            ("status byte", pages(STATUS, 1)),
+            ("used ring", pages(USED, 1)),
+        ],
+    );
     // Pages the daemon only read stay clean.
-    for (what, range) in [
-        ("descriptor table", pages(DESC_TABLE, 1)),
-        ("available ring", pages(AVAIL, 1)),
-        ("request headers", pages(HEADERS, 1)),
-        ("write buffer", pages(WRITE_BUF, IO_LEN.into())),
-    ] {
-        for page in range {
-            assert!(
-                !dirty.contains(&page),
-                "{what}: guest page {page:#x} was only read but is marked in the log"
-            );
-        }
-    }
+    assert_not_marked(
+        &dirty,
+        [
+            ("descriptor table", pages(DESC_TABLE, 1)),
+            ("available ring", pages(AVAIL, 1)),
+            ("request headers", pages(HEADERS, 1)),
+            ("write buffer", pages(WRITE_BUF, IO_LEN.into())),
+        ],
+    );
     drop(frontend);
     assert!(daemon.terminate().success());
 }
@@ -411,37 +433,28 @@ fn pages_written_into_memory_mapped_after_set_log_base_are_marked() {
     }
 
     let dirty = log.dirty_pages();
-    for (what, range) in [
-        (
-            "read data, after SET_MEM_TABLE",
-            pages(READ_IMAGE_BUF, IO_LEN.into()),
-        ),
-        (
-            "read data in the region added by ADD_MEM_REG",
-            pages(added_buf, IO_LEN.into()),
-        ),
-        ("status bytes", pages(STATUS, 2)),
-        ("used ring", pages(USED, 1)),
-    ] {
-        for page in range {
-            assert!(
-                dirty.contains(&page),
-                "{what}: guest page {page:#x} was written but is not marked in the log \
-                 (dirty: {dirty:x?})"
-            );
-        }
-    }
-    for (what, range) in [
-        ("descriptor table", pages(DESC_TABLE, 1)),
-        ("request headers", pages(HEADERS, 1)),
-    ] {
-        for page in range {
-            assert!(
-                !dirty.contains(&page),
-                "{what}: guest page {page:#x} was only read but is marked in the log"
-            );
-        }
-    }
+    assert_marked(
+        &dirty,
+        [
+            (
+                "read data, after SET_MEM_TABLE",
+                pages(READ_IMAGE_BUF, IO_LEN.into()),
+            ),
+            (
+                "read data in the region added by ADD_MEM_REG",
+                pages(added_buf, IO_LEN.into()),
+            ),
+            ("status bytes", pages(STATUS, 2)),
+            ("used ring", pages(USED, 1)),
+        ],
+    );
+    assert_not_marked(
+        &dirty,
+        [
+            ("descriptor table", pages(DESC_TABLE, 1)),
+            ("request headers", pages(HEADERS, 1)),
+        ],
+    );
     drop(frontend);
     assert!(daemon.terminate().success());
 }

@@ -24,9 +24,9 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-fn vmm_tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
-}
+mod common;
+
+use common::vm::{build_guest, vmm_tests_dir};
 
 fn tool_runs(tool: &str, arg: &str) -> bool {
     Command::new(tool)
@@ -66,14 +66,6 @@ fn check_host_prerequisites() {
         "the DAX VM test needs {}; run vmm-tests/install-deps.sh",
         missing.join(", ")
     );
-}
-
-fn build_guest(out: &Path) {
-    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
-        .arg(out)
-        .status()
-        .expect("run vmm-tests/build-guest.sh");
-    assert!(status.success(), "build-guest.sh failed: {status}");
 }
 
 /// Builds the load generator (a `[[bench]]` target, which `cargo test` does not build) with the

@@ -17,13 +17,11 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::vm::{build_guest, vmm_tests_dir};
+
 const DISK_SIZE: u64 = 256 << 20;
 const QUEUES: u32 = 2;
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
-
-fn vmm_tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
-}
 
 /// Fails (never skips) when the host lacks what the guest test needs.
 fn check_host_prerequisites() {
@@ -48,14 +46,6 @@ fn check_host_prerequisites() {
         if has_qemu { "found" } else { "missing" },
         if has_kernel { "found" } else { "missing" },
     );
-}
-
-fn build_guest(out: &Path) {
-    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
-        .arg(out)
-        .status()
-        .expect("run vmm-tests/build-guest.sh");
-    assert!(status.success(), "build-guest.sh failed: {status}");
 }
 
 enum BackendKind {

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::vm::{build_guest, console_text, vmm_tests_dir};
+
 use common::Daemon;
 
 const DISK_SIZE: &str = "256M";
@@ -41,22 +43,6 @@ const MIGRATION_LIMIT: Duration = Duration::from_secs(120);
 /// Saves and restores under one fio run.
 const SAVES: u32 = 2;
 const FINISH_LIMIT: Duration = Duration::from_secs(300);
-
-fn vmm_tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
-}
-
-fn build_guest(out: &Path) {
-    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
-        .arg(out)
-        .status()
-        .expect("run vmm-tests/build-guest.sh (run vmm-tests/install-deps.sh first)");
-    assert!(status.success(), "build-guest.sh failed: {status}");
-}
-
-fn console_text(console: &Path) -> String {
-    String::from_utf8_lossy(&fs::read(console).unwrap_or_default()).replace('\r', "")
-}
 
 /// A QEMU process, killed if the test ends early.
 struct Qemu {

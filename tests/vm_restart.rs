@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 
+use common::vm::{build_guest, console_text, vmm_tests_dir};
+
 use common::Daemon;
 
 const DISK_SIZE: &str = "256M";
@@ -27,18 +29,6 @@ const BETWEEN_RESTARTS: Duration = Duration::from_secs(3);
 const BOOT_LIMIT: Duration = Duration::from_secs(180);
 /// Whole guest run, restarts included.
 const GUEST_TIMEOUT_SECS: u32 = 420;
-
-fn vmm_tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vmm-tests")
-}
-
-fn build_guest(out: &Path) {
-    let status = Command::new(vmm_tests_dir().join("build-guest.sh"))
-        .arg(out)
-        .status()
-        .expect("run vmm-tests/build-guest.sh (run vmm-tests/install-deps.sh first)");
-    assert!(status.success(), "build-guest.sh failed: {status}");
-}
 
 #[derive(Clone, Copy)]
 struct Case {
@@ -125,10 +115,6 @@ impl Setup {
             .spawn()
             .expect("run vmm-tests/run-guest.sh")
     }
-}
-
-fn console_text(console: &Path) -> String {
-    String::from_utf8_lossy(&fs::read(console).unwrap_or_default()).replace('\r', "")
 }
 
 fn wait_for_console(console: &Path, guest: &mut Child, what: &str) {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod vm;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
