@@ -269,7 +269,7 @@ pub(super) fn open(
         newest_kset_crc: report.newest_kset_crc,
     };
     if let Some(dir) = &opts.journal_dir {
-        super::journal::apply::open(&mut opened, &*media, dir, backing.size());
+        super::journal::apply::open(&mut opened, &*media, &opts.path, dir, backing.size());
     }
     Ok(opened)
 }

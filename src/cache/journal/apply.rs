@@ -8,7 +8,7 @@
 use std::path::Path;
 
 use super::{
-    boot_id, path_in, read_previous, recover, Identity, Journal, LogEnd, Recovered,
+    boot_id, path_in, read_previous, recover, Identity, Journal, LogEnd, MediaFile, Recovered,
     DEFAULT_CAPACITY,
 };
 use crate::cache::core::index_key;
@@ -22,9 +22,20 @@ use crate::engine::ErrorChain;
 pub(in crate::cache) fn open(
     opened: &mut Opened,
     media: &dyn Media,
+    media_path: &Path,
     dir: &Path,
     backing_size: u64,
 ) {
+    let media_file = match MediaFile::of(media_path) {
+        Ok(f) => f,
+        Err(e) => {
+            log::warn!(
+                "no process-kill journal: {}: {e}; a daemon kill may lose completed writes not yet flushed",
+                media_path.display()
+            );
+            return;
+        }
+    };
     let me = match boot_id() {
         Ok(boot_id) => Identity {
             boot_id,
@@ -38,7 +49,7 @@ pub(in crate::cache) fn open(
             return;
         }
     };
-    let path = path_in(dir, &opened.cache_id);
+    let path = path_in(dir, &opened.cache_id, media_file);
     let previous = match read_previous(&path) {
         Ok(p) => p,
         Err(e) => {

@@ -88,7 +88,7 @@ fn run(seed: u64) -> Model {
     let dir = tempfile::tempdir().unwrap();
     let head = 100;
     let mut j = Journal::create(
-        &path_in(dir.path(), &ME.cache_id),
+        &path_in(dir.path(), &ME.cache_id, super::tests::MEDIA),
         &ME,
         SLOTS,
         CAPACITY,

@@ -116,10 +116,34 @@ pub fn default_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(FALLBACK_DIR))
 }
 
-/// The journal of the cache with id `cache_id` in `dir`.
-pub fn path_in(dir: &Path, cache_id: &[u8; 16]) -> PathBuf {
+/// Which file holds a cache: its device and inode numbers. Copies of one cache file share its
+/// id; two daemons serving such copies at once must not share a journal, or a killed one could
+/// apply keys whose data only the other copy holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MediaFile {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl MediaFile {
+    /// The numbers of the cache media at `path` (a file, or a device node).
+    pub fn of(path: &Path) -> std::io::Result<MediaFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(MediaFile {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// The journal of the cache with id `cache_id`, held in `media`, in `dir`.
+pub fn path_in(dir: &Path, cache_id: &[u8; 16], media: MediaFile) -> PathBuf {
     let hex: String = cache_id.iter().map(|b| format!("{b:02x}")).collect();
-    dir.join(format!("vhost-user-pcache-{hex}.journal"))
+    dir.join(format!(
+        "vhost-user-pcache-{hex}-{:x}-{:x}.journal",
+        media.dev, media.ino
+    ))
 }
 
 /// The bytes of the journal at `path`, if there is one.

@@ -14,6 +14,11 @@ const ME: Identity = Identity {
 };
 /// Next kset number of the log when the journal was created.
 const HEAD: u64 = 40;
+/// The cache file the journals of these tests belong to.
+pub(super) const MEDIA: MediaFile = MediaFile {
+    dev: 0x803,
+    ino: 0x2a,
+};
 
 fn key(n: u64) -> KeyRecord {
     KeyRecord {
@@ -32,7 +37,14 @@ fn any_key(_: &KeyRecord) -> Result<(), String> {
 }
 
 fn journal(dir: &tempfile::TempDir, slots: usize, capacity: u32) -> Journal {
-    let j = Journal::create(&path_in(dir.path(), &CACHE), &ME, slots, capacity, HEAD).unwrap();
+    let j = Journal::create(
+        &path_in(dir.path(), &CACHE, MEDIA),
+        &ME,
+        slots,
+        capacity,
+        HEAD,
+    )
+    .unwrap();
     j.publish().unwrap();
     j
 }
@@ -292,7 +304,7 @@ fn a_new_journal_replaces_the_previous_one_only_once_published() {
     let j = journal(&dir, 2, 64);
     j.append(0, &key(1));
     drop(j);
-    let path = path_in(dir.path(), &CACHE);
+    let path = path_in(dir.path(), &CACHE, MEDIA);
     let j = Journal::create(&path, &ME, 1, 128, HEAD).unwrap();
     j.append(0, &key(2));
     // A kill before the new journal is published leaves the old one whole.
@@ -320,7 +332,7 @@ fn a_kill_while_applying_applies_the_same_keys_again() {
 
     // The next process applies them: its own first kset is 40 too, holding the first four
     // applied keys in its own order, and it is killed before the rest reach the log.
-    let path = path_in(dir.path(), &CACHE);
+    let path = path_in(dir.path(), &CACHE, MEDIA);
     let applying = Journal::resume(&path, &first).unwrap();
     applying.kset_writing(HEAD, 0x99, &[(0, 4)]);
     applying.kset_written(HEAD, &[(0, 4)]);
@@ -380,12 +392,34 @@ fn boot_ids_parse() {
     assert_eq!(boot_id().unwrap(), boot_id().unwrap());
 }
 
+/// Two copies of one cache file have the same cache id; each has a journal of its own, so a
+/// daemon killed on one never applies keys whose data only the other holds.
+#[test]
+fn copies_of_a_cache_file_keep_separate_journals() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.pcache"), dir.path().join("b.pcache"));
+    std::fs::write(&a, b"cache").unwrap();
+    std::fs::copy(&a, &b).unwrap();
+    let (ma, mb) = (MediaFile::of(&a).unwrap(), MediaFile::of(&b).unwrap());
+    assert_ne!(
+        path_in(dir.path(), &CACHE, ma),
+        path_in(dir.path(), &CACHE, mb)
+    );
+    // The same file under another name (a rename, a second link) keeps its journal.
+    let c = dir.path().join("c.pcache");
+    std::fs::hard_link(&a, &c).unwrap();
+    assert_eq!(
+        path_in(dir.path(), &CACHE, ma),
+        path_in(dir.path(), &CACHE, MediaFile::of(&c).unwrap())
+    );
+}
+
 #[test]
 fn the_journal_goes_to_the_runtime_directory() {
-    let p = path_in(Path::new("/run/x"), &[0xab; 16]);
+    let p = path_in(Path::new("/run/x"), &[0xab; 16], MEDIA);
     assert_eq!(
         p,
-        Path::new("/run/x/vhost-user-pcache-abababababababababababababababab.journal")
+        Path::new("/run/x/vhost-user-pcache-abababababababababababababababab-803-2a.journal")
     );
 }
 

@@ -51,6 +51,11 @@ impl Host {
             drain_on_shutdown: false,
             journal_dir: Some(run),
         };
+        if recording.is_some() {
+            // The recording stands in for the media's bytes; the journal is still named after
+            // the media's file, which must exist as it would.
+            std::fs::write(&opts.path, b"").unwrap();
+        }
         Host {
             _dir: dir,
             backing,
