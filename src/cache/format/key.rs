@@ -108,6 +108,11 @@ impl KeyRecord {
                 n_segments: layout.n_segments(),
             });
         }
+        // The data head hands out whole sectors, so cached data starts on one; the index
+        // counts a key's CRC span in sectors and relies on it.
+        if self.seg_off as u64 % SECTOR_SIZE != 0 {
+            return Err(KeyFault::UnalignedCachePosition(self.seg_off));
+        }
         if self.seg_off as u64 + self.len as u64 > layout.data_size() as u64 {
             return Err(KeyFault::BeyondSegment {
                 seg_off: self.seg_off,
@@ -140,6 +145,8 @@ pub enum KeyFault {
     ZeroesWithData,
     #[error("segment {seg} out of {n_segments}")]
     SegmentOutOfRange { seg: u32, n_segments: u32 },
+    #[error("cache position {0} in its segment is not a multiple of 512")]
+    UnalignedCachePosition(u32),
     #[error("data {seg_off}+{len} beyond the segment's {data_size} data bytes")]
     BeyondSegment {
         seg_off: u32,

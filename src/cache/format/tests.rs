@@ -527,6 +527,10 @@ fn kset_encode_refuses_what_decode_would() {
             ..key(1)
         },
         KeyRecord {
+            seg_off: 4096 + 100,
+            ..key(1)
+        },
+        KeyRecord {
             flags: 1 << 7,
             ..key(1)
         },
