@@ -12,7 +12,8 @@
 #   RW    randwrite | randread
 #   DAEMON the daemon binary (default target/release/vhost-user-pcache)
 # Environment: RUNTIME=8, WORKDIR=/var/tmp, SHM=/dev/shm, OUT (default: a new directory in
-# WORKDIR, kept: cg.out.1 is the profile to open with callgrind_annotate).
+# WORKDIR, kept: cg.out.1 is the profile to open with callgrind_annotate), LOADGEN_ARGS (more
+# loadgen arguments for the measured run, e.g. "--flush-every 1"; flushes count as requests).
 # Needs valgrind (callgrind_control) and python3; builds loadgen with `cargo bench --no-run`.
 set -euo pipefail
 
@@ -52,7 +53,7 @@ if [ "$RW" = randread ]; then
 fi
 callgrind_control -z $pid >/dev/null 2>&1
 "$LOADGEN" --socket "$OUT/s.sock" --rw "$RW" --bs 4k --iodepth 1 --size 16M \
-  --runtime "$RUNTIME" --json >"$OUT/run.json"
+  --runtime "$RUNTIME" ${LOADGEN_ARGS:-} --json >"$OUT/run.json"
 callgrind_control -d $pid >/dev/null 2>&1
 kill $pid
 wait $pid || true

@@ -343,7 +343,9 @@ impl BackingQueue {
                     job.release_lock(&self.image);
                     self.ready.push((job.user_data, result));
                     let mut iovecs = job.take_iovecs();
-                    if iovecs.capacity() > 0 && self.spare_iovecs.0.len() < self.depth {
+                    // Up to as many as jobs were ever live at once: writeback hands over a
+                    // whole kset, more jobs than the ring's depth, and each needs an array.
+                    if iovecs.capacity() > 0 && self.spare_iovecs.0.len() < self.slots.len() {
                         iovecs.clear();
                         self.spare_iovecs.0.push(iovecs);
                     }

@@ -105,7 +105,11 @@ pub struct LogHead {
 
 pub struct Log {
     ksets: Vec<KsetSlot>,
+    /// `0..ksets.len()`, the indices `close_all` closes.
+    all_ksets: Vec<usize>,
     head: Mutex<LogHead>,
+    /// Locked only while `head` is held, right after it.
+    scratch: Mutex<CloseScratch>,
     /// Signalled after every close, for writeback waiting on new ksets.
     closed: Condvar,
     layout: format::Layout,
@@ -114,12 +118,28 @@ pub struct Log {
     journal: Option<Journal>,
 }
 
+/// Buffers every kset close reuses (behind `Log::scratch`), so a close allocates only its
+/// list of kset locks.
+#[derive(Default)]
+struct CloseScratch {
+    /// Per kset being closed, the journal index of its next key to be written.
+    next: Vec<u64>,
+    /// The keys of the kset being encoded.
+    chunk: Vec<KeyRecord>,
+    /// The journal marks of `chunk`: (kset, index after its last key in `chunk`).
+    marks: Vec<(usize, u64)>,
+    /// `chunk` encoded.
+    buf: Vec<u8>,
+}
+
 impl Log {
     /// A log whose next kset goes at `head`; `n_ksets` is the number of queues.
     pub fn new(layout: format::Layout, codec: KsetCodec, head: LogHead, n_ksets: usize) -> Log {
         Log {
             ksets: (0..n_ksets.max(1)).map(|_| KsetSlot::default()).collect(),
+            all_ksets: (0..n_ksets.max(1)).collect(),
             head: Mutex::new(head),
+            scratch: Mutex::new(CloseScratch::default()),
             closed: Condvar::new(),
             layout,
             codec,
@@ -242,8 +262,7 @@ impl Log {
     /// Persist every kset that holds keys (FLUSH, write cache off, shutdown): their keys go out
     /// together, so a FLUSH costs one data sync and one fence per 128 keys, not per queue.
     pub fn close_all(&self, media: &dyn Media, segments: &SegmentMap) -> Result<(), LogError> {
-        let all: Vec<usize> = (0..self.ksets.len()).collect();
-        self.close_set(&all, media, segments)
+        self.close_set(&self.all_ksets, media, segments)
     }
 
     /// Persist the kset holding keys for backing offset `off`.
@@ -327,14 +346,22 @@ impl Log {
             self.sync_data(lists.iter().flat_map(|l| l.iter()), media)?;
         }
         let mut head = lock(&self.head);
+        let mut scratch = lock(&self.scratch);
+        let CloseScratch {
+            next,
+            chunk,
+            marks,
+            buf,
+        } = &mut *scratch;
         // Per list: the journal index its next key to be written has (its keys are the
         // slot's entries from `committed` on), so each kset can name how far it takes them.
-        let mut next: Vec<u64> = idxs
-            .iter()
-            .map(|&i| self.journal.as_ref().map_or(0, |j| j.committed(i)))
-            .collect();
-        let mut chunk: Vec<KeyRecord> = Vec::with_capacity(format::KSET_MAX_KEYS);
-        let mut marks: Vec<(usize, u64)> = Vec::with_capacity(idxs.len());
+        next.clear();
+        next.extend(
+            idxs.iter()
+                .map(|&i| self.journal.as_ref().map_or(0, |j| j.committed(i))),
+        );
+        chunk.clear();
+        marks.clear();
         for (n, list) in lists.iter().enumerate() {
             for key in list.iter() {
                 chunk.push(*key);
@@ -344,7 +371,7 @@ impl Log {
                     _ => marks.push((idxs[n], next[n])),
                 }
                 if chunk.len() == format::KSET_MAX_KEYS {
-                    self.write_kset(&mut head, &chunk, &marks, media, segments)?;
+                    self.write_kset(&mut head, chunk, marks, buf, media, segments)?;
                     *written += chunk.len();
                     chunk.clear();
                     marks.clear();
@@ -352,7 +379,7 @@ impl Log {
             }
         }
         if !chunk.is_empty() {
-            self.write_kset(&mut head, &chunk, &marks, media, segments)?;
+            self.write_kset(&mut head, chunk, marks, buf, media, segments)?;
             *written += chunk.len();
         }
         Ok(())
@@ -402,10 +429,11 @@ impl Log {
         head: &mut LogHead,
         keys: &[KeyRecord],
         marks: &[(usize, u64)],
+        buf: &mut Vec<u8>,
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        let result = self.write_kset_inner(head, keys, marks, media, segments);
+        let result = self.write_kset_inner(head, keys, marks, buf, media, segments);
         if let (Err(_), Some(j)) = (&result, &self.journal) {
             // Its keys stay open, and its sequence number goes to another kset.
             j.kset_failed(&marks.iter().map(|m| m.0).collect::<Vec<_>>());
@@ -418,12 +446,13 @@ impl Log {
         head: &mut LogHead,
         keys: &[KeyRecord],
         marks: &[(usize, u64)],
+        buf: &mut Vec<u8>,
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        let mut buf = Vec::with_capacity(format::KSET_MAX_SIZE);
+        buf.clear();
         self.codec
-            .encode_kset(head.seq, keys, &mut buf)
+            .encode_kset(head.seq, keys, buf)
             .map_err(|source| LogError::Encode {
                 keys: keys.len(),
                 source,
@@ -452,7 +481,7 @@ impl Log {
             };
             buf.clear();
             self.codec
-                .encode_kset(head.seq, keys, &mut buf)
+                .encode_kset(head.seq, keys, buf)
                 .map_err(|source| LogError::Encode {
                     keys: keys.len(),
                     source,
@@ -465,8 +494,8 @@ impl Log {
         if head.pos.off as u64 + buf.len() as u64 + format::KSET_HEADER_SIZE as u64 <= data_size {
             write(media, at + buf.len() as u64, &format::KSET_ZERO_HEADER)?;
         }
-        self.announce(head.seq, &buf, marks);
-        write(media, at, &buf)?;
+        self.announce(head.seq, buf, marks);
+        write(media, at, buf)?;
         fence(media)?;
         self.confirm(head.seq, marks);
         head.pos.off += buf.len() as u32;

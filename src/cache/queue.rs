@@ -244,9 +244,12 @@ impl CacheQueue {
                 if !w.last {
                     continue;
                 }
-                let offs = (w.earlier.into_iter())
-                    .chain(mine.iter().map(|k| k.off))
-                    .collect();
+                // The offsets are gathered only for a write that is held: most complete here.
+                let offs = || {
+                    (w.earlier.into_iter())
+                        .chain(mine.iter().map(|k| k.off))
+                        .collect()
+                };
                 if !self.hold_if_needed(w.tag, offs) {
                     self.completed.push((w.tag, Ok(())));
                 }
@@ -262,11 +265,12 @@ impl CacheQueue {
     /// asks; false when it may complete now. Call only after its keys were logged: drained
     /// mode is read afterwards (SeqCst, paired with `CacheEngine::drain_and_hold`), so a write
     /// that sees it off has its keys in a kset that the drain's close covers.
-    pub(super) fn hold_if_needed(&mut self, tag: u64, offs: Vec<u64>) -> bool {
+    /// `offs` gives the write's region offsets, called only when it is held.
+    pub(super) fn hold_if_needed(&mut self, tag: u64, offs: impl FnOnce() -> Vec<u64>) -> bool {
         if !self.must_hold() && !self.journal_behind {
             return false;
         }
-        self.hold(tag, offs);
+        self.hold(tag, offs());
         true
     }
 

@@ -173,7 +173,7 @@ impl CacheQueue {
             offs.push(off);
         }
         self.check_journal(unjournaled);
-        if self.hold_if_needed(tag, offs) {
+        if self.hold_if_needed(tag, || offs) {
             Outcome::Pending
         } else {
             Outcome::Done(Ok(()))

@@ -316,8 +316,19 @@ fn live_bytes(core: &Core, k: &format::KeyRecord) -> u64 {
 pub(super) fn visible_parts(keys: &[format::KeyRecord]) -> Vec<(usize, u64, u32)> {
     let mut out = Vec::new();
     for (i, k) in keys.iter().enumerate() {
-        let mut parts = vec![(k.off, k.off + k.len as u64)];
-        for later in &keys[i + 1..] {
+        let (s, e) = (k.off, k.off + k.len as u64);
+        let later = &keys[i + 1..];
+        // Most keys of a kset overlap no later one: they go out whole, with no list of parts
+        // (a list per key was one allocation per written-back write).
+        let Some(first) = later
+            .iter()
+            .position(|l| l.off < e && l.off + l.len as u64 > s)
+        else {
+            out.push((i, k.off, k.len));
+            continue;
+        };
+        let mut parts = vec![(s, e)];
+        for later in &later[first..] {
             let (ls, le) = (later.off, later.off + later.len as u64);
             // Most later keys miss this one: only an overlap rebuilds the parts (rebuilding for
             // every pair of a kset's keys, with two allocations each, was most of the daemon's
