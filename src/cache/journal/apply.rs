@@ -63,9 +63,7 @@ pub(in crate::cache) fn open(
             newest_kset_crc: opened.newest_kset_crc,
         };
         let layout = opened.layout;
-        let validate = |k: &crate::cache::format::KeyRecord| {
-            k.validate(&layout, backing_size).map_err(|e| e.to_string())
-        };
+        let validate = |k: &crate::cache::format::KeyRecord| k.validate(&layout, backing_size);
         match recover(&bytes, &me, &log_end, &validate) {
             Ok(r) if r.key_count() > 0 => apply(opened, media, &path, &r),
             Ok(_) => {}

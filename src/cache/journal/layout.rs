@@ -17,7 +17,7 @@
 //! ([`slot_seed`]), derived from the header (and so from its random nonce): entries and markers
 //! of an earlier journal at the same place never verify.
 
-use crate::cache::format::{KeyRecord, CRC_SEED, KEY_SIZE};
+use crate::cache::format::{KeyFault, KeyRecord, CRC_SEED, KEY_SIZE};
 
 /// "pcu-jrnl" in ASCII, little-endian.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"pcu-jrnl");
@@ -218,9 +218,18 @@ pub fn encode_entry(seed: u32, index: u64, key: &KeyRecord) -> [u8; ENTRY_SIZE] 
     b
 }
 
+/// What is wrong with an entry that verifies but does not hold a key this cache may apply.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EntryFault {
+    #[error("reserved bytes are not zero")]
+    ReservedBytes,
+    #[error(transparent)]
+    Key(#[from] KeyFault),
+}
+
 /// The key of entry `index`, if `b` (64 bytes) holds exactly that entry, whole. `Err` is a key
 /// whose entry verifies but that is not a valid key (reserved bits set).
-pub fn decode_entry(seed: u32, index: u64, b: &[u8]) -> Option<Result<KeyRecord, String>> {
+pub fn decode_entry(seed: u32, index: u64, b: &[u8]) -> Option<Result<KeyRecord, EntryFault>> {
     if get_u64(b, 0) != index {
         return None;
     }
@@ -229,7 +238,7 @@ pub fn decode_entry(seed: u32, index: u64, b: &[u8]) -> Option<Result<KeyRecord,
     }
     let (key, reserved) = KeyRecord::decode_raw(&b[8..8 + KEY_SIZE]);
     if reserved != 0 || b[ENTRY_BODY + 4..].iter().any(|&x| x != 0) {
-        return Some(Err("reserved bytes are not zero".into()));
+        return Some(Err(EntryFault::ReservedBytes));
     }
     Some(Ok(key))
 }

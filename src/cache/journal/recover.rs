@@ -4,8 +4,8 @@
 //! A pure function of the journal's bytes, who is asking (boot and cache), and where replay
 //! ended the log: so every case is a unit test, without a daemon to kill.
 
-use super::layout::{self, get_u64, Header, HeaderFault};
-use crate::cache::format::KeyRecord;
+use super::layout::{self, get_u64, EntryFault, Header, HeaderFault};
+use crate::cache::format::{KeyFault, KeyRecord};
 
 /// Who reads a journal: it applies only to the same boot (the page cache or DAX memory still
 /// holds the data its keys name) and the same cache.
@@ -46,7 +46,7 @@ pub enum Ignored {
     BadEntry {
         slot: usize,
         index: u64,
-        reason: String,
+        reason: EntryFault,
     },
 }
 
@@ -76,7 +76,7 @@ pub fn recover(
     bytes: &[u8],
     me: &Identity,
     log: &LogEnd,
-    validate: &dyn Fn(&KeyRecord) -> Result<(), String>,
+    validate: &dyn Fn(&KeyRecord) -> Result<(), KeyFault>,
 ) -> Result<Recovered, Ignored> {
     let h = Header::decode(bytes)?;
     if h.boot_id != me.boot_id {
@@ -119,10 +119,10 @@ pub fn recover(
             match layout::decode_entry(sseed, index, &bytes[e..e + layout::ENTRY_SIZE]) {
                 None => break,
                 Some(Ok(key)) => {
-                    validate(&key).map_err(|reason| Ignored::BadEntry {
+                    validate(&key).map_err(|fault| Ignored::BadEntry {
                         slot,
                         index,
-                        reason,
+                        reason: fault.into(),
                     })?;
                     keys.push(key);
                 }

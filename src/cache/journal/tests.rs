@@ -4,7 +4,7 @@
 
 use super::layout::{self, Header, HeaderFault};
 use super::*;
-use crate::cache::format::KeyRecord;
+use crate::cache::format::{KeyFault, KeyRecord};
 
 const BOOT: [u8; 16] = [7; 16];
 const CACHE: [u8; 16] = [9; 16];
@@ -32,7 +32,7 @@ fn key(n: u64) -> KeyRecord {
     }
 }
 
-fn any_key(_: &KeyRecord) -> Result<(), String> {
+fn any_key(_: &KeyRecord) -> Result<(), KeyFault> {
     Ok(())
 }
 
@@ -260,7 +260,7 @@ fn a_verified_entry_with_an_invalid_key_is_refused() {
         if k.len % 512 == 0 {
             Ok(())
         } else {
-            Err(format!("length {}", k.len))
+            Err(KeyFault::Length(k.len))
         }
     };
     assert_eq!(
@@ -268,7 +268,7 @@ fn a_verified_entry_with_an_invalid_key_is_refused() {
         Err(Ignored::BadEntry {
             slot: 0,
             index: 1,
-            reason: "length 100".into()
+            reason: KeyFault::Length(100).into()
         })
     );
 }
