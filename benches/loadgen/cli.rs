@@ -7,7 +7,8 @@ use std::path::PathBuf;
 /// Drives a vhost-user-blk socket through libblkio (driver `virtio-blk-vhost-user`) and reports
 /// IOPS, bandwidth and latency percentiles per operation type.
 ///
-/// Every run is bounded in time by --runtime (the verify passes each get that budget). Requests
+/// Every run is bounded in time by --runtime and, with --io-limit, in volume (the verify passes
+/// each get both budgets); the summary says which bound ended each pass. Requests
 /// that complete with an error are counted and reported, and make the exit status non-zero
 /// unless --allow-errors is given. Run with no arguments at all (as `cargo test --benches` does)
 /// it only checks its own building blocks.
@@ -41,6 +42,12 @@ pub struct Args {
     /// Duration of the run (of each pass with --verify), in seconds.
     #[arg(long, default_value_t = 10.0, value_parser = parse_seconds)]
     pub runtime: f64,
+
+    /// Stop after this many bytes were transferred over all queues together (suffixes allowed),
+    /// or at --runtime, whichever comes first (like fio's io_size); each verify pass gets its
+    /// own budget. Bounds how much a write case puts into a cache, whatever the target's speed.
+    #[arg(long, value_parser = parse_io_limit)]
+    pub io_limit: Option<u64>,
 
     /// Start of the exercised region, in bytes (suffixes allowed); a multiple of --bs.
     #[arg(long, default_value = "0", value_parser = parse_size)]
@@ -150,6 +157,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("`{text}` is too large"))
 }
 
+/// Parses a positive byte count for --io-limit.
+pub fn parse_io_limit(text: &str) -> Result<u64, String> {
+    match parse_size(text)? {
+        0 => Err(format!("`{text}`: --io-limit must be more than 0 bytes")),
+        bytes => Ok(bytes),
+    }
+}
+
 /// Parses a positive, finite number of seconds.
 pub fn parse_seconds(text: &str) -> Result<f64, String> {
     let seconds: f64 = text
@@ -195,6 +210,19 @@ pub fn self_check() -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     if args.bs != 128 * 1024 || args.rw != Rw::Randread || args.iodepth != 1 {
         return Err(format!("defaults or --bs misread: {args:?}"));
+    }
+    if args.io_limit.is_some() {
+        return Err(format!("--io-limit set without being given: {args:?}"));
+    }
+    let limited = Args::try_parse_from(["loadgen", "--socket", "s", "--io-limit", "3g"])
+        .map_err(|e| e.to_string())?;
+    if limited.io_limit != Some(3 << 30) {
+        return Err(format!("--io-limit 3g read as {:?}", limited.io_limit));
+    }
+    for bad in ["0", "0k", "x", "-4k"] {
+        if Args::try_parse_from(["loadgen", "--socket", "s", "--io-limit", bad]).is_ok() {
+            return Err(format!("--io-limit `{bad}` was accepted"));
+        }
     }
     if Args::try_parse_from(["loadgen", "--socket", "s", "--iodepth", "0"]).is_ok() {
         return Err("--iodepth 0 was accepted".into());

@@ -2,6 +2,7 @@
 //! Load generator for vhost-user-blk backends, built on libblkio (`blkio` crate).
 //! See `cargo bench --bench loadgen -- --help`.
 
+mod budget;
 mod cli;
 mod device;
 mod histogram;
@@ -12,6 +13,7 @@ mod stats;
 mod worker;
 
 use anyhow::{bail, Context, Result};
+use budget::{EndedBy, IoBudget};
 use clap::Parser;
 use cli::Args;
 use device::Device;
@@ -97,6 +99,11 @@ impl Plan {
                 device.capacity
             );
         }
+        if let Some(limit) = args.io_limit {
+            if limit < bs {
+                bail!("--io-limit {limit} is less than one block (--bs {bs})");
+            }
+        }
         let blocks = size / bs;
         let queues = u64::from(args.queues);
         if blocks < queues {
@@ -151,19 +158,27 @@ impl Plan {
     }
 }
 
-/// Runs one job per queue in parallel and merges what they did.
-fn run_pass(
-    device: &mut Device,
-    plan: &Plan,
-    jobs: Vec<Job>,
-) -> Result<(stats::Stats, Vec<worker::Outcome>)> {
+/// What the queues of a pass did together.
+struct PassResult {
+    stats: stats::Stats,
+    outcomes: Vec<worker::Outcome>,
+    ended_by: EndedBy,
+}
+
+/// Runs one job per queue in parallel, all taking from one --io-limit budget, and merges what
+/// they did.
+fn run_pass(device: &mut Device, plan: &Plan, jobs: Vec<Job>) -> Result<PassResult> {
     let bytes_per_queue = plan.args.iodepth as usize * plan.block_size as usize;
     let lanes = device.queues_and_buffers(bytes_per_queue);
+    let budget = IoBudget::new(plan.args.io_limit);
+    let budget = &budget;
     let outcomes = std::thread::scope(|scope| {
         let handles: Vec<_> = lanes
             .into_iter()
             .zip(&jobs)
-            .map(|((queue, buffers), job)| scope.spawn(move || worker::run(job, queue, buffers)))
+            .map(|((queue, buffers), job)| {
+                scope.spawn(move || worker::run(job, queue, buffers, budget))
+            })
             .collect();
         handles
             .into_iter()
@@ -175,10 +190,16 @@ fn run_pass(
             .collect::<Result<Vec<_>>>()
     })?;
     let mut merged = stats::Stats::default();
+    let mut ended_by = EndedBy::Done;
     for outcome in &outcomes {
         merged.merge(&outcome.stats);
+        ended_by = ended_by.merge(outcome.ended_by);
     }
-    Ok((merged, outcomes))
+    Ok(PassResult {
+        stats: merged,
+        outcomes,
+        ended_by,
+    })
 }
 
 /// What a run did, with what it needs to be repeated or checked later.
@@ -217,10 +238,11 @@ fn run(args: Args) -> Result<Summary> {
                 )
             })
             .collect();
-        let (stats, _) = run_pass(&mut device, &plan, jobs)?;
+        let pass = run_pass(&mut device, &plan, jobs)?;
         reports.push(PassReport {
             name: "run",
-            stats,
+            stats: pass.stats,
+            ended_by: pass.ended_by,
             blocks_wanted: 0,
             blocks_done: 0,
         });
@@ -243,15 +265,17 @@ fn run(args: Args) -> Result<Summary> {
                 plan.job(q, work, plan.per_queue[q])
             })
             .collect();
-        let (stats, outcomes) = run_pass(&mut device, &plan, jobs)?;
-        let done = outcomes.iter().map(|o| o.visited).sum();
-        to_check = outcomes
+        let pass = run_pass(&mut device, &plan, jobs)?;
+        let done = pass.outcomes.iter().map(|o| o.visited).sum();
+        to_check = pass
+            .outcomes
             .into_iter()
             .map(|o| (o.visited, o.failed_writes))
             .collect();
         reports.push(PassReport {
             name: "verify-write",
-            stats,
+            stats: pass.stats,
+            ended_by: pass.ended_by,
             blocks_wanted: wanted,
             blocks_done: done,
         });
@@ -269,11 +293,12 @@ fn run(args: Args) -> Result<Summary> {
             plan.job(q, work, plan.per_queue[q])
         })
         .collect();
-    let (stats, outcomes) = run_pass(&mut device, &plan, jobs)?;
-    let done = outcomes.iter().map(|o| o.visited).sum();
+    let pass = run_pass(&mut device, &plan, jobs)?;
+    let done = pass.outcomes.iter().map(|o| o.visited).sum();
     reports.push(PassReport {
         name: "verify-read",
-        stats,
+        stats: pass.stats,
+        ended_by: pass.ended_by,
         blocks_wanted: checked_wanted,
         blocks_done: done,
     });
@@ -283,7 +308,8 @@ fn run(args: Args) -> Result<Summary> {
 type SelfCheck = fn() -> Result<(), String>;
 
 fn self_check() -> ExitCode {
-    let checks: [(&str, SelfCheck); 4] = [
+    let checks: [(&str, SelfCheck); 5] = [
+        ("budget", budget::self_check),
         ("histogram", histogram::self_check),
         ("pattern", pattern::self_check),
         ("rng", rng::self_check),
@@ -316,8 +342,14 @@ fn main() -> ExitCode {
     let json = args.json;
     let allow_errors = args.allow_errors;
     let describe = format!(
-        "rw={:?} bs={} iodepth={} queues={} runtime={}s",
-        args.rw, args.bs, args.iodepth, args.queues, args.runtime
+        "rw={:?} bs={} iodepth={} queues={} runtime={}s io-limit={}",
+        args.rw,
+        args.bs,
+        args.iodepth,
+        args.queues,
+        args.runtime,
+        args.io_limit
+            .map_or_else(|| "none".to_string(), |bytes| bytes.to_string())
     )
     .to_lowercase();
     let summary = match run(args).context("loadgen") {

@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! Summaries of a pass: JSON for scripts, text for people.
 
+use crate::budget::EndedBy;
 use crate::stats::{Op, OpStats, Stats};
 use serde_json::{json, Value};
 use std::fmt::Write as _;
@@ -16,6 +17,8 @@ const CDF_POINTS: [f64; 19] = [
 pub struct PassReport {
     pub name: &'static str,
     pub stats: Stats,
+    /// The bound that stopped the pass (runtime, io-limit, its block list done, a stall).
+    pub ended_by: EndedBy,
     /// Blocks the verify passes were asked to cover, and covered.
     pub blocks_wanted: u64,
     pub blocks_done: u64,
@@ -61,6 +64,7 @@ impl PassReport {
         json!({
             "pass": self.name,
             "elapsed_s": self.stats.elapsed_secs,
+            "ended_by": self.ended_by.name(),
             "ops": ops,
             "errors": self.stats.errors(),
             "lost": self.stats.lost,
@@ -77,7 +81,12 @@ impl PassReport {
 
     pub fn to_text(&self) -> String {
         let elapsed = self.elapsed();
-        let mut text = format!("{} pass: {:.2} s\n", self.name, self.stats.elapsed_secs);
+        let mut text = format!(
+            "{} pass: {:.2} s, ended by {}\n",
+            self.name,
+            self.stats.elapsed_secs,
+            self.ended_by.name()
+        );
         for op in Op::ALL {
             let stats = &self.stats.ops[op as usize];
             let count = stats.latency.count();

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! One thread per queue: keeps `iodepth` requests in flight until the deadline or until its
-//! list of blocks is done, then drains.
+//! One thread per queue: keeps `iodepth` requests in flight until the deadline, until the
+//! pass's shared byte budget is spent or until its list of blocks is done, then drains.
 
+use crate::budget::{EndedBy, IoBudget};
 use crate::pattern;
 use crate::rng::{Rng, VisitOrder};
 use crate::stats::{Op, Stats};
@@ -52,6 +53,7 @@ pub struct Outcome {
     /// Visit-order indexes handed out (all of them completed, or are counted as lost).
     pub visited: u64,
     pub failed_writes: HashSet<u64>,
+    pub ended_by: EndedBy,
 }
 
 #[derive(Clone, Copy)]
@@ -130,8 +132,14 @@ fn completion_message(completion: &Completion) -> String {
     }
 }
 
-/// Runs `job` on `queue` with `buffers` (`iodepth` slots of `block_size` bytes).
-pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome> {
+/// Runs `job` on `queue` with `buffers` (`iodepth` slots of `block_size` bytes), taking the
+/// bytes of every read and write from `budget`, which the pass's queues share.
+pub fn run(
+    job: &Job,
+    queue: &mut Blkioq,
+    buffers: &mut [u8],
+    budget: &IoBudget,
+) -> Result<Outcome> {
     let block_size = job.block_size as usize;
     let mut slots: Vec<&mut [u8]> = buffers
         .chunks_exact_mut(block_size)
@@ -172,13 +180,17 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
     // A write completed since the last flush was submitted: with --flush-every, one more flush
     // at the end covers it, so every completed write of the run is flushed.
     let mut unflushed_completions = false;
-    let mut exhausted = false;
+    // Set once the queue stops submitting, to the first reason it met.
+    let mut ended_by: Option<EndedBy> = None;
     let started = Instant::now();
     let deadline = started + job.runtime;
     let mut last_progress = started;
 
     loop {
-        let submitting = !exhausted && Instant::now() < deadline;
+        if ended_by.is_none() && Instant::now() >= deadline {
+            ended_by = Some(EndedBy::Runtime);
+        }
+        let submitting = ended_by.is_none();
         let final_flush = !submitting && busy == 0 && job.flush_every > 0 && unflushed_completions;
         if (submitting && flush_due || final_flush) && in_flight[flush_slot].is_none() {
             flush_due = false;
@@ -195,9 +207,15 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
         while submitting && !flush_due {
             let Some(&slot) = free.last() else { break };
             let Some((op, offset, visit_index)) = picker.next() else {
-                exhausted = true;
+                ended_by = Some(EndedBy::Done);
                 break;
             };
+            if !budget.take(job.block_size) {
+                // The block is not submitted, so a verify read pass will not look for it.
+                picker.cursor -= 1;
+                ended_by = Some(EndedBy::IoLimit);
+                break;
+            }
             free.pop();
             let buffer = &mut slots[slot];
             let submitted = Instant::now();
@@ -250,6 +268,7 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
                     "{busy} requests got no answer for {:.0} s; giving up",
                     job.stall_timeout.as_secs_f64()
                 ));
+                ended_by = Some(EndedBy::Stall);
                 break;
             }
             continue;
@@ -305,5 +324,6 @@ pub fn run(job: &Job, queue: &mut Blkioq, buffers: &mut [u8]) -> Result<Outcome>
         stats,
         visited: picker.cursor,
         failed_writes,
+        ended_by: ended_by.unwrap_or(EndedBy::Runtime),
     })
 }
