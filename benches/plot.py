@@ -22,6 +22,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# The rate a row stands for is defined once, with the targets it is judged against.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from targets import rate  # noqa: E402
+
 # One colour per target, the same in every plot; peers in greys, ours in colour.
 COLOURS = {
     "qsd-file": "#636363",
@@ -39,19 +43,6 @@ LABELS = {
     "ours-msync": "ours, cache file beside the image (msync)",
     "ours-pmem-shm": "ours, cache on /dev/shm (pmem path)",
 }
-
-
-def rate(r):
-    """The IOPS a row stands for: steady state for full-cache rows, the burst for slow ones."""
-    tl = (r.get("timeline") or {}).get("ios") or []
-    step = (r.get("timeline") or {}).get("step_s") or 0.25
-    if r["kind"] == "full" and len(tl) > 4:
-        part = tl[len(tl) // 2 : -1]
-        return sum(part) / len(part) / step
-    if r["kind"] == "slow" and len(tl) > 9:
-        part = tl[1:9]
-        return sum(part) / len(part) / step
-    return r.get("iops") or 0
 
 
 def targets_in(rows):
