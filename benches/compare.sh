@@ -38,7 +38,9 @@
 #   SHM=/dev/shm        memory-speed directory (qsd-tmpfs, our pmem-path cache)
 #   CPU_DAEMON=1 CPU_CLIENT=0   CPUs to pin to (empty: no pinning)
 #   THROTTLE_IOPS=1000  slow-backing write limit; SLOW=0 skips that scenario, FULL=0 the other
-#   SLOW_CACHE_MIB=2048 cache size in the slow-backing scenario (on SHM; the burst fits it)
+#   SLOW_CACHE_MIB=1024 cache size in the slow-backing scenario (on SHM; the burst fits it,
+#                       and draining it onto the throttled disk takes about 2 minutes)
+#   DRAIN_MAX=300       longest wait, in seconds, for the slow-backing cache to drain
 #   ONLY=regex          run only the targets whose name matches; CASES="..." overrides the matrix
 #   SKIP_BUILD=1        reuse the existing release builds
 set -euo pipefail
@@ -59,7 +61,8 @@ OURS=${OURS:-target/release/vhost-user-pcache}
 CPU_DAEMON=${CPU_DAEMON-1}
 CPU_CLIENT=${CPU_CLIENT-0}
 THROTTLE_IOPS=${THROTTLE_IOPS:-1000}
-SLOW_CACHE_MIB=${SLOW_CACHE_MIB:-2048}
+SLOW_CACHE_MIB=${SLOW_CACHE_MIB:-1024}
+DRAIN_MAX=${DRAIN_MAX:-300}
 OUT=${OUT:-$WORKDIR/vup-bench-$(date -u +%Y%m%dT%H%M%SZ)}
 # Our daemons serve 2 queues (the 2-queue cases need them); each queue holds a segment as its
 # data head.
@@ -384,15 +387,18 @@ if [[ ${SLOW:-1} == 1 ]]; then
         log "$name slow-backing failed: $(tail -n 3 "$out.err" | tr '\n' ' ')"
       record "$name" randwrite-slow-backing-qd32-q1 slow "$out" "$SLOW_FIT_BYTES"
       if [[ $name == ours-* ]]; then
-        # The drain: dirty bytes every half second until none are left (at most two minutes).
+        # The drain: dirty bytes every half second until none are left (at most DRAIN_MAX s).
         : >"$OUT/$name.drain.tsv"
-        for i in $(seq 0 240); do
+        drain_start=$EPOCHREALTIME
+        for _ in $(seq 0 $((DRAIN_MAX * 2))); do
           dirty=$("$OURS" ctl --control-socket "$DIR/ctl.sock" --json status 2>/dev/null |
             jq -r '.. | objects | select(has("dirty_bytes")) | .dirty_bytes' | head -n 1)
-          printf '%s\t%s\n' "$(awk -v i="$i" 'BEGIN { print i / 2 }')" "${dirty:-}" >>"$OUT/$name.drain.tsv"
+          printf '%s\t%s\n' "$(awk -v a="$drain_start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }')" \
+            "${dirty:-}" >>"$OUT/$name.drain.tsv"
           [[ ${dirty:-1} == 0 ]] && break
           sleep 0.5
         done
+        [[ ${dirty:-1} == 0 ]] || log "$name: $dirty dirty bytes left after $DRAIN_MAX s of drain"
       fi
       stop_daemon
     done
