@@ -5,10 +5,13 @@
 Usage: python3 benches/plot.py RESULTS_DIR [OUTPUT_DIR]
 
 Writes into OUTPUT_DIR (default RESULTS_DIR):
-  iops.png           IOPS of every target for every workload (one run, same machine)
+  iops.png           IOPS of every target for every workload (one run, same machine); a
+                     hatched bar is a volume-bound case the time cap stopped first
+                     (MAX_RUNTIME, from run.json)
   latency-qd1.png    QD1 latency distribution (CDF) of 4 KiB random writes and read hits
   slow-backing.png   IOPS over time of a write burst on a throttled disk, and the drain
-  full-cache.png     IOPS over time of random writes over the whole image (cache full)
+  full-cache.png     IOPS over time of random writes over the whole image (cache full); the
+                     shaded second half is where the steady rate is taken
 
 Needs matplotlib (pip install matplotlib, or the python3-matplotlib package).
 """
@@ -21,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 # The rate a row stands for is defined once, with the targets it is judged against.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +57,7 @@ def targets_in(rows):
     return seen
 
 
-def plot_iops(rows, out):
+def plot_iops(rows, out, max_runtime=None):
     matrix = [r for r in rows if r["kind"] in ("matrix", "full") and r["status"] == "ok"]
     cases = []
     for r in matrix:
@@ -62,14 +66,25 @@ def plot_iops(rows, out):
     targets = targets_in(matrix)
     fig, ax = plt.subplots(figsize=(13, 6))
     width = 0.8 / max(len(targets), 1)
+    capped_any = False
     for i, t in enumerate(targets):
-        values = []
+        values, capped = [], []
         for c in cases:
-            match = [rate(r) for r in matrix if r["target"] == t and r["case"] == c]
-            values.append(match[0] / 1000 if match else 0)
+            match = [r for r in matrix if r["target"] == t and r["case"] == c]
+            values.append(rate(match[0]) / 1000 if match else 0)
+            # A case bounded by volume that the time cap (MAX_RUNTIME) stopped first: the
+            # target did less work than the others. (QD1 cases are time-bound on purpose.)
+            capped.append(bool(match) and max_runtime is not None
+                          and bool(match[0].get("io_limit"))
+                          and match[0].get("ended_by") == "runtime"
+                          and (match[0].get("elapsed_s") or 0) >= 0.99 * max_runtime)
         xs = [j + (i - (len(targets) - 1) / 2) * width for j in range(len(cases))]
         bars = ax.bar(xs, values, width, label=LABELS.get(t, t), color=COLOURS.get(t))
-        for b, v in zip(bars, values):
+        for b, v, cap in zip(bars, values, capped):
+            if cap:
+                b.set_hatch("///")
+                b.set_edgecolor("white")
+                capped_any = True
             if v > 0:
                 ax.annotate(f"{v:.0f}", (b.get_x() + b.get_width() / 2, v), ha="center",
                             va="bottom", fontsize=6, rotation=90, xytext=(0, 2),
@@ -80,7 +95,13 @@ def plot_iops(rows, out):
     ax.set_yscale("log")
     ax.set_title("IOPS per workload and target (one run; log scale; higher is better)")
     ax.grid(axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    # Plain swatches: a bar's own patch would carry its hatching into the legend.
+    handles = [Patch(facecolor=COLOURS.get(t, "#777777")) for t in targets]
+    labels = [LABELS.get(t, t) for t in targets]
+    if capped_any:
+        handles.append(Patch(facecolor="#bbbbbb", hatch="///", edgecolor="white"))
+        labels.append("hatched: the time cap stopped the case before its volume")
+    ax.legend(handles, labels, fontsize=8, ncol=2)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "iops.png"), dpi=120)
     plt.close(fig)
@@ -132,12 +153,19 @@ def plot_timeline(rows, results_dir, out, kind, filename, title):
     rows_n = 2 if drains else 1
     fig, axes = plt.subplots(rows_n, 1, figsize=(10, 4 * rows_n), squeeze=False)
     ax = axes[0][0]
+    longest = 0.0
     for r in chosen:
         step = r["timeline"]["step_s"]
         ios = r["timeline"]["ios"][:-1]
+        longest = max(longest, len(ios) * step)
+        what = "steady" if kind == "full" else "burst"
         ax.plot([i * step for i in range(len(ios))], [n / step / 1000 for n in ios],
-                label=LABELS.get(r["target"], r["target"]), color=COLOURS.get(r["target"]),
+                label=f'{LABELS.get(r["target"], r["target"])} ({what} {rate(r) / 1000:.1f}k IOPS)',
+                color=COLOURS.get(r["target"]), marker="." if len(ios) < 20 else None,
                 linestyle="--" if r["target"].startswith("qsd") else "-")
+    if kind == "full" and longest > 0:
+        ax.axvspan(longest / 2, longest, color="#dddddd", alpha=0.5, lw=0,
+                   label="steady state: the half the rate is taken from")
     ax.set_xlabel("seconds from the start of the load")
     ax.set_ylabel("thousand IOPS")
     ax.set_yscale("symlog", linthresh=1)
@@ -168,7 +196,12 @@ def main():
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(results_dir, "results.json")) as f:
         rows = json.load(f)
-    plot_iops(rows, out)
+    max_runtime = None
+    run_path = os.path.join(results_dir, "run.json")
+    if os.path.exists(run_path):
+        with open(run_path) as f:
+            max_runtime = json.load(f).get("max_runtime")
+    plot_iops(rows, out, max_runtime)
     plot_latency(rows, out)
     plot_timeline(rows, results_dir, out, "slow", "slow-backing.png",
                   "4 KiB random writes, QD32, image's disk throttled (cgroup blkio)")
