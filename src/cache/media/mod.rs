@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-pub use mapped::MappedMedia;
+pub use mapped::{MappedMedia, EMULATE_PMEM_ENV};
 pub use pmem_copy::{PmemCopy, NON_TEMPORAL_MIN};
 #[cfg(any(test, feature = "test-util"))]
 pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};

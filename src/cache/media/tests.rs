@@ -331,7 +331,10 @@ fn check_pmem_copy(how: PmemCopy, dst_at: usize, src_at: usize, len: usize) {
         "{how:?} dst+{dst_at} src+{src_at} len {len}: copied bytes differ"
     );
     assert!(
-        d[..dst_at].iter().chain(&d[dst_at + len..]).all(|&b| b == 0),
+        d[..dst_at]
+            .iter()
+            .chain(&d[dst_at + len..])
+            .all(|&b| b == 0),
         "{how:?} dst+{dst_at} src+{src_at} len {len}: bytes outside the range changed"
     );
 }
