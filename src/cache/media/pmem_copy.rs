@@ -18,7 +18,7 @@ use super::CACHE_LINE;
 
 const LINE: usize = CACHE_LINE as usize;
 
-/// How [`copy_and_write_back`] moves bytes into pmem.
+/// How a copy into pmem ([`super::Media::write_and_persist`]) moves bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PmemCopy {
     /// An ordinary copy, then a write-back of every cache line it touched.
@@ -31,14 +31,13 @@ pub enum PmemCopy {
 /// Copies of at least this many bytes use non-temporal stores.
 ///
 /// Measured with `cargo bench --bench pmem_copy -- --measure` (docs/performance.md, "Copy into
-/// pmem"), into a cold pmem-mode mapping with a fence after each copy, medians of 41 rounds:
-/// the non-temporal copy took 0.3-0.7x the time of copy + CLWB at every size from 64 B to
-/// 128 KiB (256 B: 116-252 ns against 184-424 ns; 4 KiB: 0.29 against 0.9-1.7 us; 64 KiB:
-/// 4.0-4.6 against 9.5-18.6 us), as it neither reads the destination lines into the cache nor
-/// writes them back one by one. The line is drawn at 256 B, PMDK's threshold measured on real
-/// persistent memory (whose 256-byte internal blocks make smaller streamed writes costly),
-/// since no such memory is here to measure; the cache's copies are whole sectors (512 B) or
-/// more, so they all stream.
+/// pmem"), into a cold pmem-mode mapping with a fence after each copy: the non-temporal copy
+/// took 0.3-0.8x the time of copy + CLWB at every size from 64 B to 128 KiB (medians of three
+/// runs: 256 B 240 against 365 ns, 4 KiB 0.32 against 1.1 us, 64 KiB 4.6 against 15.7 us), as
+/// it neither reads the destination lines into the cache nor writes them back one by one. The
+/// line is drawn at 256 B, PMDK's threshold measured on real persistent memory (whose 256-byte
+/// internal blocks make smaller streamed writes costly), since no such memory is here to
+/// measure; guests' data segments are in practice whole sectors (512 B) or more, so they stream.
 pub const NON_TEMPORAL_MIN: usize = 256;
 
 /// The way a copy of `len` bytes is made.
