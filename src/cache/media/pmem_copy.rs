@@ -35,9 +35,10 @@ pub enum PmemCopy {
 /// took 0.3-0.8x the time of copy + CLWB at every size from 64 B to 128 KiB (medians of three
 /// runs: 256 B 240 against 365 ns, 4 KiB 0.32 against 1.1 us, 64 KiB 4.6 against 15.7 us), as
 /// it neither reads the destination lines into the cache nor writes them back one by one. The
-/// line is drawn at 256 B, PMDK's threshold measured on real persistent memory (whose 256-byte
-/// internal blocks make smaller streamed writes costly), since no such memory is here to
-/// measure; guests' data segments are in practice whole sectors (512 B) or more, so they stream.
+/// line is drawn at 256 B, PMDK's default (`PMEM_MOVNT_THRESHOLD`), which it set on real
+/// persistent memory, where small streamed writes may behave otherwise than in DRAM and none
+/// is here to measure; guests' data segments are in practice whole sectors (512 B) or more, so
+/// they stream.
 pub const NON_TEMPORAL_MIN: usize = 256;
 
 /// The way a copy of `len` bytes is made.
