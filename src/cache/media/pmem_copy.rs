@@ -14,9 +14,6 @@
 //! (benches/pmem_copy.rs, docs/performance.md "Copy into pmem").
 
 use super::cpu_flush::{self, FlushInsn};
-use super::CACHE_LINE;
-
-const LINE: usize = CACHE_LINE as usize;
 
 /// How a copy into pmem ([`super::Media::write_and_persist`]) moves bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +88,7 @@ unsafe fn copy_cached(flush: FlushInsn, dst: *mut u8, src: *const u8, len: usize
 #[cfg(target_arch = "x86_64")]
 unsafe fn copy_non_temporal(flush: FlushInsn, dst: *mut u8, src: *const u8, len: usize) {
     use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
+    const LINE: usize = super::CACHE_LINE as usize;
     let head = ((dst as usize).wrapping_neg() & (LINE - 1)).min(len);
     let lines = (len - head) / LINE;
     let tail = len - head - lines * LINE;
