@@ -9,6 +9,8 @@
 //! # The persistence contract
 //!
 //! - `persist(offset, len)` starts writing back the range; it is not durable yet.
+//!   `write_and_persist` is a write and its persist in one call (pmem mode streams it with
+//!   non-temporal stores): the same promise, durable at the fence.
 //! - `fence()` makes every range persisted **by the calling thread** since its last fence
 //!   durable. `persist` and the `fence` that completes it must run on the same thread: on real
 //!   pmem a store fence orders only the calling CPU's write-backs, and in msync mode the pending
