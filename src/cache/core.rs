@@ -191,13 +191,6 @@ impl Core {
             .expect("cache position inside the media")
     }
 
-    /// Start persisting cached data (durable after the caller's fence).
-    pub fn persist_data(&self, pos: CachePos, len: u32) {
-        if let Err(e) = self.media.persist(self.media_offset(pos), len as u64) {
-            log::error!("persisting cache data failed: {}", ErrorChain(&e));
-        }
-    }
-
     /// Data CRC of `len` bytes at `pos`, or 0 when data CRC is off.
     pub fn crc_of(&self, pos: CachePos, len: u32) -> u32 {
         if !self.data_crc {

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use super::format::{self, KeyRecord};
 use super::log::LogError;
 use super::queue::{CacheQueue, Outcome, PartialWrite, StagedWrite};
-use super::REGION_SIZE;
+use super::{CachePos, REGION_SIZE};
 use crate::engine::{DataSeg, ErrorChain, IoError};
 
 /// Split `offset..offset + len` at region boundaries, as `(offset, len)` pieces.
@@ -94,21 +94,17 @@ impl CacheQueue {
                         return Outcome::Done(Err(IoError::Media(e.into())));
                     }
                 };
-                let dst = core.data_ptr(alloc.pos, alloc.len);
                 if copied == 0 && alloc.len as u64 == len {
                     // The usual case, the whole write in one piece: no sub-list to build.
                     // SAFETY: as below, with `bufs` itself as the source.
-                    unsafe { DataSeg::gather(bufs, dst) };
+                    unsafe { self.copy_in(bufs, alloc.pos, alloc.len) };
                 } else {
                     let src = DataSeg::sub_range(bufs, copied, alloc.len as u64);
                     // SAFETY: `src` is guest memory valid for the request's lifetime (DataSeg
-                    // contract); `dst` is freshly allocated cache space of `alloc.len` bytes
-                    // that nothing else writes or reads as current data until its key is
-                    // inserted.
-                    unsafe { DataSeg::gather(&src, dst) };
-                }
-                if self.persist_per_write {
-                    core.persist_data(alloc.pos, alloc.len);
+                    // contract); the destination is freshly allocated cache space of
+                    // `alloc.len` bytes that nothing else writes or reads as current data
+                    // until its key is inserted.
+                    unsafe { self.copy_in(&src, alloc.pos, alloc.len) };
                 }
                 self.staged_keys.push(KeyRecord {
                     off: off + (piece - left) as u64,
@@ -132,6 +128,31 @@ impl CacheQueue {
             earlier,
         });
         Outcome::Pending
+    }
+
+    /// Copy `segs` (`len` bytes in all) into the cache space at `pos`; in pmem mode also start
+    /// its write-back, made durable by the batch's fence (`Media::write_and_persist`: large
+    /// segments go in with non-temporal stores).
+    ///
+    /// # Safety
+    /// As `DataSeg::gather`, the destination being `len` bytes of cache space at `pos` that
+    /// nothing else accesses meanwhile.
+    unsafe fn copy_in(&self, segs: &[DataSeg], pos: CachePos, len: u32) {
+        let core = &self.core;
+        if !self.persist_per_write {
+            // SAFETY: the caller's contract, passed on.
+            unsafe { DataSeg::gather(segs, core.data_ptr(pos, len)) };
+            return;
+        }
+        let mut at = core.media_offset(pos);
+        for s in segs {
+            // SAFETY: the caller's contract: `s` is readable and the range at `at` is ours.
+            // Its only error is a range outside the media, which `pos` never is (as for
+            // `data_ptr`): a write must not complete over bytes that were not copied.
+            unsafe { core.media.write_and_persist(at, s.ptr, s.len) }
+                .expect("cache position inside the media");
+            at += s.len as u64;
+        }
     }
 
     /// Give back the keys a write staged from `first` on (it found no room or failed).

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::choose::{choose, Choice, Facts, MapSync};
 use super::cpu_flush::{self, FlushInsn};
+use super::pmem_copy::{self, PmemCopy};
 use super::{check_range, msync, Media, MediaError, MediaOptions, Persistence};
 
 /// Environment variable that lets `pmem` persistence run on an ordinary file, so tests can
@@ -130,6 +131,64 @@ impl MappedMedia {
     /// The path this media was opened from.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// [`Media::write_and_persist`] of `data` with the copy method `how` instead of the one
+    /// its length picks (for the benchmark comparing them, and tests). `how` matters in pmem
+    /// mode only.
+    pub fn write_and_persist_with(
+        &self,
+        how: PmemCopy,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), MediaError> {
+        // SAFETY: `data` is a live slice; concurrent writers use disjoint ranges (the contract
+        // of every caller of this type, as for `Media::write`).
+        unsafe { self.copy_in(how, offset, data.as_ptr(), data.len()) }
+    }
+
+    /// # Safety
+    /// As [`Media::write_and_persist`].
+    unsafe fn copy_in(
+        &self,
+        how: PmemCopy,
+        offset: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), MediaError> {
+        check_range(offset, len as u64, self.len)?;
+        if self.persistence != Persistence::Pmem {
+            // SAFETY: as the default method, whose work this is.
+            return unsafe { self.copy_then_persist(offset, src, len) };
+        }
+        // SAFETY: the range was bounds-checked against the live mapping; the caller guarantees
+        // `src` and that nothing else accesses the range.
+        unsafe {
+            pmem_copy::copy_and_write_back(
+                how,
+                self.flush,
+                self.base.add(offset as usize),
+                src,
+                len,
+            )
+        };
+        Ok(())
+    }
+
+    /// The plain copy and persist of the non-pmem modes.
+    ///
+    /// # Safety
+    /// As [`Media::write_and_persist`].
+    unsafe fn copy_then_persist(
+        &self,
+        offset: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), MediaError> {
+        let dst = self.slice_ptr(offset, len as u64)?;
+        // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        self.persist(offset, len as u64)
     }
 
     fn map_end(&self) -> usize {
@@ -391,6 +450,16 @@ impl Media for MappedMedia {
             Persistence::Volatile => {}
         }
         Ok(())
+    }
+
+    unsafe fn write_and_persist(
+        &self,
+        offset: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), MediaError> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { self.copy_in(pmem_copy::method_for(len), offset, src, len) }
     }
 
     fn slice_ptr(&self, offset: u64, len: u64) -> Result<*mut u8, MediaError> {

@@ -9,6 +9,8 @@
 //! # The persistence contract
 //!
 //! - `persist(offset, len)` starts writing back the range; it is not durable yet.
+//!   `write_and_persist` is a write and its persist in one call (pmem mode streams it with
+//!   non-temporal stores): the same promise, durable at the fence.
 //! - `fence()` makes every range persisted **by the calling thread** since its last fence
 //!   durable. `persist` and the `fence` that completes it must run on the same thread: on real
 //!   pmem a store fence orders only the calling CPU's write-backs, and in msync mode the pending
@@ -27,6 +29,7 @@ mod choose;
 mod cpu_flush;
 mod mapped;
 mod msync;
+mod pmem_copy;
 #[cfg(any(test, feature = "test-util"))]
 mod recording;
 
@@ -35,7 +38,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-pub use mapped::MappedMedia;
+pub use mapped::{MappedMedia, EMULATE_PMEM_ENV};
+pub use pmem_copy::{PmemCopy, NON_TEMPORAL_MIN};
 #[cfg(any(test, feature = "test-util"))]
 pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 
@@ -169,6 +173,26 @@ pub trait Media: Send + Sync {
         // contract of every caller of this trait).
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
         Ok(())
+    }
+
+    /// Copy `len` bytes from `src` to `offset` and persist them: what [`Media::write`] then
+    /// [`Media::persist`] do (durable after this thread's next [`Media::fence`]), in one pass
+    /// where the media has one. Pmem mode copies large ranges with non-temporal stores, which
+    /// leave no cache line to write back ([`PmemCopy`]).
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes and not overlap the media range; as for
+    /// every write, no other thread may access the range meanwhile.
+    unsafe fn write_and_persist(
+        &self,
+        offset: u64,
+        src: *const u8,
+        len: usize,
+    ) -> Result<(), MediaError> {
+        let dst = self.slice_ptr(offset, len as u64)?;
+        // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        self.persist(offset, len as u64)
     }
 
     /// Address of `len` bytes at `offset` in this process, for zero-copy access (copying guest

@@ -23,6 +23,10 @@
 //!   non-durable page either as it is in the durable image or whole in one of the states it
 //!   held since (the states seen before each `write` that touched it, and its current bytes).
 //!
+//! [`Media::write_and_persist`] is the trait's copy then `persist`. That models pmem mode's
+//! non-temporal copy too: non-temporal stores, like written-back lines, may reach the media in
+//! any order and any mix of 8-byte words until the fence, and all have after it.
+//!
 //! Writes through [`Media::slice_ptr`] are therefore tracked too: non-durability is found by
 //! comparing bytes, not by hooking writes.
 

@@ -276,3 +276,140 @@ fn recording_msync_pages_reach_the_media_whole_and_fence_syncs_current_bytes() {
     m.fence().unwrap();
     assert_eq!(m.pending_lines().len(), 1, "page 1 synced whole");
 }
+
+/// A 64-byte aligned buffer of `len` bytes filled with `fill`, for copies at chosen alignments.
+struct LineBuf {
+    words: Vec<[u64; 8]>,
+}
+
+impl LineBuf {
+    fn new(len: usize, fill: u8) -> Self {
+        let word = u64::from_ne_bytes([fill; 8]);
+        LineBuf {
+            words: vec![[word; 8]; len.div_ceil(64)],
+        }
+    }
+
+    fn ptr(&mut self) -> *mut u8 {
+        self.words.as_mut_ptr().cast()
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the vector's elements are plain integers, `len * 64` bytes in all.
+        unsafe { std::slice::from_raw_parts(self.words.as_ptr().cast(), self.words.len() * 64) }
+    }
+}
+
+/// Copy `len` bytes with `how` from source offset `src_at` to destination offset `dst_at`
+/// (both from a line boundary) and check the destination holds exactly the source's bytes
+/// there and its old bytes everywhere else.
+fn check_pmem_copy(how: PmemCopy, dst_at: usize, src_at: usize, len: usize) {
+    let mut src = LineBuf::new(src_at + len + 64, 0);
+    // SAFETY: src_at + len bytes lie inside the buffer; pattern bytes are distinct per offset.
+    let src_bytes = unsafe { std::slice::from_raw_parts_mut(src.ptr(), src_at + len) };
+    for (i, b) in src_bytes.iter_mut().enumerate() {
+        *b = (i * 7 + 1) as u8 | 1;
+    }
+    let mut dst = LineBuf::new(dst_at + len + 128, 0);
+    let flush = cpu_flush::detect();
+    // SAFETY: both ranges lie inside their own buffers, which do not overlap.
+    unsafe {
+        pmem_copy::copy_and_write_back(
+            how,
+            flush,
+            dst.ptr().add(dst_at),
+            src.ptr().add(src_at),
+            len,
+        )
+    };
+    cpu_flush::store_fence();
+    let d = dst.bytes();
+    let s = src.bytes();
+    assert_eq!(
+        &d[dst_at..dst_at + len],
+        &s[src_at..src_at + len],
+        "{how:?} dst+{dst_at} src+{src_at} len {len}: copied bytes differ"
+    );
+    assert!(
+        d[..dst_at]
+            .iter()
+            .chain(&d[dst_at + len..])
+            .all(|&b| b == 0),
+        "{how:?} dst+{dst_at} src+{src_at} len {len}: bytes outside the range changed"
+    );
+}
+
+#[test]
+fn pmem_copy_matches_memcpy_at_every_edge() {
+    // Lengths around a line, a few lines and a page; every destination alignment in a line
+    // (head and tail partial, either empty, or both in one line) and source alignments that
+    // break 16-byte loads.
+    let lens = [
+        0, 1, 7, 8, 15, 16, 31, 63, 64, 65, 127, 128, 129, 191, 192, 193, 255, 256, 257, 4095,
+        4096, 4097,
+    ];
+    for how in [PmemCopy::NonTemporal, PmemCopy::CacheThenWriteBack] {
+        for dst_at in 0..64 {
+            for src_at in [0, 1, 8, 15, 16, 33] {
+                for len in lens {
+                    check_pmem_copy(how, dst_at, src_at, len);
+                }
+            }
+        }
+    }
+}
+
+proptest::proptest! {
+    #[test]
+    fn pmem_copy_matches_memcpy(dst_at in 0usize..256, src_at in 0usize..128, len in 0usize..20_000) {
+        check_pmem_copy(PmemCopy::NonTemporal, dst_at, src_at, len);
+    }
+}
+
+#[test]
+fn pmem_copy_method_follows_the_threshold() {
+    assert_eq!(
+        pmem_copy::method_for(NON_TEMPORAL_MIN - 1),
+        PmemCopy::CacheThenWriteBack
+    );
+    assert_eq!(
+        pmem_copy::method_for(NON_TEMPORAL_MIN),
+        PmemCopy::NonTemporal
+    );
+}
+
+#[test]
+fn recording_write_and_persist_is_durable_only_after_the_fence() {
+    // Non-temporal stores, like written-back lines, may reach the media in any order and in
+    // any mix of 8-byte words until the fence; after it, all of them have.
+    let m = RecordingMedia::new(64 * 1024).unwrap();
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 | 1).collect();
+    let (at, len) = (4096 + 24, 8000);
+    // SAFETY: `data` is a live buffer of at least `len` bytes, apart from the media.
+    unsafe { m.write_and_persist(at, data.as_ptr(), len) }.unwrap();
+    let range = at as usize..at as usize + len;
+    assert!(m.durable_image()[range.clone()].iter().all(|&b| b == 0));
+    let (mut saw_lost, mut saw_kept) = (false, false);
+    for seed in 0..50 {
+        let img = m.crash_image(seed);
+        for (got, want) in img[range.clone()].chunks(8).zip(data.chunks(8)) {
+            saw_lost |= got.iter().all(|&b| b == 0);
+            saw_kept |= got == want;
+        }
+    }
+    assert!(saw_lost && saw_kept, "lost {saw_lost}, kept {saw_kept}");
+    m.fence().unwrap();
+    assert_eq!(&m.durable_image()[range.clone()], &data[..len]);
+    for seed in 0..20 {
+        assert_eq!(&m.crash_image(seed)[range.clone()], &data[..len]);
+    }
+}
+
+#[test]
+fn write_and_persist_checks_bounds() {
+    let m = RecordingMedia::new(4096).unwrap();
+    let data = [1u8; 64];
+    // SAFETY: `data` is a live buffer of 64 bytes, apart from the media.
+    let r = unsafe { m.write_and_persist(4090, data.as_ptr(), 64) };
+    assert!(matches!(r, Err(MediaError::OutOfRange { .. })));
+}
