@@ -18,7 +18,12 @@ pub struct Driver {
 impl Driver {
     /// Open every queue of `engine`.
     pub fn new(engine: &dyn Engine) -> Driver {
-        let queues = (0..engine.max_queues())
+        Self::with_queues(engine, engine.max_queues())
+    }
+
+    /// Open only the first `n` queues of `engine` (a guest that starts fewer than offered).
+    pub fn with_queues(engine: &dyn Engine, n: usize) -> Driver {
+        let queues = (0..n)
             .map(|i| engine.open_queue(i).expect("open queue"))
             .collect();
         Driver {

@@ -152,7 +152,8 @@ pub struct CacheQueue {
     pub(super) completed: Vec<(u64, IoResult)>,
     in_flight: usize,
     backing_done: Vec<(u64, std::io::Result<()>)>,
-    /// Msync mode: the thread that closes this queue's kset when it fills, and its stop flag.
+    /// Msync mode: this queue's committer thread (it closes full ksets of every queue), and
+    /// its stop flag.
     committer: Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>,
 }
 
@@ -436,26 +437,30 @@ impl Drop for CacheQueue {
         self.core.release_head(self.qid);
         if let Some((stop, thread)) = self.committer.take() {
             stop.store(true, Ordering::Release);
-            self.core.log.wake_committer(self.qid);
+            self.core.log.wake_committers();
             let _ = thread.join();
         }
     }
 }
 
-/// Start the thread that closes kset `qid` when it fills (msync mode): closing syncs the
-/// data its keys name and then the kset, and no writer should wait for that.
+/// Start queue `qid`'s committer thread (msync mode), which closes full ksets of any queue:
+/// closing syncs the data the keys name and then the kset, and no writer should wait for that.
 fn spawn_committer(
     core: Arc<Core>,
     qid: usize,
 ) -> std::io::Result<(Arc<AtomicBool>, std::thread::JoinHandle<()>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    core.log.attach_committer();
+    let log_core = core.clone();
     let thread = std::thread::Builder::new()
         .name(format!("pcache-log-{qid}"))
         .spawn(move || {
-            core.log
-                .run_committer(qid, &flag, &*core.media, &core.segments)
-        })?;
+            log_core
+                .log
+                .run_committer(&flag, &*log_core.media, &log_core.segments)
+        })
+        .inspect_err(|_| core.log.detach_committer())?;
     Ok((stop, thread))
 }
 

@@ -3,9 +3,11 @@
 //! number of syncs whatever the number of writes before it, and with the write cache off each
 //! write is durable when it completes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
-use super::{pattern, Fixture};
+use super::{pattern, wait_until, Fixture};
 use crate::cache::driver::Driver;
 use crate::cache::format::Layout;
 use crate::cache::media::RecordingMedia;
@@ -104,4 +106,72 @@ fn msync_write_cache_off_makes_each_write_durable_on_completion() {
     let reopened = reopen_durable(&fx);
     let mut d = Driver::new(&reopened);
     assert_eq!(d.read(0, 1 << 20, 8192).unwrap(), pattern(1 << 20, 8192, 5));
+}
+
+/// A key goes to the kset of its region, not of its queue: with a queue of a multi-queue
+/// device never started (a guest using fewer queues than offered), the writer must still not
+/// close full ksets itself, so no write waits for a sync. The ksets a committer closes never
+/// name data a crash could lose: every crash image reads each block as the flushed version or
+/// the new one, never as the stale bytes of a cache page that was not synced.
+#[test]
+fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
+    let mut fx = Fixture::new(64, 2, 6);
+    let len = Layout::media_len_for(min_segments(2) + 6);
+    fx.media = Arc::new(RecordingMedia::new_msync(len).unwrap());
+    let engine =
+        CacheEngine::open_with_media(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+    let mut d = Driver::with_queues(&engine, 1);
+    // Only odd 4 MiB regions: every key goes to kset 1, whose queue is never started.
+    let offs: Vec<u64> = (0..3 * 128u64)
+        .map(|i| (2 * (i % 7) + 1) * (4 << 20) + (i / 7) * 4096)
+        .collect();
+    for &off in &offs {
+        d.write(0, off, &pattern(off, 4096, 1)).unwrap();
+    }
+    d.flush(0).unwrap();
+    let flushed = fx.media.fences();
+
+    let writer = std::thread::current().id();
+    let writer_events = Arc::new(AtomicU64::new(0));
+    let counted = writer_events.clone();
+    fx.media.set_event_hook(Some(Box::new(move |_, _| {
+        if std::thread::current().id() == writer {
+            counted.fetch_add(1, Ordering::SeqCst);
+        }
+    })));
+    for &off in &offs {
+        d.write(0, off, &pattern(off, 4096, 2)).unwrap();
+    }
+    assert_eq!(
+        writer_events.load(Ordering::SeqCst),
+        0,
+        "the writing thread touched the media itself (closed a kset)"
+    );
+    // The committers close them without a FLUSH: a data sync, then the ksets.
+    wait_until(
+        "a committer closing kset 1",
+        Duration::from_secs(30),
+        || fx.media.fences() >= flushed + 2,
+    );
+    fx.media.set_event_hook(None);
+    for seed in 0..6 {
+        let media = Arc::new(RecordingMedia::from_image(fx.media.crash_image(seed)).unwrap());
+        let reopened = CacheEngine::open_stepped(&fx.opts, media, fx.backing.clone()).unwrap();
+        let mut c = Driver::new(&reopened);
+        for &off in &offs {
+            let got = c.read(0, off, 4096).unwrap();
+            assert!(
+                got == pattern(off, 4096, 1) || got == pattern(off, 4096, 2),
+                "crash image {seed}: block {off:#x} is neither the flushed nor the new data"
+            );
+        }
+    }
+    d.flush(0).unwrap();
+    drop(d);
+    engine.shutdown_for_crash_test();
+    let reopened = reopen_durable(&fx);
+    let mut d = Driver::new(&reopened);
+    for &off in &offs {
+        assert_eq!(d.read(0, off, 4096).unwrap(), pattern(off, 4096, 2));
+    }
 }
