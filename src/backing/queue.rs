@@ -87,8 +87,9 @@ impl BackingQueue {
 
     /// From now on a request enters the kernel at the next `reap` or `wait`, with every other
     /// request queued since: one system call per batch instead of one per request. Only for a
-    /// caller that reaps after each batch it submits (a queue worker does, at the end of every
-    /// pass over its ring); otherwise its requests would never start.
+    /// caller that reaps or waits after each batch it submits (a queue worker reaps at the end
+    /// of every pass over its ring, writeback waits for each kset); otherwise its requests
+    /// would never start.
     pub fn defer_submit(&mut self) {
         self.deferred = true;
     }
