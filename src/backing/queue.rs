@@ -46,6 +46,9 @@ pub struct BackingQueue {
     cqes: Vec<(u64, i32)>,
     /// New operations wait in the submission queue until the next `reap` or `wait`.
     deferred: bool,
+    /// System calls that gave the kernel entries.
+    #[cfg(test)]
+    submissions: usize,
 }
 
 impl BackingQueue {
@@ -77,13 +80,16 @@ impl BackingQueue {
             spare_iovecs: SpareIovecs(Vec::new()),
             cqes: Vec::new(),
             deferred: false,
+            #[cfg(test)]
+            submissions: 0,
         })
     }
 
     /// From now on a request enters the kernel at the next `reap` or `wait`, with every other
     /// request queued since: one system call per batch instead of one per request. Only for a
-    /// caller that reaps after each batch it submits (a queue worker does, at the end of every
-    /// pass over its ring); otherwise its requests would never start.
+    /// caller that reaps or waits after each batch it submits (a queue worker reaps at the end
+    /// of every pass over its ring, writeback waits for each kset); otherwise its requests
+    /// would never start.
     pub fn defer_submit(&mut self) {
         self.deferred = true;
     }
@@ -92,6 +98,12 @@ impl BackingQueue {
     #[cfg(test)]
     pub(crate) fn unsubmitted(&mut self) -> usize {
         self.ring.submission().len()
+    }
+
+    /// System calls so far that gave the kernel entries (each may carry many).
+    #[cfg(test)]
+    pub(crate) fn submissions(&self) -> usize {
+        self.submissions
     }
 
     pub fn image(&self) -> &Arc<BackingImage> {
@@ -167,19 +179,36 @@ impl BackingQueue {
     }
 
     /// Block until every request submitted so far has completed, appending the completions.
+    /// Entries not yet given to the kernel (deferred, or the next operations of running jobs)
+    /// enter it with the wait itself: one system call per round.
     pub fn wait(&mut self, out: &mut Vec<(u64, io::Result<()>)>) {
         loop {
-            self.reap(out);
+            // `reap` without its submit: the wait below submits.
+            self.doorbell.clear();
+            self.process_completions();
+            self.fill_ring();
+            out.append(&mut self.ready);
             if self.live_jobs == 0 {
                 return;
             }
             if self.ring_ops > 0 {
+                #[cfg(test)]
+                let submitting = !self.ring.submission().is_empty();
                 match self.ring.submit_and_wait(1) {
-                    Ok(_) => {}
+                    Ok(_) => {
+                        #[cfg(test)]
+                        {
+                            self.submissions += usize::from(submitting);
+                        }
+                    }
                     Err(e) if is_transient(&e) => {}
                     Err(e) => {
                         log::error!("io_uring wait on {}: {e}", self.image.path().display());
-                        self.doorbell.wait_readable();
+                        // Entries the kernel refused are submitted again on the next round;
+                        // waiting for a completion now might wait for one that never comes.
+                        if self.ring.submission().is_empty() {
+                            self.doorbell.wait_readable();
+                        }
                     }
                 }
             } else {
@@ -309,7 +338,13 @@ impl BackingQueue {
         }
         loop {
             match self.ring.submit() {
-                Ok(_) => return,
+                Ok(_) => {
+                    #[cfg(test)]
+                    {
+                        self.submissions += 1;
+                    }
+                    return;
+                }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Err(e) => {
                     if !is_transient(&e) {

@@ -458,3 +458,50 @@ fn deferred_requests_enter_the_ring_together_at_reap_and_complete() {
         assert!(back.as_slice()[i * align..(i + 1) * align] == pattern(i as u64, align)[..]);
     }
 }
+
+#[test]
+fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring() {
+    let dir = direct_dir();
+    let image = image_in(&dir, &BackingOptions::default());
+    let align = image.alignment();
+    // More requests than the ring holds: the rest enter as earlier ones complete.
+    let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
+    queue.defer_submit();
+    let mut bufs: Vec<AlignedBuf> = (0..10)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(align, align);
+            b.as_mut_slice().copy_from_slice(&pattern(i, align));
+            b
+        })
+        .collect();
+    for (i, b) in bufs.iter_mut().take(3).enumerate() {
+        queue.write(
+            (i * align) as u64,
+            &[seg(b.as_mut_slice())],
+            false,
+            i as u64,
+        );
+    }
+    assert_eq!(queue.unsubmitted(), 3, "deferred writes entered the kernel");
+    assert_all_ok(&wait_all(&mut queue), 3);
+    assert_eq!(
+        queue.submissions(),
+        1,
+        "the batch and the wait for it take one system call"
+    );
+    for (i, b) in bufs.iter_mut().enumerate().skip(3) {
+        queue.write(
+            (i * align) as u64,
+            &[seg(b.as_mut_slice())],
+            false,
+            i as u64,
+        );
+    }
+    assert_all_ok(&wait_all(&mut queue), 7);
+    let mut back = AlignedBuf::zeroed(10 * align, align);
+    queue.read(0, &[seg(back.as_mut_slice())], 99);
+    assert_all_ok(&wait_all(&mut queue), 1);
+    for i in 0..10 {
+        assert!(back.as_slice()[i * align..(i + 1) * align] == pattern(i as u64, align)[..]);
+    }
+}

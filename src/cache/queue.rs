@@ -159,8 +159,11 @@ pub struct CacheQueue {
 
 impl CacheQueue {
     pub(super) fn new(core: Arc<Core>, qid: usize) -> Result<CacheQueue, QueueError> {
-        let backing =
+        let mut backing =
             BackingQueue::new(core.backing.clone(), BACKING_DEPTH).map_err(QueueError::Backing)?;
+        // A batch's miss reads enter the kernel together at the reap that ends it (`reap` looks
+        // at the backing queue whenever misses are in flight).
+        backing.defer_submit();
         let mut timer = TimerFd::new().map_err(QueueError::Timer)?;
         timer.reset(TICK, Some(TICK)).map_err(QueueError::Timer)?;
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(QueueError::EventFd)?;

@@ -11,6 +11,7 @@
 //! Pacing: when little of the cache is dirty, writeback pauses between ksets so it does not
 //! compete with the guest; as the dirty share grows the pauses shrink to nothing.
 
+use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use super::core::Core;
 use super::data_head::LOG_RESERVE;
-use super::format::{self, Kset, TailPos};
+use super::format::{self, KeyRecord, KsetFound, TailPos};
 use super::index::Piece;
 use super::CachePos;
 use crate::backing::BackingQueue;
@@ -84,10 +85,11 @@ fn run(core: &Core) {
             return;
         }
     };
+    let mut scratch = Scratch::default();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
     while !core.stopping.load(Ordering::Acquire) {
-        match step(core, &mut queue) {
+        match step_with(core, &mut queue, &mut scratch) {
             Ok(false) => {
                 // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when
                 // no queue is running to close them on its timer, so close aged ones here,
@@ -135,15 +137,47 @@ fn run(core: &Core) {
     }
 }
 
+/// Buffers writeback reuses from kset to kset, so that writing a kset back allocates nothing
+/// once they have grown (with a FLUSH after every guest write each kset holds one key, and an
+/// allocation per kset was one per write).
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The encoded kset at dirty_tail, as read from the media.
+    kset: Vec<u8>,
+    keys: Vec<KeyRecord>,
+    /// Per key: its data failed its CRC.
+    damaged: Vec<bool>,
+    parts: VisibleParts,
+    done: Vec<(u64, io::Result<()>)>,
+    /// A key's data, copied out to check its CRC.
+    data: Vec<u8>,
+    /// The index's answer for a damaged key's range.
+    pieces: Vec<Piece>,
+}
+
+/// One turn of writeback without its pauses, with buffers of its own; see [`step_with`].
+#[cfg(test)]
+pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, WritebackError> {
+    step_with(core, queue, &mut Scratch::default())
+}
+
 /// One turn of writeback without its pauses: write back the kset at dirty_tail and persist
 /// the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail. The
 /// writeback thread runs exactly this; stepped tests call it directly.
-pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, WritebackError> {
+///
+/// The queue defers submission: the writes of a kset enter the kernel together when writeback
+/// waits for them (one system call for the kset instead of one per key).
+pub(super) fn step_with(
+    core: &Core,
+    queue: &mut BackingQueue,
+    scratch: &mut Scratch,
+) -> Result<bool, WritebackError> {
     let tail = core.meta.dirty_tail();
     if core.log.head().seq <= tail.log_seq {
         return Ok(false);
     }
-    let next = write_back_kset(core, queue, tail).inspect_err(|_| {
+    queue.defer_submit();
+    let next = write_back_kset(core, queue, scratch, tail).inspect_err(|_| {
         core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
     })?;
     core.meta
@@ -160,13 +194,36 @@ fn sleep_unless_stopping(core: &Core, d: Duration) {
     }
 }
 
+/// Read and decode the kset at `at` into `kset` and `keys`, like [`Core::read_kset`].
+fn read_kset(
+    core: &Core,
+    at: TailPos,
+    kset: &mut Vec<u8>,
+    keys: &mut Vec<KeyRecord>,
+) -> Result<KsetFound, format::FormatError> {
+    let avail = (core.layout.data_size() - at.pos.off).min(format::KSET_MAX_SIZE as u32);
+    kset.resize(avail as usize, 0);
+    core.media.read(core.media_offset(at.pos), kset)?;
+    core.log.codec().decode_kset_into(kset, at.log_seq, keys)
+}
+
 /// Write back the kset at `tail`; returns the position after it.
 fn write_back_kset(
     core: &Core,
     queue: &mut BackingQueue,
+    scratch: &mut Scratch,
     tail: TailPos,
 ) -> Result<TailPos, WritebackError> {
-    let kset = core.read_kset(tail).map_err(|source| {
+    let Scratch {
+        kset,
+        keys,
+        damaged,
+        parts,
+        done,
+        data,
+        pieces,
+    } = scratch;
+    let found = read_kset(core, tail, kset, keys).map_err(|source| {
         let e = WritebackError::ReadKset {
             seg: tail.pos.seg,
             off: tail.pos.off,
@@ -176,18 +233,16 @@ fn write_back_kset(
         core.health.writeback_stalled(&ErrorChain(&e).to_string());
         e
     })?;
-    let keys = match kset {
-        Kset::Last { next_seg, .. } => {
-            return Ok(TailPos {
-                pos: CachePos {
-                    seg: next_seg,
-                    off: 0,
-                },
-                log_seq: tail.log_seq + 1,
-            })
-        }
-        Kset::Keys { keys, .. } => keys,
-    };
+    if let KsetFound::Last { next_seg, .. } = found {
+        return Ok(TailPos {
+            pos: CachePos {
+                seg: next_seg,
+                off: 0,
+            },
+            log_seq: tail.log_seq + 1,
+        });
+    }
+    let keys = &keys[..];
     let size = format::kset_size(keys.len()) as u32;
     let mut bytes = 0u64;
     let mut issued = 0u64;
@@ -195,7 +250,8 @@ fn write_back_kset(
     // is passed over quietly (the newer version is written back in its turn); one still
     // holding the newest data of some bytes is a loss, reported and accounted, and writeback
     // goes on, since retrying cannot repair it and stopping would stall the whole device.
-    let mut damaged = vec![false; keys.len()];
+    damaged.clear();
+    damaged.resize(keys.len(), false);
     for (i, k) in keys.iter().enumerate().filter(|(_, k)| !k.is_clean()) {
         bytes += k.len as u64;
         if !k.is_zeroes() && core.data_crc {
@@ -203,9 +259,15 @@ fn write_back_kset(
                 seg: k.seg,
                 off: k.seg_off,
             };
-            if core.crc_of(pos, k.len) != k.data_crc {
+            // As `Core::crc_of`, through the reused buffer.
+            data.resize(k.len as usize, 0);
+            let crc = match core.media.read(core.media_offset(pos), data) {
+                Ok(()) => format::data_crc(data),
+                Err(_) => 0,
+            };
+            if crc != k.data_crc {
                 damaged[i] = true;
-                let live = live_bytes(core, k);
+                let live = live_bytes(core, k, pieces);
                 if live == 0 {
                     log::debug!(
                         "writeback: damaged dirty extent at backing byte {} was overwritten since; passing over it",
@@ -221,7 +283,7 @@ fn write_back_kset(
     // Writes of one kset run concurrently, so only the newest version of each byte in the
     // kset is written: the backing image then ends up as if the keys had been applied in log
     // order.
-    for (i, off, len) in visible_parts(&keys) {
+    for &(i, off, len) in parts.of(keys) {
         let k = &keys[i];
         if k.is_clean() || damaged[i] {
             continue;
@@ -246,9 +308,9 @@ fn write_back_kset(
         }
         issued += 1;
     }
-    let mut done = Vec::new();
     if issued > 0 {
-        queue.wait(&mut done);
+        done.clear();
+        queue.wait(done);
         if let Some(i) = done.iter().position(|(_, r)| r.is_err()) {
             let (id, result) = done.swap_remove(i);
             let k = &keys[id as usize];
@@ -260,7 +322,7 @@ fn write_back_kset(
         }
         done.clear();
         queue.flush(u64::MAX);
-        queue.wait(&mut done);
+        queue.wait(done);
         if let Some((_, Err(_))) = done.first() {
             let (_, result) = done.swap_remove(0);
             return Err(WritebackError::BackingFlush(
@@ -285,18 +347,19 @@ fn write_back_kset(
 }
 
 /// Bytes of `k`'s extent the index still serves from it: the newest version of those bytes.
-fn live_bytes(core: &Core, k: &format::KeyRecord) -> u64 {
+/// `pieces` is a buffer to reuse.
+fn live_bytes(core: &Core, k: &format::KeyRecord, pieces: &mut Vec<Piece>) -> u64 {
     let at = CachePos {
         seg: k.seg,
         off: k.seg_off,
     };
-    let mut pieces = Vec::new();
+    pieces.clear();
     core.index.lookup(
         k.off,
         u64::from(k.len),
         false,
         &|s| core.segments.gen(s),
-        &mut pieces,
+        pieces,
     );
     pieces
         .iter()
@@ -311,48 +374,60 @@ fn live_bytes(core: &Core, k: &format::KeyRecord) -> u64 {
         .sum()
 }
 
-/// The parts of each key that no later key of the same kset overwrites, as
-/// `(key index, offset, length)`.
-pub(super) fn visible_parts(keys: &[format::KeyRecord]) -> Vec<(usize, u64, u32)> {
-    let mut out = Vec::new();
-    for (i, k) in keys.iter().enumerate() {
-        let (s, e) = (k.off, k.off + k.len as u64);
-        let later = &keys[i + 1..];
-        // Most keys of a kset overlap no later one: they go out whole, with no list of parts
-        // (a list per key was one allocation per written-back write).
-        let Some(first) = later
-            .iter()
-            .position(|l| l.off < e && l.off + l.len as u64 > s)
-        else {
-            out.push((i, k.off, k.len));
-            continue;
-        };
-        let mut parts = vec![(s, e)];
-        for later in &later[first..] {
-            let (ls, le) = (later.off, later.off + later.len as u64);
-            // Most later keys miss this one: only an overlap rebuilds the parts (rebuilding for
-            // every pair of a kset's keys, with two allocations each, was most of the daemon's
-            // instructions under 4 KiB random writes).
-            if !parts.iter().any(|&(s, e)| ls < e && le > s) {
+/// The parts of each key that no later key of the same kset overwrites, with the lists that
+/// compute them kept from kset to kset.
+#[derive(Default)]
+pub(super) struct VisibleParts {
+    out: Vec<(usize, u64, u32)>,
+    /// The parts of the key being cut, as `(start, end)`, and the next cut of them.
+    parts: Vec<(u64, u64)>,
+    cut: Vec<(u64, u64)>,
+}
+
+impl VisibleParts {
+    /// The visible parts of `keys`, as `(key index, offset, length)`, in key order.
+    pub(super) fn of(&mut self, keys: &[format::KeyRecord]) -> &[(usize, u64, u32)] {
+        self.out.clear();
+        for (i, k) in keys.iter().enumerate() {
+            let (s, e) = (k.off, k.off + k.len as u64);
+            let later = &keys[i + 1..];
+            // Most keys of a kset overlap no later one: they go out whole, with no list of
+            // parts to cut.
+            let Some(first) = later
+                .iter()
+                .position(|l| l.off < e && l.off + l.len as u64 > s)
+            else {
+                self.out.push((i, k.off, k.len));
                 continue;
-            }
-            let mut cut = Vec::with_capacity(parts.len() + 1);
-            for (s, e) in parts {
-                if le <= s || ls >= e {
-                    cut.push((s, e));
-                } else {
-                    cut.extend(
-                        [(s, ls.max(s)), (le.min(e), e)]
-                            .into_iter()
-                            .filter(|(a, b)| a < b),
-                    );
+            };
+            self.parts.clear();
+            self.parts.push((s, e));
+            for later in &later[first..] {
+                let (ls, le) = (later.off, later.off + later.len as u64);
+                // Most later keys miss this one: only an overlap recuts the parts (recutting
+                // for every pair of a kset's keys was most of the daemon's instructions under
+                // 4 KiB random writes).
+                if !self.parts.iter().any(|&(s, e)| ls < e && le > s) {
+                    continue;
                 }
+                self.cut.clear();
+                for &(s, e) in &self.parts {
+                    if le <= s || ls >= e {
+                        self.cut.push((s, e));
+                    } else {
+                        self.cut.extend(
+                            [(s, ls.max(s)), (le.min(e), e)]
+                                .into_iter()
+                                .filter(|(a, b)| a < b),
+                        );
+                    }
+                }
+                std::mem::swap(&mut self.parts, &mut self.cut);
             }
-            parts = cut;
+            (self.out).extend(self.parts.iter().map(|&(s, e)| (i, s, (e - s) as u32)));
         }
-        out.extend(parts.into_iter().map(|(s, e)| (i, s, (e - s) as u32)));
+        &self.out
     }
-    out
 }
 
 #[cfg(test)]
@@ -376,8 +451,8 @@ mod tests {
             key(20480, 512),
         ];
         assert_eq!(
-            visible_parts(&keys),
-            vec![
+            VisibleParts::default().of(&keys),
+            [
                 (0, 0, 1024),
                 (0, 2048, 2048),
                 (1, 1024, 1024),
@@ -420,6 +495,8 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             seed >> 33
         };
+        // One set of lists for every kset, as the writeback thread keeps them.
+        let mut parts = VisibleParts::default();
         for _ in 0..200 {
             let keys: Vec<_> = (0..1 + next() % 40)
                 .map(|_| key((next() % 64) * 512, (1 + next() % 8) as u32 * 512))
@@ -431,7 +508,7 @@ mod tests {
                 }
             }
             let mut seen = std::collections::HashMap::new();
-            for (i, off, len) in visible_parts(&keys) {
+            for &(i, off, len) in parts.of(&keys) {
                 for s in (off..off + len as u64).step_by(512) {
                     assert!(seen.insert(s, i).is_none(), "sector {s} written twice");
                 }

@@ -56,6 +56,13 @@ impl Kset {
     }
 }
 
+/// What [`KsetCodec::decode_kset_into`] found; the keys are in the caller's vector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KsetFound {
+    Keys { seq: u64 },
+    Last { seq: u64, next_seg: u32 },
+}
+
 /// Encodes and decodes the ksets of one cache: knows its layout (to bounds-check keys), the
 /// backing image size and the cache id (mixed into the CRC).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +153,25 @@ impl KsetCodec {
     /// zeroed header, a torn or stale kset); the others mean a kset that passed its CRC but
     /// holds impossible values, or a version this build cannot read.
     pub fn decode_kset(&self, bytes: &[u8], expected_seq: u64) -> Result<Kset, FormatError> {
+        let mut keys = Vec::new();
+        Ok(
+            match self.decode_kset_into(bytes, expected_seq, &mut keys)? {
+                KsetFound::Keys { seq } => Kset::Keys { seq, keys },
+                KsetFound::Last { seq, next_seg } => Kset::Last { seq, next_seg },
+            },
+        )
+    }
+
+    /// [`KsetCodec::decode_kset`] into the caller's `keys` (cleared first; on error it holds
+    /// no key of the refused kset's that the caller could mistake for decoded): a caller that
+    /// decodes kset after kset keeps one vector and allocates nothing per kset.
+    pub fn decode_kset_into(
+        &self,
+        bytes: &[u8],
+        expected_seq: u64,
+        keys: &mut Vec<KeyRecord>,
+    ) -> Result<KsetFound, FormatError> {
+        keys.clear();
         let Some(header) = bytes.get(..KSET_HEADER_SIZE) else {
             return Err(FormatError::KsetTruncated {
                 available: bytes.len(),
@@ -215,26 +241,29 @@ impl KsetCodec {
                     },
                 });
             }
-            return Ok(Kset::Last {
+            return Ok(KsetFound::Last {
                 seq,
                 next_seg: count,
             });
         }
-        let mut keys = Vec::with_capacity(n_keys);
+        keys.reserve(n_keys);
         for index in 0..n_keys {
             let (key, reserved) =
                 KeyRecord::decode_raw(&body[kset_size(index)..kset_size(index + 1)]);
             if reserved != 0 {
+                keys.clear();
                 return Err(FormatError::BadKey {
                     seq,
                     index,
                     fault: KeyFault::ReservedNotZero(reserved),
                 });
             }
-            key.validate(&self.layout, self.backing_size)
-                .map_err(|fault| FormatError::BadKey { seq, index, fault })?;
+            if let Err(fault) = key.validate(&self.layout, self.backing_size) {
+                keys.clear();
+                return Err(FormatError::BadKey { seq, index, fault });
+            }
             keys.push(key);
         }
-        Ok(Kset::Keys { seq, keys })
+        Ok(KsetFound::Keys { seq })
     }
 }

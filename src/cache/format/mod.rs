@@ -36,8 +36,8 @@ pub use cache_info::{
 pub use init::{format, open_metadata, open_metadata_for, probe, FormatOptions, OpenedCache};
 pub use key::{KeyFault, KeyRecord, KEY_CLEAN, KEY_KNOWN_FLAGS, KEY_SIZE, KEY_UNMAP, KEY_ZEROES};
 pub use kset::{
-    kset_size, Kset, KsetCodec, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC, KSET_MAX_KEYS,
-    KSET_MAX_SIZE, KSET_ZERO_HEADER,
+    kset_size, Kset, KsetCodec, KsetFound, KSET_FLAG_LAST, KSET_HEADER_SIZE, KSET_MAGIC,
+    KSET_MAX_KEYS, KSET_MAX_SIZE, KSET_ZERO_HEADER,
 };
 pub use layout::*;
 pub use record::{

@@ -127,13 +127,34 @@ pub trait MetaRecord: Sized {
 /// Encode `record` as `kind` with sequence number `seq`.
 pub fn encode_record<R: MetaRecord>(record: &R, kind: RecordKind, seq: u64) -> Vec<u8> {
     let mut out = vec![0u8; R::LEN];
-    put_u16(&mut out, 4, kind.tag());
-    put_u16(&mut out, 6, FORMAT_VERSION);
-    put_u64(&mut out, 8, seq);
+    encode_record_into(record, kind, seq, &mut out);
+    out
+}
+
+/// [`encode_record`] into `out`, which is `R::LEN` bytes long (any contents).
+fn encode_record_into<R: MetaRecord>(record: &R, kind: RecordKind, seq: u64, out: &mut [u8]) {
+    assert_eq!(out.len(), R::LEN, "a {kind} record takes {} bytes", R::LEN);
+    out.fill(0);
+    put_u16(out, 4, kind.tag());
+    put_u16(out, 6, FORMAT_VERSION);
+    put_u64(out, 8, seq);
     record.encode_body(&mut out[HEADER_LEN..]);
     let crc = record_crc(&out[4..]);
-    put_u32(&mut out, 0, crc);
-    out
+    put_u32(out, 0, crc);
+}
+
+/// Records up to this length are read and written through a buffer on the stack: the ones
+/// updated while the cache runs (tails, generations, cache_info) cost no allocation per store
+/// (writeback stores dirty_tail once per kset it writes back).
+const INLINE_RECORD_LEN: usize = 128;
+
+/// Run `f` on a zeroed buffer of `len` bytes, on the stack when it is short.
+fn with_record_buf<T>(len: usize, f: impl FnOnce(&mut [u8]) -> T) -> T {
+    if len <= INLINE_RECORD_LEN {
+        f(&mut [0u8; INLINE_RECORD_LEN][..len])
+    } else {
+        f(&mut vec![0u8; len])
+    }
 }
 
 /// Decode a record of `kind` from `bytes` (at least `R::LEN` long); returns it and its seq.
@@ -202,15 +223,16 @@ fn read_slots<R: MetaRecord>(
     slots: &ReplicaSlots,
     check: &dyn Fn(&R) -> Result<(), FieldFault>,
 ) -> Result<[SlotState<R>; 2], FormatError> {
-    let mut buf = vec![0u8; R::LEN];
-    let mut read = |offset: u64| -> Result<SlotState<R>, FormatError> {
-        media.read(offset, &mut buf)?;
-        Ok(decode_record::<R>(&buf, slots.kind).and_then(|(r, seq)| {
-            check(&r)?;
-            Ok((r, seq))
-        }))
-    };
-    Ok([read(slots.offsets[0])?, read(slots.offsets[1])?])
+    with_record_buf(R::LEN, |buf| {
+        let mut read = |offset: u64| -> Result<SlotState<R>, FormatError> {
+            media.read(offset, buf)?;
+            Ok(decode_record::<R>(buf, slots.kind).and_then(|(r, seq)| {
+                check(&r)?;
+                Ok((r, seq))
+            }))
+        };
+        Ok([read(slots.offsets[0])?, read(slots.offsets[1])?])
+    })
 }
 
 /// Index of the newest valid slot (ties go to slot 0), if any.
@@ -281,10 +303,12 @@ pub fn store<R: MetaRecord>(
         }
         None => (0, 1),
     };
-    let bytes = encode_record(value, slots.kind, seq);
-    media.write(slots.offsets[slot], &bytes)?;
-    media.persist(slots.offsets[slot], bytes.len() as u64)?;
-    media.fence()?;
+    with_record_buf(R::LEN, |bytes| {
+        encode_record_into(value, slots.kind, seq, bytes);
+        media.write(slots.offsets[slot], bytes)?;
+        media.persist(slots.offsets[slot], bytes.len() as u64)?;
+        media.fence()
+    })?;
     Ok(Versioned {
         value: (),
         seq,

@@ -2,6 +2,7 @@
 //! Tests of the whole cache engine through its `EngineQueue` interface, on a recording media
 //! and a real backing file.
 
+mod backing_submits;
 mod crash;
 mod damaged;
 mod faults;
