@@ -13,6 +13,8 @@
 use std::io;
 use std::os::fd::RawFd;
 
+use smallvec::SmallVec;
+
 /// Size of a sector, the unit of virtio-blk offsets and of every engine alignment rule.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -33,6 +35,16 @@ pub struct DataSeg {
 // the request, whichever thread completes it.
 unsafe impl Send for DataSeg {}
 
+/// How many segments a [`DataSegs`] holds without a heap allocation. Guests send a request's
+/// data in one or two descriptors (more only for buffers of many scattered pages), and a
+/// descriptor is one segment unless it crosses a guest memory region; a longer list spills to
+/// the heap, which only such large requests pay for.
+pub const INLINE_DATA_SEGS: usize = 4;
+
+/// A scatter-gather list: the segments of one request's data buffer, in order. Inline up to
+/// [`INLINE_DATA_SEGS`] segments, so a typical request allocates nothing for it.
+pub type DataSegs = SmallVec<[DataSeg; INLINE_DATA_SEGS]>;
+
 impl DataSeg {
     /// Total length of a scatter-gather list.
     pub fn total_len(segs: &[DataSeg]) -> u64 {
@@ -40,8 +52,8 @@ impl DataSeg {
     }
 
     /// The part of a scatter-gather list that covers bytes `start..start + len` of it.
-    pub fn sub_range(segs: &[DataSeg], start: u64, len: u64) -> Vec<DataSeg> {
-        let mut out = Vec::new();
+    pub fn sub_range(segs: &[DataSeg], start: u64, len: u64) -> DataSegs {
+        let mut out = DataSegs::new();
         let (mut skip, mut left) = (start, len);
         for s in segs {
             if left == 0 {
@@ -108,9 +120,9 @@ impl DataSeg {
 #[derive(Debug)]
 pub enum RequestKind {
     /// Fill `bufs` with the bytes at `offset`.
-    Read { offset: u64, bufs: Vec<DataSeg> },
+    Read { offset: u64, bufs: DataSegs },
     /// Store the bytes of `bufs` at `offset`.
-    Write { offset: u64, bufs: Vec<DataSeg> },
+    Write { offset: u64, bufs: DataSegs },
     /// Make every write completed before this request durable.
     Flush,
     /// Make `len` bytes at `offset` read as zeroes; `may_unmap` allows deallocating them.

@@ -178,6 +178,8 @@ impl EngineQueue for PassthroughQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smallvec::smallvec;
+
     use crate::backing::testutil::{direct_dir, new_image, pattern};
     use crate::backing::BackingOptions;
 
@@ -248,11 +250,11 @@ mod tests {
                 vec![
                     RequestKind::Write {
                         offset: 0,
-                        bufs: vec![seg(&mut a)],
+                        bufs: smallvec![seg(&mut a)],
                     },
                     RequestKind::Write {
                         offset: 8192,
-                        bufs: vec![seg(&mut b[..512]), seg(&mut b[512..])],
+                        bufs: smallvec![seg(&mut b[..512]), seg(&mut b[512..])],
                     },
                     RequestKind::Flush,
                 ],
@@ -280,11 +282,11 @@ mod tests {
                 vec![
                     RequestKind::Read {
                         offset: 0,
-                        bufs: vec![seg(&mut x)],
+                        bufs: smallvec![seg(&mut x)],
                     },
                     RequestKind::Read {
                         offset: 8192,
-                        bufs: vec![seg(&mut y)],
+                        bufs: smallvec![seg(&mut y)],
                     },
                 ],
             );
@@ -308,7 +310,7 @@ mod tests {
             queue.as_mut(),
             vec![RequestKind::Write {
                 offset: MIB - 512,
-                bufs: vec![seg(&mut last)],
+                bufs: smallvec![seg(&mut last)],
             }],
         );
         assert!(results[0].is_ok());
@@ -318,11 +320,11 @@ mod tests {
             vec![
                 RequestKind::Write {
                     offset: MIB - 512,
-                    bufs: vec![seg(&mut two)],
+                    bufs: smallvec![seg(&mut two)],
                 },
                 RequestKind::Read {
                     offset: MIB,
-                    bufs: vec![seg(&mut two)],
+                    bufs: smallvec![seg(&mut two)],
                 },
                 RequestKind::WriteZeroes {
                     offset: MIB - 512,
@@ -365,7 +367,7 @@ mod tests {
             vec![
                 RequestKind::Write {
                     offset: 0,
-                    bufs: vec![seg(&mut buf)],
+                    bufs: smallvec![seg(&mut buf)],
                 },
                 RequestKind::WriteZeroes {
                     offset: 0,
@@ -386,7 +388,7 @@ mod tests {
             vec![
                 RequestKind::Read {
                     offset: 0,
-                    bufs: vec![seg(&mut buf)],
+                    bufs: smallvec![seg(&mut buf)],
                 },
                 RequestKind::Flush,
             ],
@@ -410,7 +412,7 @@ mod tests {
             queue.as_mut(),
             vec![RequestKind::Read {
                 offset: 0,
-                bufs: vec![bad],
+                bufs: smallvec![bad],
             }],
         );
         match &results[0] {

@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use smallvec::smallvec;
+
 use crate::engine::{DataSeg, Engine, EngineQueue, IoResult, Request, RequestKind, Submit};
 
 /// How long a request may wait for room in a full cache before the driver gives up.
@@ -71,7 +73,7 @@ impl Driver {
     }
 
     pub fn write(&mut self, q: usize, offset: u64, data: &[u8]) -> IoResult {
-        let bufs = vec![DataSeg {
+        let bufs = smallvec![DataSeg {
             ptr: data.as_ptr() as *mut u8,
             len: data.len(),
         }];
@@ -85,7 +87,7 @@ impl Driver {
         len: usize,
     ) -> Result<Vec<u8>, crate::engine::IoError> {
         let mut buf = vec![0xA5u8; len];
-        let bufs = vec![DataSeg {
+        let bufs = smallvec![DataSeg {
             ptr: buf.as_mut_ptr(),
             len,
         }];

@@ -167,8 +167,9 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
                 log_seq: tail.log_seq + 1,
             };
             // Only keys of the segment's current life hold a reference (replay counts the
-            // same ones), so a key older than its segment's generation is passed over.
-            let live: Vec<u32> = keys
+            // same ones), so a key older than its segment's generation is passed over. A kset
+            // holds at most KSET_MAX_KEYS keys, so the list never leaves the stack.
+            let live: smallvec::SmallVec<[u32; format::KSET_MAX_KEYS]> = keys
                 .iter()
                 .filter(|k| k.flags & format::KEY_ZEROES == 0)
                 .filter(|k| core.segments.gen(k.seg) == k.gen)

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use smallvec::SmallVec;
+
 use super::format::{self, KeyRecord, KsetCodec};
 use super::journal::Journal;
 use super::media::{Media, MediaError, Persistence};
@@ -37,6 +39,10 @@ use crate::sync::lock;
 
 /// Ksets are closed at least this often while they hold keys (dm-pcache's delayed flush).
 pub const KSET_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How many ksets' locks a close holds without a heap allocation: a FLUSH closes every kset
+/// (one per queue), so devices with up to this many queues close without allocating.
+const INLINE_CLOSING_KSETS: usize = 16;
 
 /// Why a close did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -130,8 +136,8 @@ pub struct Log {
     journal: Option<Journal>,
 }
 
-/// Buffers every kset close reuses (behind `Log::scratch`), so a close allocates only its
-/// list of kset locks.
+/// Buffers every kset close reuses (behind `Log::scratch`), so a close allocates nothing once
+/// they have grown (its list of kset locks is inline).
 #[derive(Default)]
 struct CloseScratch {
     /// Per kset being closed, the journal index of its next key to be written.
@@ -341,7 +347,8 @@ impl Log {
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        let mut closing: Vec<_> = idxs.iter().map(|&i| lock(&self.ksets[i].closing)).collect();
+        let mut closing: SmallVec<[_; INLINE_CLOSING_KSETS]> =
+            idxs.iter().map(|&i| lock(&self.ksets[i].closing)).collect();
         let mut taken = 0;
         for (n, &i) in idxs.iter().enumerate() {
             let mut open = lock(&self.ksets[i].open);
@@ -568,4 +575,40 @@ fn write(media: &dyn Media, offset: u64, bytes: &[u8]) -> Result<(), LogError> {
 
 fn fence(media: &dyn Media) -> Result<(), LogError> {
     media.fence().map_err(LogError::Media)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::INLINE_CLOSING_KSETS;
+    use crate::cache::driver::Driver;
+    use crate::cache::tests::{pattern, Fixture};
+    use crate::cache::CacheEngine;
+
+    /// A FLUSH on a device with more queues, so more ksets, than a close holds locks of inline:
+    /// the list goes to the heap, and every kset's keys still reach the media.
+    #[test]
+    fn a_flush_closing_more_ksets_than_held_inline_makes_every_write_durable() {
+        let queues = INLINE_CLOSING_KSETS + 2;
+        let mut fx = Fixture::new(4 * queues as u64, queues, 0);
+        let engine =
+            CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+        let mut d = Driver::new(&engine);
+        // One write per 4 MiB region: region r's key goes to kset r % queues, so every kset
+        // holds one key when the FLUSH comes.
+        let offsets: Vec<u64> = (0..queues as u64).map(|r| (r << 22) + 8192).collect();
+        for (q, &off) in offsets.iter().enumerate() {
+            d.write(q, off, &pattern(off, 4096, 3)).unwrap();
+        }
+        d.flush(0).unwrap();
+        drop(d);
+
+        let engine = fx.crash_and_open(None);
+        let mut d = Driver::new(&engine);
+        for &off in &offsets {
+            assert!(
+                d.read(0, off, 4096).unwrap() == pattern(off, 4096, 3),
+                "the write at {off} was not durable after the FLUSH"
+            );
+        }
+    }
 }

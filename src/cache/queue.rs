@@ -26,7 +26,7 @@ use super::media::Persistence;
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::{
-    DataSeg, EngineQueue, ErrorChain, IoError, IoResult, Request, RequestKind, Submit,
+    DataSegs, EngineQueue, ErrorChain, IoError, IoResult, Request, RequestKind, Submit,
 };
 
 /// io_uring depth of a queue's backing reads.
@@ -115,7 +115,7 @@ pub(super) enum MissRead {
         ticket: FillTicket,
         pos: CachePos,
         len: u32,
-        guest: Vec<DataSeg>,
+        guest: DataSegs,
     },
 }
 

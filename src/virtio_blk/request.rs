@@ -12,11 +12,11 @@ use std::ops::Deref;
 
 use log::{debug, warn};
 use virtio_queue::DescriptorChain;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::config::DeviceInfo;
 use super::features::*;
-use crate::engine::{DataSeg, RequestKind, SECTOR_SIZE};
+use crate::engine::{DataSeg, DataSegs, RequestKind, SECTOR_SIZE};
 
 /// What to do with one descriptor chain.
 #[derive(Debug)]
@@ -170,20 +170,23 @@ impl<'a> Ranges<'a> {
     }
 
     /// Host addresses of the ranges, split where guest memory regions end: the zero-copy
-    /// buffers handed to the engine (the one allocation of a data request: the engine owns
-    /// them).
-    fn data_segs<M: GuestMemoryBackend>(&self, mem: &M) -> Result<Vec<DataSeg>, DecodeError> {
-        let mut segs = Vec::with_capacity(self.list.len());
+    /// buffers handed to the engine (inline up to [`crate::engine::INLINE_DATA_SEGS`], so a
+    /// typical request allocates nothing here).
+    fn data_segs<M: GuestMemoryBackend>(&self, mem: &M) -> Result<DataSegs, DecodeError> {
+        // Sized by the window's ranges, not the whole list (which holds the header or the
+        // status byte too): a list that fits inline must not go to the heap.
+        let mut segs = DataSegs::with_capacity(self.iter().count());
         for (addr, len) in self.iter() {
-            let bad = DecodeError::BadDescriptor {
-                addr: addr.raw_value(),
-                len: len as u32,
-            };
-            for slice in mem.get_slices(addr, len as usize) {
-                let slice = slice.map_err(|_| bad.clone())?;
+            let whole = host_pieces(mem, addr, len, |ptr, len| {
                 segs.push(DataSeg {
-                    ptr: slice.ptr_guard_mut().as_ptr(),
-                    len: slice.len(),
+                    ptr,
+                    len: len as usize,
+                })
+            });
+            if !whole {
+                return Err(DecodeError::BadDescriptor {
+                    addr: addr.raw_value(),
+                    len: len as u32,
                 });
             }
         }
@@ -191,8 +194,40 @@ impl<'a> Ranges<'a> {
     }
 }
 
-/// Buffers a queue worker keeps from one chain to the next, so that decoding allocates only
-/// the engine's scatter-gather list once they have grown to the chains the guest sends.
+/// Calls `piece` with the host address and length of each part of guest range `addr..addr +
+/// len` that one memory region holds, in order; false when part of the range is not guest
+/// memory. vm-memory's `check_range` and `get_slices` would build a slice per part, each
+/// holding a reference to the region's dirty bitmap, where only addresses are wanted.
+fn host_pieces<M: GuestMemoryBackend>(
+    mem: &M,
+    addr: GuestAddress,
+    len: u64,
+    mut piece: impl FnMut(*mut u8, u64),
+) -> bool {
+    let (mut at, mut left) = (addr, len);
+    while left > 0 {
+        let Some((region, start)) = mem.to_region_addr(at) else {
+            return false;
+        };
+        let Ok(ptr) = region.get_host_address(start) else {
+            return false;
+        };
+        let take = (region.len() - start.raw_value()).min(left);
+        piece(ptr, take);
+        left -= take;
+        if left > 0 {
+            match at.checked_add(take) {
+                Some(next) => at = next,
+                None => return false,
+            }
+        }
+    }
+    true
+}
+
+/// Buffers a queue worker keeps from one chain to the next, so that decoding allocates nothing
+/// once they have grown to the chains the guest sends (the engine's scatter-gather list is
+/// inline unless the chain is long).
 #[derive(Default)]
 pub struct Decoder {
     readable: Vec<(GuestAddress, u64)>,
@@ -240,7 +275,7 @@ where
             len: desc.len(),
             write_only: desc.is_write_only(),
         });
-        if !mem.check_range(desc.addr(), desc.len() as usize) {
+        if !host_pieces(mem, desc.addr(), u64::from(desc.len()), |_, _| {}) {
             error.get_or_insert(DecodeError::BadDescriptor {
                 addr: desc.addr().raw_value(),
                 len: desc.len(),

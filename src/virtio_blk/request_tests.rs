@@ -9,7 +9,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use super::config::DeviceInfo;
 use super::features::*;
 use super::request::{decode, Action, Decoded, Decoder};
-use crate::engine::{DataSeg, RequestKind};
+use crate::engine::{DataSeg, RequestKind, INLINE_DATA_SEGS};
 
 const MEM_SIZE: u64 = 0x10_0000;
 const HEADER: u64 = 0x2_0000;
@@ -98,8 +98,8 @@ fn read_becomes_zero_copy_engine_read() {
             assert_eq!(offset, 3 * 512);
             assert_eq!(used_len, 1025);
             assert_eq!(
-                bufs,
-                vec![DataSeg {
+                bufs[..],
+                [DataSeg {
                     ptr: host(&mem, DATA),
                     len: 1024
                 }]
@@ -450,6 +450,42 @@ fn a_reused_decoder_decodes_each_chain_as_a_fresh_one_does() {
                 "chain {i}, round {round}"
             );
             decoder.recycle(reused.data_in);
+        }
+    }
+}
+
+#[test]
+fn scatter_gather_list_is_inline_for_short_chains_and_complete_for_long_ones() {
+    let mem = memory();
+    header(&mem, VIRTIO_BLK_T_OUT, 0);
+    // One descriptor per page, each page elsewhere in guest memory, as a guest sends a buffer
+    // of scattered pages.
+    for pages in [1, 2, INLINE_DATA_SEGS, INLINE_DATA_SEGS + 3] {
+        let addrs: Vec<u64> = (0..pages as u64).map(|i| DATA + i * 0x2000).collect();
+        let mut descs = vec![r(HEADER, 16)];
+        descs.extend(addrs.iter().map(|&a| r(a, 4096)));
+        descs.push(w(STATUS, 1));
+        let d = run(&mem, &descs, &info(false));
+        match d.action {
+            Action::Submit {
+                kind: RequestKind::Write { offset: 0, bufs },
+                used_len: 1,
+            } => {
+                let expected: Vec<DataSeg> = addrs
+                    .iter()
+                    .map(|&a| DataSeg {
+                        ptr: host(&mem, a),
+                        len: 4096,
+                    })
+                    .collect();
+                assert_eq!(bufs[..], expected[..], "{pages} pages");
+                assert_eq!(
+                    bufs.spilled(),
+                    pages > INLINE_DATA_SEGS,
+                    "{pages} pages: only a list longer than the inline capacity is on the heap"
+                );
+            }
+            other => panic!("{pages} pages: unexpected {other:?}"),
         }
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use smallvec::smallvec;
+
 use super::{pattern, wait_until, Fixture};
 use crate::cache::driver::Driver;
 use crate::engine::{DataSeg, Engine, EngineQueue, Request, RequestKind, Submit};
@@ -133,7 +135,7 @@ fn a_cache_full_of_unwritable_data_holds_writes_back_until_the_image_recovers() 
         tag: i,
         kind: RequestKind::Write {
             offset: i << 20,
-            bufs: vec![DataSeg {
+            bufs: smallvec![DataSeg {
                 ptr: bufs[i as usize].as_ptr() as *mut u8,
                 len: bufs[i as usize].len(),
             }],
@@ -160,7 +162,7 @@ fn a_cache_full_of_unwritable_data_holds_writes_back_until_the_image_recovers() 
         tag: 1 << 40,
         kind: RequestKind::Read {
             offset: 0,
-            bufs: vec![DataSeg {
+            bufs: smallvec![DataSeg {
                 ptr: got.as_mut_ptr(),
                 len: got.len(),
             }],

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use smallvec::smallvec;
+
 use super::{pattern, Fixture};
 use crate::cache::driver::Driver;
 use crate::engine::{DataSeg, Engine, Request, RequestKind, Submit};
@@ -21,7 +23,7 @@ fn a_write_larger_than_the_cache_completes() {
         tag: 1,
         kind: RequestKind::Write {
             offset: 4096,
-            bufs: vec![DataSeg {
+            bufs: smallvec![DataSeg {
                 ptr: data.as_ptr() as *mut u8,
                 len: data.len(),
             }],

@@ -9,6 +9,8 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use smallvec::smallvec;
+
 use super::checker::{self, fill, Model, SECTOR, ZEROES};
 use super::config::{Config, Rng};
 use super::cut::CutCtx;
@@ -138,7 +140,7 @@ pub fn run(cfg: &Config) -> Report {
                 id += 1;
                 let data = fill(id, first, n);
                 lock(&model).submitted(first, n, id);
-                let bufs = vec![DataSeg {
+                let bufs = smallvec![DataSeg {
                     ptr: data.as_ptr() as *mut u8,
                     len: data.len(),
                 }];
@@ -176,7 +178,7 @@ pub fn run(cfg: &Config) -> Report {
             760..=829 => {
                 let (first, n) = pick_range(&mut r, sectors, 256);
                 let mut buf = vec![0u8; n as usize * SECTOR];
-                let bufs = vec![DataSeg {
+                let bufs = smallvec![DataSeg {
                     ptr: buf.as_mut_ptr(),
                     len: buf.len(),
                 }];
