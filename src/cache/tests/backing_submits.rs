@@ -37,7 +37,7 @@ fn read_misses_of_a_batch_enter_the_kernel_together_at_reap_and_complete() {
             tag: tag as u64,
             kind: RequestKind::Read {
                 offset,
-                bufs: vec![seg],
+                bufs: smallvec::smallvec![seg],
             },
         };
         assert!(
