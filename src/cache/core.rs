@@ -129,7 +129,7 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Writeback moved dirty_tail: wake `drain`.
+    /// Writeback moved dirty_tail: wake `drain`, and GC when writes wait for room.
     pub fn writeback_progress(&self) {
         let _g = lock(&self.progress.0);
         self.progress.1.notify_all();

@@ -23,6 +23,7 @@ use super::data_head::{SegmentError, LOG_RESERVE};
 use super::format::{self, Kset, TailPos};
 use super::CachePos;
 use crate::engine::ErrorChain;
+use crate::sync::lock;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -80,14 +81,22 @@ pub(super) fn clean_stale(core: &Core) -> usize {
     }
 }
 
+/// Longest time GC sleeps when it found nothing to collect.
+const IDLE: Duration = Duration::from_millis(50);
+
 fn run(core: &Core) {
+    run_with(core, IDLE)
+}
+
+/// The GC thread's loop, sleeping at most `idle` when there is nothing to collect.
+pub(super) fn run_with(core: &Core, idle: Duration) {
     let mut cleaner = Cleaner::default();
     while !core.stopping.load(Ordering::Acquire) {
         let collected = collect_one(core);
         cleaner.maybe_clean(core, CLEAN_INTERVAL);
         match collected {
             Ok(true) => {}
-            Ok(false) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(false) => wait_for_work(core, idle),
             Err(e) => {
                 log::error!("GC stopped: {}; the cache keeps serving but will not reclaim space. Run `check` on it after stopping the daemon.", ErrorChain(&e));
                 core.stats.gc_errors.fetch_add(1, Ordering::Relaxed);
@@ -97,6 +106,27 @@ fn run(core: &Core) {
             }
         }
     }
+}
+
+/// Nothing to collect: wait up to `idle`. While data allocation has stopped or is about to,
+/// writes wait for the next segment GC frees, which writeback's progress makes collectable:
+/// then writeback wakes GC (`Core::writeback_progress`) so a freed segment does not wait for
+/// the end of a sleep. Otherwise GC only sleeps, so writeback does not wake it for every kset
+/// while nothing waits for room.
+fn wait_for_work(core: &Core, idle: Duration) {
+    if core.segments.free_count() > LOG_RESERVE + 1 {
+        std::thread::sleep(idle);
+        return;
+    }
+    let g = lock(&core.progress.0);
+    // Looked at under the lock writeback notifies under, after storing dirty_tail: a move
+    // between this check and the wait cannot go unnoticed.
+    if core.stopping.load(Ordering::Acquire)
+        || core.meta.dirty_tail().log_seq > core.meta.key_tail().log_seq
+    {
+        return;
+    }
+    drop(core.progress.1.wait_timeout(g, idle));
 }
 
 /// Why GC stopped. Nothing was half-collected: the kset at key_tail stays where it was, or

@@ -104,3 +104,73 @@ fn a_corrupt_kset_stops_gc_without_collecting_half_of_it() {
     drop(core);
     engine.shutdown().unwrap();
 }
+
+/// A cache whose writes wait for room: writeback's progress wakes GC, which frees the segment
+/// that writes wait for, rather than GC finding it at the end of its idle sleep (with a FLUSH
+/// after every write, each written-back kset holds one key, so a segment frees only once
+/// thousands of them are collected, and GC polling behind writeback delayed every such wait).
+#[test]
+fn writeback_progress_wakes_gc_while_writes_wait_for_room() {
+    use crate::backing::BackingQueue;
+    use crate::cache::CacheEngine;
+    use crate::engine::{DataSeg, Request, RequestKind, Submit};
+    use std::sync::atomic::Ordering;
+
+    let fx = Fixture::new(64, 1, 0);
+    let engine = CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+    let core = engine.core().clone();
+    let mut queue = engine.open_queue(0).unwrap();
+    let data = pattern(0, 1 << 20, 1);
+    let mut n = 0u64;
+    loop {
+        assert!(n < 64, "64 MiB written without filling the cache");
+        let req = Request {
+            tag: n,
+            kind: RequestKind::Write {
+                offset: n << 20,
+                bufs: smallvec::smallvec![DataSeg {
+                    ptr: data.as_ptr() as *mut u8,
+                    len: data.len(),
+                }],
+            },
+        };
+        match queue.submit(req) {
+            Submit::Busy(_) => break,
+            Submit::Done(r) => r.unwrap(),
+            Submit::Pending => {
+                let mut done = Vec::new();
+                while done.is_empty() {
+                    queue.reap(&mut done);
+                }
+                done[0].1.as_ref().unwrap();
+            }
+        }
+        n += 1;
+    }
+    let free = core.segments.free_count();
+    // An idle sleep far longer than the test: only a wake-up lets GC collect after its
+    // first look.
+    let gc = std::thread::spawn({
+        let core = core.clone();
+        move || gc::run_with(&core, Duration::from_secs(3600))
+    });
+    let mut wb = BackingQueue::new(fx.backing.clone(), 16).unwrap();
+    assert!(engine.writeback_step(&mut wb).unwrap());
+    wait_until(
+        "GC to collect the first kset",
+        Duration::from_secs(60),
+        || engine.stats().gc_runs > 0,
+    );
+    while engine.writeback_step(&mut wb).unwrap() {}
+    wait_until(
+        "GC to free a segment for the waiting write",
+        Duration::from_secs(60),
+        || core.segments.free_count() > free,
+    );
+    core.stopping.store(true, Ordering::Release);
+    core.writeback_progress();
+    gc.join().unwrap();
+    assert_eq!(engine.stats().gc_errors, 0);
+    drop(queue);
+    engine.shutdown().unwrap();
+}
