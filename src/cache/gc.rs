@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use super::core::Core;
 use super::data_head::{SegmentError, LOG_RESERVE};
-use super::format::{self, Kset, TailPos};
+use super::format::{self, KsetFound, TailPos};
 use super::CachePos;
 use crate::engine::ErrorChain;
 use crate::sync::lock;
@@ -91,8 +91,9 @@ fn run(core: &Core) {
 /// The GC thread's loop, sleeping at most `idle` when there is nothing to collect.
 pub(super) fn run_with(core: &Core, idle: Duration) {
     let mut cleaner = Cleaner::default();
+    let mut scratch = Scratch::default();
     while !core.stopping.load(Ordering::Acquire) {
-        let collected = collect_one(core);
+        let collected = collect_one_with(core, &mut scratch);
         cleaner.maybe_clean(core, CLEAN_INTERVAL);
         match collected {
             Ok(true) => {}
@@ -152,8 +153,24 @@ pub enum GcError {
     },
 }
 
-/// Collect one kset if GC is due. `Ok(false)` when there was nothing to do.
+/// Buffers GC reuses from kset to kset, as writeback does, so that collecting a kset
+/// allocates nothing once they have grown.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The encoded kset at key_tail, as read from the media.
+    kset: Vec<u8>,
+    keys: Vec<format::KeyRecord>,
+}
+
+/// Collect one kset if GC is due, with buffers of its own; see [`collect_one_with`].
+#[cfg(test)]
 pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
+    collect_one_with(core, &mut Scratch::default())
+}
+
+/// Collect one kset if GC is due. `Ok(false)` when there was nothing to do. The GC thread
+/// runs exactly this; stepped tests call it through [`collect_one`].
+pub(super) fn collect_one_with(core: &Core, scratch: &mut Scratch) -> Result<bool, GcError> {
     let total = core.segments.count();
     if !need_gc(core.segments.used_count(), total, core.meta.gc_percent()) {
         return Ok(false);
@@ -162,14 +179,17 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
     if tail.log_seq >= core.meta.dirty_tail().log_seq {
         return Ok(false);
     }
-    let kset = core.read_kset(tail).map_err(|source| GcError::Decode {
-        seg: tail.pos.seg,
-        off: tail.pos.off,
-        seq: tail.log_seq,
-        source,
-    })?;
-    match kset {
-        Kset::Last { next_seg, .. } => {
+    let Scratch { kset, keys } = scratch;
+    let found = core
+        .read_kset_into(tail, kset, keys)
+        .map_err(|source| GcError::Decode {
+            seg: tail.pos.seg,
+            off: tail.pos.off,
+            seq: tail.log_seq,
+            source,
+        })?;
+    match found {
+        KsetFound::Last { next_seg, .. } => {
             let next = TailPos {
                 pos: CachePos {
                     seg: next_seg,
@@ -188,7 +208,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
                     source: e,
                 })?;
         }
-        Kset::Keys { keys, .. } => {
+        KsetFound::Keys { .. } => {
             let next = TailPos {
                 pos: CachePos {
                     seg: tail.pos.seg,

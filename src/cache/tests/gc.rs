@@ -174,3 +174,63 @@ fn writeback_progress_wakes_gc_while_writes_wait_for_room() {
     drop(queue);
     engine.shutdown().unwrap();
 }
+
+/// With a FLUSH after every write each kset holds one key, so an allocation per collected
+/// kset was one per guest write: GC reuses its buffers and allocates nothing per kset.
+#[test]
+fn collecting_a_kset_allocates_nothing_once_warm() {
+    use crate::backing::BackingQueue;
+    use crate::cache::index::tests::memory::allocations;
+    use crate::cache::CacheEngine;
+
+    use crate::cache::format::Layout;
+    use crate::cache::media::{open_media, MediaOptions, Persistence};
+    use crate::cache::replay::min_segments;
+
+    let fx = Fixture::new(64, 1, 0);
+    // A mapped file rather than the recording test double, whose bookkeeping of every media
+    // write allocates.
+    let dir = tempfile::tempdir().unwrap();
+    let media = open_media(
+        &dir.path().join("cache"),
+        &MediaOptions {
+            create_size: Some(Layout::media_len_for(min_segments(1))),
+            persistence: Some(Persistence::Volatile),
+        },
+    )
+    .unwrap();
+    let engine = CacheEngine::open_stepped(&fx.opts, media, fx.backing.clone()).unwrap();
+    let core = engine.core().clone();
+    let mut d = Driver::new(&engine);
+    const WRITES: u64 = 200;
+    for i in 0..WRITES {
+        let off = (i * 7919 % 16384) * 4096;
+        d.write(0, off, &pattern(off, 4096, i)).unwrap();
+        core.close_all_ksets().unwrap();
+    }
+    let mut wb = BackingQueue::new(fx.backing.clone(), 16).unwrap();
+    while engine.writeback_step(&mut wb).unwrap() {}
+    engine.set_gc_percent(0).unwrap();
+
+    let mut scratch = gc::Scratch::default();
+    for _ in 0..10 {
+        assert!(gc::collect_one_with(&core, &mut scratch).unwrap());
+    }
+    let before = allocations();
+    let mut collected = 0;
+    while gc::collect_one_with(&core, &mut scratch).unwrap() {
+        collected += 1;
+    }
+    let allocated = allocations() - before;
+    assert!(
+        collected >= WRITES - 10,
+        "every one-key kset was collected: {collected}"
+    );
+    assert_eq!(
+        allocated, 0,
+        "{allocated} allocations collecting {collected} ksets"
+    );
+    assert_eq!(core.meta.key_tail(), core.meta.dirty_tail());
+    drop(d);
+    engine.shutdown().unwrap();
+}
