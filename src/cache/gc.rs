@@ -169,7 +169,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
 }
 
 /// Collect one kset if GC is due. `Ok(false)` when there was nothing to do. The GC thread
-/// runs exactly this; stepped tests call it through [`collect_one`].
+/// runs exactly this; stepped tests call it through `collect_one`.
 pub(super) fn collect_one_with(core: &Core, scratch: &mut Scratch) -> Result<bool, GcError> {
     let total = core.segments.count();
     if !need_gc(core.segments.used_count(), total, core.meta.gc_percent()) {
