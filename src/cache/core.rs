@@ -129,7 +129,7 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    /// Writeback moved dirty_tail: wake `drain`.
+    /// Writeback moved dirty_tail: wake `drain`, and GC when writes wait for room.
     pub fn writeback_progress(&self) {
         let _g = lock(&self.progress.0);
         self.progress.1.notify_all();
@@ -214,12 +214,20 @@ impl Core {
         head.alloc(len, exact, self.data_size(), &self.segments, &self.meta)
     }
 
-    /// Decode the kset at `at` (a tail position), which must carry `at.log_seq`.
-    pub fn read_kset(&self, at: format::TailPos) -> Result<format::Kset, format::FormatError> {
+    /// Read the kset at `at` (a tail position), which must carry `at.log_seq`, into `bytes`
+    /// and decode its keys into `keys`. Writeback and GC read kset after kset through the
+    /// same two vectors, so once grown they allocate nothing per kset (with a FLUSH after
+    /// every guest write each kset holds one key: an allocation per kset was one per write).
+    pub fn read_kset_into(
+        &self,
+        at: format::TailPos,
+        bytes: &mut Vec<u8>,
+        keys: &mut Vec<KeyRecord>,
+    ) -> Result<format::KsetFound, format::FormatError> {
         let avail = (self.layout.data_size() - at.pos.off).min(format::KSET_MAX_SIZE as u32);
-        let mut buf = vec![0u8; avail as usize];
-        self.media.read(self.media_offset(at.pos), &mut buf)?;
-        self.log.codec().decode_kset(&buf, at.log_seq)
+        bytes.resize(avail as usize, 0);
+        self.media.read(self.media_offset(at.pos), bytes)?;
+        self.log.codec().decode_kset_into(bytes, at.log_seq, keys)
     }
 
     /// Drop a pin taken by [`Core::alloc_data`].

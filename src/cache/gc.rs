@@ -20,9 +20,10 @@ use std::time::Duration;
 
 use super::core::Core;
 use super::data_head::{SegmentError, LOG_RESERVE};
-use super::format::{self, Kset, TailPos};
+use super::format::{self, KsetFound, TailPos};
 use super::CachePos;
 use crate::engine::ErrorChain;
+use crate::sync::lock;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -80,14 +81,23 @@ pub(super) fn clean_stale(core: &Core) -> usize {
     }
 }
 
+/// Longest time GC sleeps when it found nothing to collect.
+const IDLE: Duration = Duration::from_millis(50);
+
 fn run(core: &Core) {
+    run_with(core, IDLE)
+}
+
+/// The GC thread's loop, sleeping at most `idle` when there is nothing to collect.
+pub(super) fn run_with(core: &Core, idle: Duration) {
     let mut cleaner = Cleaner::default();
+    let mut scratch = Scratch::default();
     while !core.stopping.load(Ordering::Acquire) {
-        let collected = collect_one(core);
+        let collected = collect_one_with(core, &mut scratch);
         cleaner.maybe_clean(core, CLEAN_INTERVAL);
         match collected {
             Ok(true) => {}
-            Ok(false) => std::thread::sleep(Duration::from_millis(50)),
+            Ok(false) => wait_for_work(core, idle),
             Err(e) => {
                 log::error!("GC stopped: {}; the cache keeps serving but will not reclaim space. Run `check` on it after stopping the daemon.", ErrorChain(&e));
                 core.stats.gc_errors.fetch_add(1, Ordering::Relaxed);
@@ -97,6 +107,27 @@ fn run(core: &Core) {
             }
         }
     }
+}
+
+/// Nothing to collect: wait up to `idle`. While data allocation has stopped or is about to,
+/// writes wait for the next segment GC frees, which writeback's progress makes collectable:
+/// then writeback wakes GC (`Core::writeback_progress`) so a freed segment does not wait for
+/// the end of a sleep. Otherwise GC only sleeps, so writeback does not wake it for every kset
+/// while nothing waits for room.
+fn wait_for_work(core: &Core, idle: Duration) {
+    if core.segments.free_count() > LOG_RESERVE + 1 {
+        std::thread::sleep(idle);
+        return;
+    }
+    let g = lock(&core.progress.0);
+    // Looked at under the lock writeback notifies under, after storing dirty_tail: a move
+    // between this check and the wait cannot go unnoticed.
+    if core.stopping.load(Ordering::Acquire)
+        || core.meta.dirty_tail().log_seq > core.meta.key_tail().log_seq
+    {
+        return;
+    }
+    drop(core.progress.1.wait_timeout(g, idle));
 }
 
 /// Why GC stopped. Nothing was half-collected: the kset at key_tail stays where it was, or
@@ -122,8 +153,24 @@ pub enum GcError {
     },
 }
 
-/// Collect one kset if GC is due. `Ok(false)` when there was nothing to do.
+/// Buffers GC reuses from kset to kset, as writeback does, so that collecting a kset
+/// allocates nothing once they have grown.
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// The encoded kset at key_tail, as read from the media.
+    kset: Vec<u8>,
+    keys: Vec<format::KeyRecord>,
+}
+
+/// Collect one kset if GC is due, with buffers of its own; see [`collect_one_with`].
+#[cfg(test)]
 pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
+    collect_one_with(core, &mut Scratch::default())
+}
+
+/// Collect one kset if GC is due. `Ok(false)` when there was nothing to do. The GC thread
+/// runs exactly this; stepped tests call it through `collect_one`.
+pub(super) fn collect_one_with(core: &Core, scratch: &mut Scratch) -> Result<bool, GcError> {
     let total = core.segments.count();
     if !need_gc(core.segments.used_count(), total, core.meta.gc_percent()) {
         return Ok(false);
@@ -132,14 +179,17 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
     if tail.log_seq >= core.meta.dirty_tail().log_seq {
         return Ok(false);
     }
-    let kset = core.read_kset(tail).map_err(|source| GcError::Decode {
-        seg: tail.pos.seg,
-        off: tail.pos.off,
-        seq: tail.log_seq,
-        source,
-    })?;
-    match kset {
-        Kset::Last { next_seg, .. } => {
+    let Scratch { kset, keys } = scratch;
+    let found = core
+        .read_kset_into(tail, kset, keys)
+        .map_err(|source| GcError::Decode {
+            seg: tail.pos.seg,
+            off: tail.pos.off,
+            seq: tail.log_seq,
+            source,
+        })?;
+    match found {
+        KsetFound::Last { next_seg, .. } => {
             let next = TailPos {
                 pos: CachePos {
                     seg: next_seg,
@@ -158,7 +208,7 @@ pub(super) fn collect_one(core: &Core) -> Result<bool, GcError> {
                     source: e,
                 })?;
         }
-        Kset::Keys { keys, .. } => {
+        KsetFound::Keys { .. } => {
             let next = TailPos {
                 pos: CachePos {
                     seg: tail.pos.seg,

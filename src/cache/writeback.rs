@@ -194,19 +194,6 @@ fn sleep_unless_stopping(core: &Core, d: Duration) {
     }
 }
 
-/// Read and decode the kset at `at` into `kset` and `keys`, like [`Core::read_kset`].
-fn read_kset(
-    core: &Core,
-    at: TailPos,
-    kset: &mut Vec<u8>,
-    keys: &mut Vec<KeyRecord>,
-) -> Result<KsetFound, format::FormatError> {
-    let avail = (core.layout.data_size() - at.pos.off).min(format::KSET_MAX_SIZE as u32);
-    kset.resize(avail as usize, 0);
-    core.media.read(core.media_offset(at.pos), kset)?;
-    core.log.codec().decode_kset_into(kset, at.log_seq, keys)
-}
-
 /// Write back the kset at `tail`; returns the position after it.
 fn write_back_kset(
     core: &Core,
@@ -223,7 +210,7 @@ fn write_back_kset(
         data,
         pieces,
     } = scratch;
-    let found = read_kset(core, tail, kset, keys).map_err(|source| {
+    let found = core.read_kset_into(tail, kset, keys).map_err(|source| {
         let e = WritebackError::ReadKset {
             seg: tail.pos.seg,
             off: tail.pos.off,

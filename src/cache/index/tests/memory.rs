@@ -14,6 +14,20 @@ thread_local! {
     static NET_BYTES: Cell<i64> = const { Cell::new(0) };
 }
 
+thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Allocations and reallocations made on this thread so far: for tests that check a path
+/// allocates nothing in steady state.
+pub(crate) fn allocations() -> u64 {
+    ALLOCATIONS.with(|n| n.get())
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
 fn count(delta: i64) {
     // `try_with`: the allocator also runs while a thread's locals are being torn down.
     let _ = NET_BYTES.try_with(|n| n.set(n.get() + delta));
@@ -23,6 +37,7 @@ fn count(delta: i64) {
 unsafe impl GlobalAlloc for CountingAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         count(layout.size() as i64);
+        count_allocation();
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -35,6 +50,7 @@ unsafe impl GlobalAlloc for CountingAllocator {
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         count(new_size as i64 - layout.size() as i64);
+        count_allocation();
         // SAFETY: same contract as our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 mod concurrent;
 mod fixup;
-mod memory;
+pub(crate) mod memory;
 mod model;
 mod paths;
 
