@@ -53,7 +53,7 @@ impl Engine for PassthroughEngine {
         let mut backing = BackingQueue::new(self.image.clone(), QUEUE_DEPTH)
             .map_err(|e| EngineError::io(format!("opening queue {index}"), io::Error::other(e)))?;
         // The worker reaps after every batch (the EngineQueue contract): one submit per batch.
-        backing.defer_submit();
+        backing.defer_submit(crate::backing::WORKER_SUBMIT_GROUP);
         Ok(Box::new(PassthroughQueue {
             backing,
             write_cache: self.write_cache.clone(),

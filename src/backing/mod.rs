@@ -28,4 +28,4 @@ pub(crate) mod testutil;
 
 pub use error::BackingError;
 pub use image::{BackingIdentity, BackingImage, BackingOptions};
-pub use queue::BackingQueue;
+pub use queue::{BackingQueue, WORKER_SUBMIT_GROUP};

@@ -424,7 +424,7 @@ fn deferred_requests_enter_the_ring_together_at_reap_and_complete() {
     let image = image_in(&dir, &BackingOptions::default());
     let align = image.alignment();
     let mut queue = BackingQueue::new(image.clone(), 8).unwrap();
-    queue.defer_submit();
+    queue.defer_submit(usize::MAX);
     let mut bufs: Vec<AlignedBuf> = (0..3)
         .map(|i| {
             let mut b = AlignedBuf::zeroed(align, align);
@@ -466,7 +466,7 @@ fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring()
     let align = image.alignment();
     // More requests than the ring holds: the rest enter as earlier ones complete.
     let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
-    queue.defer_submit();
+    queue.defer_submit(usize::MAX);
     let mut bufs: Vec<AlignedBuf> = (0..10)
         .map(|i| {
             let mut b = AlignedBuf::zeroed(align, align);
@@ -504,4 +504,46 @@ fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring()
     for i in 0..10 {
         assert!(back.as_slice()[i * align..(i + 1) * align] == pattern(i as u64, align)[..]);
     }
+}
+
+#[test]
+fn deferred_requests_enter_the_kernel_in_groups_when_a_group_is_set() {
+    let dir = direct_dir();
+    let image = image_in(&dir, &BackingOptions::default());
+    let align = image.alignment();
+    let mut queue = BackingQueue::new(image.clone(), 16).unwrap();
+    queue.defer_submit(4);
+    let mut bufs: Vec<AlignedBuf> = (0..6)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(align, align);
+            b.as_mut_slice().copy_from_slice(&pattern(i, align));
+            b
+        })
+        .collect();
+    for (i, b) in bufs.iter_mut().enumerate() {
+        queue.write(
+            (i * align) as u64,
+            &[seg(b.as_mut_slice())],
+            false,
+            i as u64,
+        );
+        // The fourth request takes the first four into the kernel; the fifth and sixth wait.
+        let waiting = if i < 3 { i + 1 } else { i - 3 };
+        assert_eq!(queue.unsubmitted(), waiting, "after request {i}");
+    }
+    assert_eq!(
+        queue.submissions(),
+        1,
+        "the group of four took one system call"
+    );
+    let mut out = Vec::new();
+    queue.reap(&mut out);
+    assert_eq!(
+        queue.unsubmitted(),
+        0,
+        "reap left the rest of the batch unsubmitted"
+    );
+    out.extend(wait_all(&mut queue));
+    assert_eq!(out.len(), 6);
+    assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
 }

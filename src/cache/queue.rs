@@ -163,7 +163,7 @@ impl CacheQueue {
             BackingQueue::new(core.backing.clone(), BACKING_DEPTH).map_err(QueueError::Backing)?;
         // A batch's miss reads enter the kernel together at the reap that ends it (`reap` looks
         // at the backing queue whenever misses are in flight).
-        backing.defer_submit();
+        backing.defer_submit(crate::backing::WORKER_SUBMIT_GROUP);
         let mut timer = TimerFd::new().map_err(QueueError::Timer)?;
         timer.reset(TICK, Some(TICK)).map_err(QueueError::Timer)?;
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(QueueError::EventFd)?;

@@ -176,7 +176,7 @@ pub(super) fn step_with(
     if core.log.head().seq <= tail.log_seq {
         return Ok(false);
     }
-    queue.defer_submit();
+    queue.defer_submit(usize::MAX);
     let next = write_back_kset(core, queue, scratch, tail).inspect_err(|_| {
         core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
     })?;
