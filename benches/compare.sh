@@ -120,7 +120,11 @@ if [[ ! -f Cargo.toml ]]; then
   log "run me from the repository root"
   exit 2
 fi
-if [[ $(stat -f -c %T "$WORKDIR") == tmpfs ]]; then
+# The file system a directory is on: findmnt names ext4 as such, where `stat -f` says
+# "ext2/ext3" for every ext file system.
+fs_type() { findmnt -no FSTYPE -T "$1" 2>/dev/null || stat -f -c %T "$1"; }
+
+if [[ $(fs_type "$WORKDIR") == tmpfs ]]; then
   log "$WORKDIR is tmpfs; set WORKDIR to a directory on local disk"
   exit 2
 fi
@@ -411,7 +415,7 @@ jq -s . "$OUT/results.jsonl" >"$OUT/results.json"
 
 cpu=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 jq -n --arg machine "$(nproc) CPUs, $cpu, kernel $(uname -r)" \
-  --arg fs "$(stat -f -c %T "$WORKDIR")" --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" \
+  --arg fs "$(fs_type "$WORKDIR")" --arg date "$(date -u +%Y-%m-%dT%H:%MZ)" \
   --argjson runtime "$RUNTIME" --argjson max_runtime "$MAX_RUNTIME" \
   --argjson image_mib "$IMAGE_MIB" --argjson region_mib "$REGION_MIB" \
   --argjson file_cache_mib "$FILE_CACHE_MIB" --argjson shm_cache_mib "$SHM_CACHE_MIB" \
@@ -425,7 +429,7 @@ jq -n --arg machine "$(nproc) CPUs, $cpu, kernel $(uname -r)" \
 {
   echo "Machine: $(nproc) CPUs, $cpu, kernel $(uname -r); daemon on CPU ${CPU_DAEMON:-any}," \
     "client on CPU ${CPU_CLIENT:-any}; $(date -u +%Y-%m-%dT%H:%MZ)."
-  echo "Image: ${IMAGE_MIB} MiB on $(stat -f -c %T "$WORKDIR") (qsd-tmpfs: a copy on $SHM)." \
+  echo "Image: ${IMAGE_MIB} MiB on $(fs_type "$WORKDIR") (qsd-tmpfs: a copy on $SHM)." \
     "Caches: ours-msync ${FILE_CACHE_MIB} MiB, a file beside the image; ours-pmem-shm" \
     "${SHM_CACHE_MIB} MiB on $SHM; full-cache case ${FULL_CACHE_MIB} MiB; slow-backing" \
     "${SLOW_CACHE_MIB} MiB on $SHM."
