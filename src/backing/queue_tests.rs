@@ -63,13 +63,7 @@ fn aligned_zero_copy_requests_round_trip_with_many_in_flight() {
         let align = image.alignment();
         // Depth 4 with 16 requests: the rest wait inside the queue.
         let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
-        let mut bufs: Vec<AlignedBuf> = (0..16)
-            .map(|i| {
-                let mut b = AlignedBuf::zeroed(4 * align, align);
-                b.as_mut_slice().copy_from_slice(&pattern(i, 4 * align));
-                b
-            })
-            .collect();
+        let mut bufs: Vec<AlignedBuf> = patterned_bufs(16, 4 * align, align);
         for (i, buf) in bufs.iter_mut().enumerate() {
             let offset = (i * 8 * align) as u64;
             queue.write(offset, &[seg(buf.as_mut_slice())], i % 2 == 0, i as u64);
@@ -425,13 +419,7 @@ fn deferred_requests_enter_the_ring_together_at_reap_and_complete() {
     let align = image.alignment();
     let mut queue = BackingQueue::new(image.clone(), 8).unwrap();
     queue.defer_submit(usize::MAX);
-    let mut bufs: Vec<AlignedBuf> = (0..3)
-        .map(|i| {
-            let mut b = AlignedBuf::zeroed(align, align);
-            b.as_mut_slice().copy_from_slice(&pattern(i, align));
-            b
-        })
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = patterned_bufs(3, align, align);
     for (i, b) in bufs.iter_mut().enumerate() {
         queue.write(
             (i * align) as u64,
@@ -467,13 +455,7 @@ fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring()
     // More requests than the ring holds: the rest enter as earlier ones complete.
     let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
     queue.defer_submit(usize::MAX);
-    let mut bufs: Vec<AlignedBuf> = (0..10)
-        .map(|i| {
-            let mut b = AlignedBuf::zeroed(align, align);
-            b.as_mut_slice().copy_from_slice(&pattern(i, align));
-            b
-        })
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = patterned_bufs(10, align, align);
     for (i, b) in bufs.iter_mut().take(3).enumerate() {
         queue.write(
             (i * align) as u64,
@@ -513,13 +495,7 @@ fn deferred_requests_enter_the_kernel_in_groups_when_a_group_is_set() {
     let align = image.alignment();
     let mut queue = BackingQueue::new(image.clone(), 16).unwrap();
     queue.defer_submit(4);
-    let mut bufs: Vec<AlignedBuf> = (0..6)
-        .map(|i| {
-            let mut b = AlignedBuf::zeroed(align, align);
-            b.as_mut_slice().copy_from_slice(&pattern(i, align));
-            b
-        })
-        .collect();
+    let mut bufs: Vec<AlignedBuf> = patterned_bufs(6, align, align);
     for (i, b) in bufs.iter_mut().enumerate() {
         queue.write(
             (i * align) as u64,
@@ -546,4 +522,15 @@ fn deferred_requests_enter_the_kernel_in_groups_when_a_group_is_set() {
     out.extend(wait_all(&mut queue));
     assert_eq!(out.len(), 6);
     assert!(out.iter().all(|(_, r)| r.is_ok()), "{out:?}");
+}
+
+/// `count` buffers of `len` bytes aligned for the image, buffer `i` holding `pattern(i, len)`.
+fn patterned_bufs(count: u64, len: usize, align: usize) -> Vec<AlignedBuf> {
+    (0..count)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(len, align);
+            b.as_mut_slice().copy_from_slice(&pattern(i, len));
+            b
+        })
+        .collect()
 }

@@ -159,7 +159,7 @@ impl MappedMedia {
         check_range(offset, len as u64, self.len)?;
         if self.persistence != Persistence::Pmem {
             // SAFETY: as the default method, whose work this is.
-            return unsafe { self.copy_then_persist(offset, src, len) };
+            return unsafe { super::copy_then_persist(self, offset, src, len) };
         }
         // SAFETY: the range was bounds-checked against the live mapping; the caller guarantees
         // `src` and that nothing else accesses the range.
@@ -173,22 +173,6 @@ impl MappedMedia {
             )
         };
         Ok(())
-    }
-
-    /// The plain copy and persist of the non-pmem modes.
-    ///
-    /// # Safety
-    /// As [`Media::write_and_persist`].
-    unsafe fn copy_then_persist(
-        &self,
-        offset: u64,
-        src: *const u8,
-        len: usize,
-    ) -> Result<(), MediaError> {
-        let dst = self.slice_ptr(offset, len as u64)?;
-        // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-        self.persist(offset, len as u64)
     }
 
     fn map_end(&self) -> usize {

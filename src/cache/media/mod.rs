@@ -189,10 +189,8 @@ pub trait Media: Send + Sync {
         src: *const u8,
         len: usize,
     ) -> Result<(), MediaError> {
-        let dst = self.slice_ptr(offset, len as u64)?;
-        // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
-        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
-        self.persist(offset, len as u64)
+        // SAFETY: the caller's contract, passed on.
+        unsafe { copy_then_persist(self, offset, src, len) }
     }
 
     /// Address of `len` bytes at `offset` in this process, for zero-copy access (copying guest
@@ -247,3 +245,20 @@ pub fn open_media(path: &Path, opts: &MediaOptions) -> Result<Arc<dyn Media>, Me
 
 #[cfg(test)]
 mod tests;
+
+/// [`Media::write_and_persist`] done as [`Media::write`] then [`Media::persist`]: the default,
+/// and what media with a faster way use where that way does not apply.
+///
+/// # Safety
+/// As [`Media::write_and_persist`].
+pub(super) unsafe fn copy_then_persist<M: Media + ?Sized>(
+    media: &M,
+    offset: u64,
+    src: *const u8,
+    len: usize,
+) -> Result<(), MediaError> {
+    let dst = media.slice_ptr(offset, len as u64)?;
+    // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+    media.persist(offset, len as u64)
+}
