@@ -420,13 +420,8 @@ fn deferred_requests_enter_the_ring_together_at_reap_and_complete() {
     let mut queue = BackingQueue::new(image.clone(), 8).unwrap();
     queue.defer_submit(usize::MAX);
     let mut bufs: Vec<AlignedBuf> = patterned_bufs(3, align, align);
-    for (i, b) in bufs.iter_mut().enumerate() {
-        queue.write(
-            (i * align) as u64,
-            &[seg(b.as_mut_slice())],
-            false,
-            i as u64,
-        );
+    for i in 0..bufs.len() {
+        write_block(&mut queue, &mut bufs, i, align);
     }
     assert_eq!(
         queue.unsubmitted(),
@@ -456,13 +451,8 @@ fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring()
     let mut queue = BackingQueue::new(image.clone(), 4).unwrap();
     queue.defer_submit(usize::MAX);
     let mut bufs: Vec<AlignedBuf> = patterned_bufs(10, align, align);
-    for (i, b) in bufs.iter_mut().take(3).enumerate() {
-        queue.write(
-            (i * align) as u64,
-            &[seg(b.as_mut_slice())],
-            false,
-            i as u64,
-        );
+    for i in 0..3 {
+        write_block(&mut queue, &mut bufs, i, align);
     }
     assert_eq!(queue.unsubmitted(), 3, "deferred writes entered the kernel");
     assert_all_ok(&wait_all(&mut queue), 3);
@@ -471,13 +461,8 @@ fn wait_gives_deferred_requests_to_the_kernel_in_one_call_even_beyond_the_ring()
         1,
         "the batch and the wait for it take one system call"
     );
-    for (i, b) in bufs.iter_mut().enumerate().skip(3) {
-        queue.write(
-            (i * align) as u64,
-            &[seg(b.as_mut_slice())],
-            false,
-            i as u64,
-        );
+    for i in 3..bufs.len() {
+        write_block(&mut queue, &mut bufs, i, align);
     }
     assert_all_ok(&wait_all(&mut queue), 7);
     let mut back = AlignedBuf::zeroed(10 * align, align);
@@ -496,13 +481,8 @@ fn deferred_requests_enter_the_kernel_in_groups_when_a_group_is_set() {
     let mut queue = BackingQueue::new(image.clone(), 16).unwrap();
     queue.defer_submit(4);
     let mut bufs: Vec<AlignedBuf> = patterned_bufs(6, align, align);
-    for (i, b) in bufs.iter_mut().enumerate() {
-        queue.write(
-            (i * align) as u64,
-            &[seg(b.as_mut_slice())],
-            false,
-            i as u64,
-        );
+    for i in 0..bufs.len() {
+        write_block(&mut queue, &mut bufs, i, align);
         // The fourth request takes the first four into the kernel; the fifth and sixth wait.
         let waiting = if i < 3 { i + 1 } else { i - 3 };
         assert_eq!(queue.unsubmitted(), waiting, "after request {i}");
@@ -533,4 +513,14 @@ fn patterned_bufs(count: u64, len: usize, align: usize) -> Vec<AlignedBuf> {
             b
         })
         .collect()
+}
+
+/// Writes `bufs[i]` at block `i` (blocks of `align` bytes) with tag `i`.
+fn write_block(queue: &mut BackingQueue, bufs: &mut [AlignedBuf], i: usize, align: usize) {
+    queue.write(
+        (i * align) as u64,
+        &[seg(bufs[i].as_mut_slice())],
+        false,
+        i as u64,
+    );
 }
