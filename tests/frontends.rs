@@ -12,168 +12,77 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::thread::sleep;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags,
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryMmap};
+use vhost::VhostBackend;
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 mod common;
 
+use common::ring::{ScriptedGuest, DESC_F_NEXT, DESC_F_WRITE};
 use common::{pattern, Daemon, TestDir};
 
 const QUEUE_SIZE: u16 = 256;
 const REQUESTS: u16 = 64;
 const WRITE_LEN: u32 = 1 << 20;
 const MEM_LEN: usize = 80 << 20;
-/// Where the frontend says guest memory is mapped in its own address space.
-const USER_BASE: u64 = 0x7000_0000_0000;
-const DESC_TABLE: u64 = 0;
-const AVAIL: u64 = 0x1000;
-const USED: u64 = 0x2000;
 const HEADERS: u64 = 0x1_0000;
 const DATA: u64 = 0x10_0000;
 
 const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 const PROTOCOL_FEATURES: u64 = 1 << 30;
-const DESC_F_NEXT: u16 = 1;
-const DESC_F_WRITE: u16 = 2;
 
-struct Guest {
-    memfd: File,
-    mem: GuestMemoryMmap,
+/// The test guest: one region, queue 0's ring of `QUEUE_SIZE`.
+fn new_guest() -> ScriptedGuest {
+    ScriptedGuest::new(1, MEM_LEN, QUEUE_SIZE)
 }
 
-impl Guest {
-    fn new() -> Guest {
-        // SAFETY: memfd_create with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-        assert!(fd >= 0);
-        // SAFETY: the descriptor was just created and belongs to nobody else.
-        let memfd = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        memfd.set_len(MEM_LEN as u64).unwrap();
-        let mem = GuestMemoryMmap::from_ranges_with_files(&[(
-            GuestAddress(0),
-            MEM_LEN,
-            Some(FileOffset::new(memfd.try_clone().unwrap(), 0)),
-        )])
-        .unwrap();
-        Guest { memfd, mem }
-    }
-
-    fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let at = GuestAddress(DESC_TABLE + 16 * u64::from(index));
-        self.mem.write_obj(addr.to_le(), at).unwrap();
-        self.mem
-            .write_obj(len.to_le(), at.unchecked_add(8))
-            .unwrap();
-        self.mem
-            .write_obj(flags.to_le(), at.unchecked_add(12))
-            .unwrap();
-        self.mem
-            .write_obj(next.to_le(), at.unchecked_add(14))
-            .unwrap();
-    }
-
-    /// Request `i`: a write of WRITE_LEN bytes of pattern `i` at `i` MiB, as chain head `3 i`.
-    fn queue_write(&self, i: u16) {
-        let header = HEADERS + 32 * u64::from(i);
-        let data = DATA + u64::from(WRITE_LEN) * u64::from(i);
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
-        h[8..16].copy_from_slice(&(u64::from(i) * u64::from(WRITE_LEN) / 512).to_le_bytes());
-        self.mem.write_slice(&h, GuestAddress(header)).unwrap();
-        self.mem
-            .write_slice(
-                &pattern(u64::from(i), WRITE_LEN as usize),
-                GuestAddress(data),
-            )
-            .unwrap();
-        self.mem
-            .write_obj(0xffu8, GuestAddress(header + 16))
-            .unwrap();
-        let head = 3 * i;
-        self.desc(head, header, 16, DESC_F_NEXT, head + 1);
-        self.desc(head + 1, data, WRITE_LEN, DESC_F_NEXT, head + 2);
-        self.desc(head + 2, header + 16, 1, DESC_F_WRITE, 0);
-        let slot = AVAIL + 4 + 2 * u64::from(i % QUEUE_SIZE);
-        self.mem
-            .write_obj(head.to_le(), GuestAddress(slot))
-            .unwrap();
-    }
-
-    fn publish(&self, avail_idx: u16) {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        self.mem
-            .write_obj(avail_idx.to_le(), GuestAddress(AVAIL + 2))
-            .unwrap();
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
-    }
-
-    fn used_heads(&self) -> Vec<u32> {
-        (0..self.used_idx())
-            .map(|i| {
-                let at = USED + 4 + 8 * u64::from(i % QUEUE_SIZE);
-                self.mem.read_obj::<u32>(GuestAddress(at)).unwrap()
-            })
-            .collect()
-    }
-
-    fn status(&self, i: u16) -> u8 {
-        self.mem
-            .read_obj(GuestAddress(HEADERS + 32 * u64::from(i) + 16))
-            .unwrap()
-    }
-}
-
-/// SET_MEM_TABLE with the test guest's one memory region.
-fn set_guest_memory(frontend: &mut Frontend, guest: &Guest) {
-    frontend
-        .set_mem_table(&[VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: MEM_LEN as u64,
-            userspace_addr: USER_BASE,
-            mmap_offset: 0,
-            mmap_handle: guest.memfd.as_raw_fd(),
-        }])
-        .unwrap();
-}
-
-/// Queue 0's ring addresses, its start position `base`, its eventfds, then enable it.
-fn start_ring(frontend: &mut Frontend, base: u16, kick: &EventFd, call: &EventFd) {
-    frontend
-        .set_vring_addr(
-            0,
-            &VringConfigData {
-                queue_max_size: QUEUE_SIZE,
-                queue_size: QUEUE_SIZE,
-                flags: 0,
-                desc_table_addr: USER_BASE + DESC_TABLE,
-                used_ring_addr: USER_BASE + USED,
-                avail_ring_addr: USER_BASE + AVAIL,
-                log_addr: None,
-            },
+/// Request `i`: a write of WRITE_LEN bytes of pattern `i` at `i` MiB, as chain head `3 i`, in
+/// available slot `i` (published by [`ScriptedGuest::publish`]).
+fn queue_write(guest: &ScriptedGuest, i: u16) {
+    let header = HEADERS + 32 * u64::from(i);
+    let data = DATA + u64::from(WRITE_LEN) * u64::from(i);
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&1u32.to_le_bytes()); // VIRTIO_BLK_T_OUT
+    h[8..16].copy_from_slice(&(u64::from(i) * u64::from(WRITE_LEN) / 512).to_le_bytes());
+    guest.mem.write_slice(&h, GuestAddress(header)).unwrap();
+    guest
+        .mem
+        .write_slice(
+            &pattern(u64::from(i), WRITE_LEN as usize),
+            GuestAddress(data),
         )
         .unwrap();
-    frontend.set_vring_base(0, base).unwrap();
-    frontend.set_vring_call(0, call).unwrap();
-    frontend.set_vring_kick(0, kick).unwrap();
-    frontend.set_vring_enable(0, true).unwrap();
+    guest
+        .mem
+        .write_obj(0xffu8, GuestAddress(header + 16))
+        .unwrap();
+    let head = 3 * i;
+    guest.desc(head, header, 16, DESC_F_NEXT, head + 1);
+    guest.desc(head + 1, data, WRITE_LEN, DESC_F_NEXT, head + 2);
+    guest.desc(head + 2, header + 16, 1, DESC_F_WRITE, 0);
+    guest.put_avail(i, head);
+}
+
+/// The status byte of request `i`.
+fn status(guest: &ScriptedGuest, i: u16) -> u8 {
+    guest
+        .mem
+        .read_obj(GuestAddress(HEADERS + 32 * u64::from(i) + 16))
+        .unwrap()
 }
 
 /// One frontend connection with queue 0 running; `inflight` is the area to hand over (or
 /// `None` to ask the daemon for a new one), `base` the ring position to start at.
 fn connect(
     socket: &std::path::Path,
-    guest: &Guest,
+    guest: &ScriptedGuest,
     inflight: Option<&(VhostUserInflight, File)>,
     base: u16,
     kick: &EventFd,
@@ -199,7 +108,7 @@ fn connect(
                 | VhostUserProtocolFeatures::INFLIGHT_SHMFD,
         )
         .unwrap();
-    set_guest_memory(&mut frontend, guest);
+    frontend.set_mem_table(&[guest.region(0)]).unwrap();
     let area = match inflight {
         Some((info, file)) => (*info, file.try_clone().unwrap()),
         None => frontend
@@ -214,7 +123,7 @@ fn connect(
         .set_inflight_fd(&area.0, area.1.as_raw_fd())
         .expect("SET_INFLIGHT_FD");
     frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
-    start_ring(&mut frontend, base, kick, call);
+    guest.start_ring(&mut frontend, base, kick, call);
     (frontend, area)
 }
 
@@ -230,18 +139,6 @@ fn marked_in_flight(area: &(VhostUserInflight, File)) -> usize {
         .count()
 }
 
-fn wait_for_used(guest: &Guest, n: u16) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while guest.used_idx() < n {
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} requests completed",
-            guest.used_idx()
-        );
-        sleep(Duration::from_millis(10));
-    }
-}
-
 /// One attempt: returns how many requests the killed daemon left in flight.
 fn kill_and_resubmit(dir: &TestDir) -> usize {
     let image = dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN));
@@ -253,13 +150,13 @@ fn kill_and_resubmit(dir: &TestDir) -> usize {
         "--queues",
         "1",
     ];
-    let guest = Guest::new();
+    let guest = new_guest();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
 
     let daemon = Daemon::start(&dir.socket(), &args);
     let (frontend, area) = connect(daemon.socket(), &guest, None, 0, &kick, &call);
     for i in 0..REQUESTS {
-        guest.queue_write(i);
+        queue_write(&guest, i);
     }
     guest.publish(REQUESTS);
     kick.write(1).unwrap();
@@ -281,7 +178,7 @@ fn kill_and_resubmit(dir: &TestDir) -> usize {
         &call,
     );
     kick.write(1).unwrap();
-    wait_for_used(&guest, REQUESTS);
+    guest.wait_for_used(REQUESTS);
     // Nothing more may arrive: a request completed twice would push the index past REQUESTS.
     sleep(Duration::from_millis(300));
     let mut heads = guest.used_heads();
@@ -294,7 +191,7 @@ fn kill_and_resubmit(dir: &TestDir) -> usize {
     let expected: Vec<u32> = (0..u32::from(REQUESTS)).map(|i| 3 * i).collect();
     assert_eq!(heads, expected, "each request completes exactly once");
     for i in 0..REQUESTS {
-        assert_eq!(guest.status(i), 0, "request {i} failed");
+        assert_eq!(status(&guest, i), 0, "request {i} failed");
     }
     assert_eq!(marked_in_flight(&area), 0, "chains still marked in flight");
     drop(frontend);
@@ -389,14 +286,14 @@ fn ch_negotiate(socket: &std::path::Path) -> (Frontend, u64) {
 fn ch_activate(
     frontend: &mut Frontend,
     acked: u64,
-    guest: &Guest,
+    guest: &ScriptedGuest,
     inflight: &mut Option<(VhostUserInflight, File)>,
     base: u16,
     kick: &EventFd,
     call: &EventFd,
 ) {
     frontend.set_features(acked).unwrap();
-    set_guest_memory(frontend, guest);
+    frontend.set_mem_table(&[guest.region(0)]).unwrap();
     frontend.set_vring_num(0, QUEUE_SIZE).unwrap();
     if inflight.is_none() {
         *inflight = Some(
@@ -411,7 +308,7 @@ fn ch_activate(
     }
     let (info, file) = inflight.as_ref().unwrap();
     frontend.set_inflight_fd(info, file.as_raw_fd()).unwrap();
-    start_ring(frontend, base, kick, call);
+    guest.start_ring(frontend, base, kick, call);
 }
 
 /// SET_DEVICE_STATE_FD in `direction` over a pipe, then CHECK_DEVICE_STATE; returns the bytes
@@ -463,7 +360,7 @@ fn cloud_hypervisor_negotiation_snapshot_and_restore_keep_every_request() {
         "1",
     ];
     let daemon = Daemon::start(&dir.socket(), &args);
-    let guest = Guest::new();
+    let guest = new_guest();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
     let mut inflight = None;
 
@@ -472,16 +369,16 @@ fn cloud_hypervisor_negotiation_snapshot_and_restore_keep_every_request() {
     ch_activate(&mut frontend, acked, &guest, &mut inflight, 0, &kick, &call);
     let half = REQUESTS / 2;
     for i in 0..half {
-        guest.queue_write(i);
+        queue_write(&guest, i);
     }
     guest.publish(half);
     kick.write(1).unwrap();
-    wait_for_used(&guest, half);
+    guest.wait_for_used(half);
     // More requests arrive but the daemon is not told (no kick) before the pause: they are in
     // the ring, not taken, and must not be skipped after the restore.
     let quarter = half + REQUESTS / 4;
     for i in half..quarter {
-        guest.queue_write(i);
+        queue_write(&guest, i);
     }
     guest.publish(quarter);
 
@@ -517,18 +414,18 @@ fn cloud_hypervisor_negotiation_snapshot_and_restore_keep_every_request() {
         &call,
     );
     for i in quarter..REQUESTS {
-        guest.queue_write(i);
+        queue_write(&guest, i);
     }
     guest.publish(REQUESTS);
     kick.write(1).unwrap();
-    wait_for_used(&guest, REQUESTS);
+    guest.wait_for_used(REQUESTS);
     sleep(Duration::from_millis(300));
     let mut heads = guest.used_heads();
     heads.sort_unstable();
     let expected: Vec<u32> = (0..u32::from(REQUESTS)).map(|i| 3 * i).collect();
     assert_eq!(heads, expected, "each request completes exactly once");
     for i in 0..REQUESTS {
-        assert_eq!(guest.status(i), 0, "request {i} failed");
+        assert_eq!(status(&guest, i), 0, "request {i} failed");
     }
     drop(frontend);
     assert!(daemon.terminate().success());

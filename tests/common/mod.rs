@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod ring;
 pub mod vm;
 
 use std::mem::MaybeUninit;
