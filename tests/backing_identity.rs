@@ -9,10 +9,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client, Daemon, TestDir};
+use common::{pattern, tool, Client, Daemon, TestDir};
 
 const DISK: u64 = 64 << 20;
 
@@ -140,14 +140,6 @@ fn refused(dir: &TestDir, backing: &str, cache: &str) -> String {
     let out = child.wait_with_output().expect("daemon output");
     assert!(!out.status.success(), "the daemon exited successfully");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn tool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vhost-user-pcache")
 }
 
 fn assert_safe_advice(message: &str) {

@@ -5,12 +5,12 @@
 mod common;
 
 use std::os::unix::fs::{FileExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
-use common::{pattern, Client, Daemon, TestDir};
+use common::{ctl, ctl_output, ctl_status, pattern, Client, Daemon, TestDir};
 use serde_json::Value;
 
 const IMAGE_SIZE: u64 = 64 << 20;
@@ -38,32 +38,6 @@ fn start(dir: &TestDir, extra: &[&str]) -> Daemon {
     Daemon::start(&dir.socket(), &args)
 }
 
-fn ctl_output(socket: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(socket)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run ctl")
-}
-
-/// Runs `ctl ARGS` and returns its standard output; panics with its stderr on failure.
-fn ctl(socket: &Path, args: &[&str]) -> String {
-    let out = ctl_output(socket, args);
-    assert!(
-        out.status.success(),
-        "ctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-fn status(socket: &Path) -> Value {
-    serde_json::from_str(&ctl(socket, &["--json", "status"])).expect("status --json is JSON")
-}
-
 fn stat(s: &Value, name: &str) -> u64 {
     s["cache"]["stats"][name]
         .as_u64()
@@ -88,7 +62,7 @@ fn status_follows_io_and_the_frontend() {
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o600
     );
-    let before = status(&sock);
+    let before = ctl_status(&sock);
     assert_eq!(before["engine"], "pcache");
     assert_eq!(before["capacity_bytes"], IMAGE_SIZE);
     for field in ["segments_total", "segments_used", "gc_percent"] {
@@ -112,7 +86,7 @@ fn status_follows_io_and_the_frontend() {
     q.read(8 << 20, 4096).expect("read of unwritten space");
     assert_eq!(q.read(1 << 20, 65536).expect("read back"), data);
 
-    let after = status(&sock);
+    let after = ctl_status(&sock);
     assert_eq!(after["connection"]["connected"], true);
     assert!(
         after["connection"]["connections"].as_u64().unwrap()
@@ -139,7 +113,7 @@ fn status_follows_io_and_the_frontend() {
 
     drop(client);
     let deadline = Instant::now() + LIMIT;
-    while status(&sock)["connection"]["connected"] == true {
+    while ctl_status(&sock)["connection"]["connected"] == true {
         assert!(Instant::now() < deadline, "still connected after hang-up");
         sleep(Duration::from_millis(20));
     }
@@ -151,14 +125,14 @@ fn gc_percent_is_validated_and_persists_across_restart() {
     let daemon = start(&dir, &[]);
     let sock = control(&dir);
     assert_eq!(ctl(&sock, &["set", "gc-percent", "33"]).trim(), "ok");
-    assert_eq!(status(&sock)["cache"]["gc_percent"], 33);
+    assert_eq!(ctl_status(&sock)["cache"]["gc_percent"], 33);
     let refused = ctl_output(&sock, &["set", "gc-percent", "91"]);
     assert!(!refused.status.success());
-    assert_eq!(status(&sock)["cache"]["gc_percent"], 33);
+    assert_eq!(ctl_status(&sock)["cache"]["gc_percent"], 33);
     assert!(daemon.terminate().success());
 
     let _daemon = start(&dir, &[]);
-    assert_eq!(status(&sock)["cache"]["gc_percent"], 33);
+    assert_eq!(ctl_status(&sock)["cache"]["gc_percent"], 33);
 }
 
 #[test]
@@ -191,7 +165,7 @@ fn drain_puts_everything_on_the_image_until_undrain() {
         .expect("write");
 
     assert_eq!(ctl(&sock, &["drain"]).trim(), "ok");
-    let s = status(&sock);
+    let s = ctl_status(&sock);
     assert_eq!(stat(&s, "dirty_bytes"), 0, "{s}");
     assert_eq!(s["drained"], true);
     assert_eq!(s["cache"]["flags"]["drained"], true);
@@ -203,10 +177,10 @@ fn drain_puts_everything_on_the_image_until_undrain() {
     let second = pattern(4, 65536);
     client.queues[1].write(9 << 20, &second).expect("write");
     assert_eq!(read_image(&dir, 9 << 20, second.len()), second);
-    assert_eq!(stat(&status(&sock), "dirty_bytes"), 0);
+    assert_eq!(stat(&ctl_status(&sock), "dirty_bytes"), 0);
 
     assert_eq!(ctl(&sock, &["undrain"]).trim(), "ok");
-    let s = status(&sock);
+    let s = ctl_status(&sock);
     assert_eq!(s["drained"], false);
     assert_eq!(s["cache"]["flags"]["writethrough"], false);
     client.queues[0].write(12 << 20, &second).expect("write");
@@ -273,7 +247,7 @@ fn without_cache_status_and_drain_still_answer() {
     let dir = TestDir::new();
     let _daemon = start(&dir, &["--cache", "none"]);
     let sock = control(&dir);
-    let s = status(&sock);
+    let s = ctl_status(&sock);
     assert_eq!(s["engine"], "none");
     assert!(s["cache"].is_null());
     assert_eq!(ctl(&sock, &["drain"]).trim(), "ok");
@@ -297,7 +271,7 @@ fn ctl_errors_are_clear() {
 
     // The daemon replaces that stale socket.
     let _daemon = start(&dir, &[]);
-    assert_eq!(status(&control(&dir))["engine"], "pcache");
+    assert_eq!(ctl_status(&control(&dir))["engine"], "pcache");
     let bad = ctl_output(&control(&dir), &["explode"]);
     assert!(!bad.status.success());
 }
@@ -320,7 +294,7 @@ fn config_file_settings_and_flags_that_win() {
     let daemon = Daemon::start(&dir.socket(), &["--config", config, "--gc-percent", "55"]);
     let client = Client::connect(daemon.socket(), 1, false).expect("connect");
     assert_eq!(client.get_i32("max-queues"), 2);
-    assert_eq!(status(&control(&dir))["cache"]["gc_percent"], 55);
+    assert_eq!(ctl_status(&control(&dir))["cache"]["gc_percent"], 55);
 }
 
 #[test]

@@ -6,9 +6,9 @@ mod common;
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-use common::{pattern, Client, Daemon, TestDir};
+use common::{pattern, tool, Client, Daemon, TestDir};
 use vhost_user_pcache::cache::format::{self, Tail};
 use vhost_user_pcache::cache::media::{open_media, MediaOptions};
 
@@ -27,14 +27,6 @@ fn writes() -> Vec<(u64, Vec<u8>)> {
     .enumerate()
     .map(|(i, (off, len))| (off, pattern(100 + i as u64, len)))
     .collect()
-}
-
-fn tool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run vhost-user-pcache")
 }
 
 fn text(bytes: &[u8]) -> String {

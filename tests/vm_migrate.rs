@@ -183,17 +183,7 @@ impl Qmp {
 
 /// Bytes the guest has read, from the daemon's `ctl status --json`.
 fn read_bytes(control: &Path) -> u64 {
-    let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
-        .arg("ctl")
-        .arg("--control-socket")
-        .arg(control)
-        .arg("--json")
-        .arg("status")
-        .output()
-        .expect("run vhost-user-pcache ctl");
-    assert!(out.status.success(), "ctl status failed: {out:?}");
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON");
+    let status = common::ctl_status(control);
     find_u64(&status, "read_bytes").unwrap_or_else(|| panic!("no read_bytes in {status}"))
 }
 

@@ -77,17 +77,7 @@ impl Setup {
 
     /// The daemon's write-cache setting, from `ctl status --json`.
     fn write_cache(&self) -> bool {
-        let out = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
-            .arg("ctl")
-            .arg("--control-socket")
-            .arg(self.control())
-            .arg("--json")
-            .arg("status")
-            .output()
-            .expect("run vhost-user-pcache ctl");
-        assert!(out.status.success(), "ctl status failed: {out:?}");
-        let status: serde_json::Value =
-            serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON");
+        let status = common::ctl_status(&self.control());
         status["write_cache"]
             .as_bool()
             .expect("status has write_cache")

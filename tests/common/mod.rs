@@ -9,7 +9,7 @@ pub mod vm;
 
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -291,4 +291,38 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// Runs the daemon binary with `args` (an offline tool, `ctl`, a refused `serve`), with
+/// warnings only in its log.
+pub fn tool(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run vhost-user-pcache")
+}
+
+/// Runs `ctl --control-socket SOCKET ARGS`.
+pub fn ctl_output(socket: &Path, args: &[&str]) -> Output {
+    let socket = socket.to_str().expect("control socket path is UTF-8");
+    let mut all = vec!["ctl", "--control-socket", socket];
+    all.extend_from_slice(args);
+    tool(&all)
+}
+
+/// Runs `ctl ARGS` and returns its standard output; panics with its stderr on failure.
+pub fn ctl(socket: &Path, args: &[&str]) -> String {
+    let out = ctl_output(socket, args);
+    assert!(
+        out.status.success(),
+        "ctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// The daemon's `ctl status --json`.
+pub fn ctl_status(socket: &Path) -> serde_json::Value {
+    serde_json::from_str(&ctl(socket, &["--json", "status"])).expect("status --json is JSON")
 }
