@@ -16,7 +16,6 @@ Writes into OUTPUT_DIR (default RESULTS_DIR):
 Needs matplotlib (pip install matplotlib, or the python3-matplotlib package).
 """
 
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ from matplotlib.patches import Patch  # noqa: E402
 
 # The rate a row stands for is defined once, with the targets it is judged against.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from targets import rate  # noqa: E402
+from targets import load_run, rate  # noqa: E402
 
 # One colour per target, the same in every plot; peers in greys, ours in colour.
 COLOURS = {
@@ -194,13 +193,8 @@ def main():
     results_dir = sys.argv[1]
     out = sys.argv[2] if len(sys.argv) > 2 else results_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(results_dir, "results.json")) as f:
-        rows = json.load(f)
-    max_runtime = None
-    run_path = os.path.join(results_dir, "run.json")
-    if os.path.exists(run_path):
-        with open(run_path) as f:
-            max_runtime = json.load(f).get("max_runtime")
+    rows, run = load_run(results_dir)
+    max_runtime = run.get("max_runtime") if run else None
     plot_iops(rows, out, max_runtime)
     plot_latency(rows, out)
     plot_timeline(rows, results_dir, out, "slow", "slow-backing.png",

@@ -132,11 +132,8 @@ def render(rows, run):
     return "\n".join(out)
 
 
-def main():
-    if len(sys.argv) != 2:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    results_dir = sys.argv[1]
+def load_run(results_dir):
+    """A run's rows (results.json) and its sizes and bounds (run.json; None if absent)."""
     with open(os.path.join(results_dir, "results.json")) as f:
         rows = json.load(f)
     run = None
@@ -144,7 +141,14 @@ def main():
     if os.path.exists(run_path):
         with open(run_path) as f:
             run = json.load(f)
-    print(render(rows, run))
+    return rows, run
+
+
+def main():
+    if len(sys.argv) != 2:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    print(render(*load_run(sys.argv[1])))
 
 
 if __name__ == "__main__":
