@@ -90,8 +90,12 @@ struct CommitState {
     attached: usize,
     /// Per kset: a close was asked for since a committer last started one.
     wanted: Vec<bool>,
-    /// Some entry of `wanted` is set.
-    any_wanted: bool,
+}
+
+impl CommitState {
+    fn any_wanted(&self) -> bool {
+        self.wanted.contains(&true)
+    }
 }
 
 /// Keys a full kset may hold while it waits for its committer; beyond that the writer closes
@@ -159,7 +163,6 @@ impl Log {
                 state: Mutex::new(CommitState {
                     attached: 0,
                     wanted: vec![false; n_ksets.max(1)],
-                    any_wanted: false,
                 }),
                 wake: Condvar::new(),
             },
@@ -232,7 +235,6 @@ impl Log {
         if c.attached > 0 && lock(&self.ksets[idx].open).keys.len() < COMMIT_BACKLOG {
             if !c.wanted[idx] {
                 c.wanted[idx] = true;
-                c.any_wanted = true;
                 self.committers.wake.notify_one();
             }
             return Ok(());
@@ -260,7 +262,7 @@ impl Log {
         let mut idxs = Vec::with_capacity(self.ksets.len());
         loop {
             let mut c = lock(&self.committers.state);
-            while !c.any_wanted && !stop.load(Ordering::Acquire) {
+            while !c.any_wanted() && !stop.load(Ordering::Acquire) {
                 c = self
                     .committers
                     .wake
@@ -270,7 +272,7 @@ impl Log {
             }
             if stop.load(Ordering::Acquire) {
                 c.attached -= 1;
-                if c.any_wanted {
+                if c.any_wanted() {
                     // The wake-up may have been meant for a committer that goes on.
                     self.committers.wake.notify_one();
                 }
@@ -282,7 +284,6 @@ impl Log {
                     idxs.push(i);
                 }
             }
-            c.any_wanted = false;
             drop(c);
             if let Err(e) = self.close_set(&idxs, media, segments) {
                 log::debug!("ksets {idxs:?} stay open for now: {}", ErrorChain(&e));
