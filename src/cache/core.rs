@@ -193,12 +193,18 @@ impl Core {
 
     /// Data CRC of `len` bytes at `pos`, or 0 when data CRC is off.
     pub fn crc_of(&self, pos: CachePos, len: u32) -> u32 {
+        self.crc_with(pos, len, &mut Vec::new())
+    }
+
+    /// [`Core::crc_of`], reading the data into `buf` (a buffer its caller reuses, so a
+    /// thread that checks CRCs allocates only while the buffer grows).
+    pub fn crc_with(&self, pos: CachePos, len: u32, buf: &mut Vec<u8>) -> u32 {
         if !self.data_crc {
             return 0;
         }
-        let mut buf = vec![0u8; len as usize];
-        match self.media.read(self.media_offset(pos), &mut buf) {
-            Ok(()) => format::data_crc(&buf),
+        buf.resize(len as usize, 0);
+        match self.media.read(self.media_offset(pos), buf) {
+            Ok(()) => format::data_crc(buf),
             Err(_) => 0,
         }
     }

@@ -138,6 +138,8 @@ pub struct CacheQueue {
     backing_armed: bool,
     pub(super) staged: Vec<StagedWrite>,
     pub(super) staged_keys: Vec<KeyRecord>,
+    /// The data of a write read back for its CRC (`--data-crc`), reused from write to write.
+    pub(super) crc_buf: Vec<u8>,
     /// The index's answer for the read being served, reused from read to read.
     pub(super) pieces: Vec<Piece>,
     pub(super) partial: Option<PartialWrite>,
@@ -188,6 +190,7 @@ impl CacheQueue {
             backing_armed: false,
             staged: Vec::new(),
             staged_keys: Vec::new(),
+            crc_buf: Vec::new(),
             pieces: Vec::new(),
             partial: None,
             unclosed: Vec::new(),

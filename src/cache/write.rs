@@ -113,7 +113,7 @@ impl CacheQueue {
                     seg: alloc.pos.seg,
                     seg_off: alloc.pos.off,
                     gen: core.segments.gen(alloc.pos.seg),
-                    data_crc: core.crc_of(alloc.pos, alloc.len),
+                    data_crc: core.crc_with(alloc.pos, alloc.len, &mut self.crc_buf),
                 });
                 copied += alloc.len as u64;
                 left -= alloc.len;

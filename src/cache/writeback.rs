@@ -246,13 +246,7 @@ fn write_back_kset(
                 seg: k.seg,
                 off: k.seg_off,
             };
-            // As `Core::crc_of`, through the reused buffer.
-            data.resize(k.len as usize, 0);
-            let crc = match core.media.read(core.media_offset(pos), data) {
-                Ok(()) => format::data_crc(data),
-                Err(_) => 0,
-            };
-            if crc != k.data_crc {
+            if core.crc_with(pos, k.len, data) != k.data_crc {
                 damaged[i] = true;
                 let live = live_bytes(core, k, pieces);
                 if live == 0 {
