@@ -14,7 +14,7 @@ use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
 };
 use vhost_user_backend::bitmap::BitmapMmapRegion;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -316,6 +316,12 @@ impl VhostUserBackend for BlkBackend {
                 .map_err(|e| io::Error::other(format!("queue {thread_id}: {e}")))?;
             if let Some(fds) = new_fds {
                 self.register_poll_fds(thread_id, &fds)?;
+                // A daemon killed between putting completions in the used ring and signalling
+                // them leaves the guest waiting for an interrupt; if those were all it had
+                // outstanding, nothing else ever sends one. One interrupt when a queue starts
+                // makes the guest look at the used ring (libvhost-user signals on every
+                // SET_VRING_CALL for the same reason); a guest with nothing new ignores it.
+                vring.signal_used_queue()?;
             }
         }
         worker.process(&self.mem)

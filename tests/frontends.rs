@@ -4,7 +4,8 @@
 //! - crash restart (as QEMU does with INFLIGHT_SHMFD): queue writes, SIGKILL the daemon while
 //!   they are in flight, start a new one and reconnect with the same inflight area and the ring
 //!   position QEMU would give (the used index). Every request must complete exactly once, with
-//!   its data on the image.
+//!   its data on the image; and completions the killed daemon never signalled reach the guest
+//!   (one interrupt when a queue starts).
 //! - Cloud Hypervisor's negotiation, activation, snapshot (pause, GET_VRING_BASE, DEVICE_STATE
 //!   save) and restore (DEVICE_STATE load, the saved ring bases), replayed in the order its
 //!   `vhost_user` frontend code sends them (Cloud Hypervisor cannot run on this test host).
@@ -224,6 +225,82 @@ fn requests_in_flight_at_a_crash_complete_exactly_once_after_reconnect() {
         println!("inflight: attempt {attempt} found nothing in flight; again");
     }
     panic!("no attempt killed the daemon with requests in flight");
+}
+
+/// Whether `call` is signalled within `limit`; consumes the signal.
+fn signalled_within(call: &EventFd, limit: Duration) -> bool {
+    let mut fd = libc::pollfd {
+        fd: call.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd that lives across the call.
+    let ready = unsafe { libc::poll(&mut fd, 1, limit.as_millis() as libc::c_int) };
+    ready == 1 && call.read().is_ok()
+}
+
+#[test]
+fn completions_a_killed_daemon_never_signalled_reach_the_guest_after_reconnect() {
+    // A daemon killed after putting completions in the used ring and before signalling the
+    // call eventfd leaves the guest without the interrupt for them. When those were all the
+    // guest had outstanding, it submits nothing more, and a restarted daemon that has nothing
+    // to complete never signals: the guest's I/O stalls for good, through every later
+    // restart. The kill cannot be aimed at that instant, so the test makes the same state:
+    // the requests complete and their interrupt is taken away before the kill.
+    let dir = TestDir::new();
+    let image = dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN));
+    let args = [
+        "--backing",
+        image.to_str().unwrap(),
+        "--cache",
+        "none",
+        "--queues",
+        "1",
+    ];
+    let guest = new_guest();
+    let kick = EventFd::new(0).unwrap();
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let outstanding = 8;
+
+    let daemon = Daemon::start(&dir.socket(), &args);
+    let (frontend, area) = connect(daemon.socket(), &guest, None, 0, &kick, &call);
+    for i in 0..outstanding {
+        queue_write(&guest, i);
+    }
+    guest.publish(outstanding);
+    kick.write(1).unwrap();
+    guest.wait_for_used(outstanding);
+    // The interrupt the kill would have lost.
+    sleep(Duration::from_millis(100));
+    let _ = call.read();
+    daemon.stop_with(libc::SIGKILL);
+    drop(frontend);
+    assert_eq!(
+        marked_in_flight(&area),
+        0,
+        "a completed request is still marked"
+    );
+
+    // The frontend reconnects as QEMU does: same area, ring base = used index, and a kick
+    // (QEMU's new host notifier starts signalled). Nothing is left to complete.
+    let daemon = Daemon::start(&dir.socket(), &args);
+    let (frontend, _) = connect(
+        daemon.socket(),
+        &guest,
+        Some(&area),
+        outstanding,
+        &kick,
+        &call,
+    );
+    kick.write(1).unwrap();
+    assert!(
+        signalled_within(&call, Duration::from_secs(20)),
+        "no interrupt after the reconnect: the guest would wait forever for {outstanding} \
+         completions it was never told of"
+    );
+    assert_eq!(guest.used_idx(), outstanding, "a request completed twice");
+    drop(frontend);
+    assert!(daemon.terminate().success());
 }
 
 /// Cloud Hypervisor's block frontend: the protocol features it asks for, and its virtio
