@@ -9,7 +9,6 @@
 //! to QEMU.
 
 use std::fs::{self, File};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
@@ -17,7 +16,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::vm::{build_guest, vmm_tests_dir};
+use common::vm::{build_guest, tail, vmm_tests_dir};
 
 const DISK_SIZE: u64 = 256 << 20;
 const QUEUES: u32 = 2;
@@ -69,13 +68,14 @@ impl BackendKind {
 
 /// One running backend process serving `image` on `socket`.
 enum Backend {
-    /// This project's daemon; its stderr goes straight to the test's stderr.
-    Daemon(common::Daemon),
+    /// This project's daemon, with its log in a file.
+    Daemon(common::Daemon, PathBuf),
     QemuStorageDaemon(Qsd),
 }
 
 impl Backend {
-    /// Start the backend; `extra` are more daemon flags (ignored for qemu-storage-daemon).
+    /// Start the backend, its log appended to `log`; `extra` are more daemon flags (ignored
+    /// for qemu-storage-daemon).
     fn start(kind: &BackendKind, socket: &Path, image: &Path, log: &Path, extra: &[&str]) -> Self {
         match kind {
             BackendKind::Daemon => {
@@ -91,7 +91,8 @@ impl Backend {
                     &queues,
                 ];
                 args.extend_from_slice(extra);
-                Backend::Daemon(common::Daemon::start(socket, &args))
+                let daemon = common::Daemon::start_logged(socket, &args, log);
+                Backend::Daemon(daemon, log.to_owned())
             }
             BackendKind::QemuStorageDaemon => {
                 Backend::QemuStorageDaemon(Qsd::start(socket, image, log))
@@ -101,7 +102,7 @@ impl Backend {
 
     fn stop(self) -> ExitStatus {
         match self {
-            Backend::Daemon(daemon) => daemon.terminate(),
+            Backend::Daemon(daemon, _) => daemon.terminate(),
             Backend::QemuStorageDaemon(qsd) => qsd.stop(),
         }
     }
@@ -109,7 +110,7 @@ impl Backend {
     /// Kill the daemon without letting it persist anything more (qsd is stopped normally).
     fn kill(self) {
         match self {
-            Backend::Daemon(daemon) => {
+            Backend::Daemon(daemon, _) => {
                 daemon.stop_with(libc::SIGKILL);
             }
             Backend::QemuStorageDaemon(qsd) => {
@@ -121,7 +122,7 @@ impl Backend {
     /// What to show about the backend when a guest fails.
     fn describe_log(&self) -> String {
         match self {
-            Backend::Daemon(_) => "(the daemon's stderr is printed above, as it ran)".into(),
+            Backend::Daemon(_, log) => tail(log, 40),
             Backend::QemuStorageDaemon(qsd) => tail(&qsd.log, 40),
         }
     }
@@ -214,26 +215,6 @@ impl Drop for Qsd {
     }
 }
 
-/// The last `lines` lines of a log file, for failure messages.
-fn tail(path: &Path, lines: usize) -> String {
-    const MAX_BYTES: u64 = 64 << 10;
-    let mut text = String::new();
-    if let Ok(mut f) = File::open(path) {
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let _ = f.seek(SeekFrom::Start(len.saturating_sub(MAX_BYTES)));
-        let mut bytes = Vec::new();
-        let _ = f.read_to_end(&mut bytes);
-        text = String::from_utf8_lossy(&bytes).replace('\r', "");
-    }
-    let all: Vec<&str> = text.lines().collect();
-    let start = all.len().saturating_sub(lines);
-    format!(
-        "---- last {lines} lines of {} ----\n{}",
-        path.display(),
-        all[start..].join("\n")
-    )
-}
-
 /// Boots the guest once; panics with the console and backend logs unless the
 /// guest reported PASS.
 fn boot_guest(guest: &Path, socket: &Path, mode: &str, console: &Path, backend: &Backend) {
@@ -300,7 +281,10 @@ fn write_then_verify(name: &str, extra: &[&str], stop: Stop) {
         .expect("temp dir");
     let socket = dir.path().join("vhost.sock");
     let image = dir.path().join("backing.img");
-    let backend_log = dir.path().join("qemu-storage-daemon.log");
+    let backend_log = dir.path().join(match kind {
+        BackendKind::Daemon => "daemon.log",
+        BackendKind::QemuStorageDaemon => "qemu-storage-daemon.log",
+    });
 
     // On failure the panic leaves the temp dir behind for inspection.
     let dir = dir.keep();

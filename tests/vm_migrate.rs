@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::vm::{build_guest, console_text, vmm_tests_dir};
+use common::vm::{build_guest, console_text, tail, vmm_tests_dir};
 
 use common::Daemon;
 
@@ -302,7 +302,8 @@ fn guest_fio_verifies_across_live_saves_to_file_and_restores_on_the_same_daemon(
     let image = dir.join("backing.img");
     let control = dir.join("control.sock");
     let queues = QUEUES.to_string();
-    let daemon = Daemon::start(
+    let daemon_log = dir.join("daemon.log");
+    let daemon = Daemon::start_logged(
         &dir.join("vhost.sock"),
         &[
             "--backing",
@@ -314,6 +315,7 @@ fn guest_fio_verifies_across_live_saves_to_file_and_restores_on_the_same_daemon(
             "--control-socket",
             control.to_str().unwrap(),
         ],
+        &daemon_log,
     );
 
     let mut qemu = start_qemu(&dir, "boot", None);
@@ -337,8 +339,9 @@ fn guest_fio_verifies_across_live_saves_to_file_and_restores_on_the_same_daemon(
     };
     assert!(
         console.contains("VMTEST-RESULT: PASS"),
-        "fio failed after the restore\n{}",
-        all()
+        "fio failed after the restore\n{}\n{}",
+        all(),
+        tail(&daemon_log, 40)
     );
     let end = qemu.child.wait().expect("wait for the restored QEMU");
     assert!(end.success(), "restored QEMU exit: {end}");

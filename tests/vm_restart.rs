@@ -10,13 +10,13 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 mod common;
 
-use common::vm::{build_guest, console_text, vmm_tests_dir};
+use common::vm::{build_guest, console_text, note, tail, vmm_tests_dir, StallWatch};
 
 use common::Daemon;
 
@@ -54,6 +54,11 @@ impl Setup {
         self.dir.join("control.sock")
     }
 
+    /// Every daemon's log, one after the other, with the test's notes between them.
+    fn daemon_log(&self) -> PathBuf {
+        self.dir.join("daemon.log")
+    }
+
     fn start_daemon(&self) -> Daemon {
         let image = self.dir.join("backing.img");
         let queues = self.case.queues.to_string();
@@ -72,7 +77,18 @@ impl Setup {
             args.extend(["--cache".into(), "none".into()]);
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start(&self.socket(), &args)
+        note(&self.daemon_log(), "starting a daemon");
+        Daemon::start_logged(&self.socket(), &args, &self.daemon_log())
+    }
+
+    /// The guest's console and the end of the daemons' log, for a failure message.
+    fn report(&self, console: &Path) -> String {
+        format!(
+            "{}\n{}\n(all logs in {})",
+            tail(console, 40),
+            tail(&self.daemon_log(), 60),
+            self.dir.display()
+        )
     }
 
     /// The daemon's write-cache setting, from `ctl status --json`.
@@ -107,17 +123,44 @@ impl Setup {
     }
 }
 
-fn wait_for_console(console: &Path, guest: &mut Child, what: &str) {
+fn wait_for_console(setup: &Setup, console: &Path, guest: &mut Child, what: &str) {
     let deadline = Instant::now() + BOOT_LIMIT;
     while !console_text(console).contains(what) {
         if let Some(status) = guest.try_wait().expect("poll run-guest.sh") {
             panic!(
                 "the guest ended ({status}) before {what:?}\n{}",
-                console_text(console)
+                setup.report(console)
             );
         }
-        assert!(Instant::now() < deadline, "no {what:?} from the guest");
+        assert!(
+            Instant::now() < deadline,
+            "no {what:?} from the guest\n{}",
+            setup.report(console)
+        );
         sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits `time` (or until the guest ends, when `time` is None), sampling the daemon whenever
+/// the guest reports a stall; returns the guest's exit status if it ended.
+fn watch_guest(
+    guest: &mut Child,
+    watch: &mut StallWatch,
+    time: Option<Duration>,
+) -> Option<ExitStatus> {
+    let until = time.map(|t| Instant::now() + t);
+    loop {
+        watch.poll();
+        if until.is_some_and(|u| Instant::now() >= u) {
+            return None;
+        }
+        if time.is_none() {
+            if let Some(status) = guest.try_wait().expect("poll run-guest.sh") {
+                watch.poll();
+                return Some(status);
+            }
+        }
+        sleep(Duration::from_millis(200));
     }
 }
 
@@ -134,8 +177,9 @@ fn restart_under_fio(case: Case) {
 
     let mut daemon = setup.start_daemon();
     let mut guest = setup.start_guest(&console);
+    let mut watch = StallWatch::new(&console, &setup.control(), &setup.daemon_log());
     // fio starts after the write-cache line.
-    wait_for_console(&console, &mut guest, "VMTEST-INFO: write_cache=");
+    wait_for_console(&setup, &console, &mut guest, "VMTEST-INFO: write_cache=");
     if case.write_through {
         assert!(
             console_text(&console).contains("write_cache=write-through"),
@@ -143,15 +187,24 @@ fn restart_under_fio(case: Case) {
         );
     }
     for (round, &signal) in case.restarts.iter().enumerate() {
-        sleep(BETWEEN_RESTARTS);
+        watch_guest(&mut guest, &mut watch, Some(BETWEEN_RESTARTS));
         assert!(
             guest.try_wait().expect("poll guest").is_none(),
-            "fio finished before restart {round}: the job is too short for this test"
+            "fio finished before restart {round}: the job is too short for this test\n{}",
+            setup.report(&console)
         );
         assert_eq!(
             setup.write_cache(),
             !case.write_through,
             "write cache before restart {round}"
+        );
+        note(
+            &setup.daemon_log(),
+            &format!(
+                "restart {} of {}: signal {signal}",
+                round + 1,
+                case.restarts.len()
+            ),
         );
         let status = daemon.stop_with(signal);
         if signal == libc::SIGTERM {
@@ -164,11 +217,12 @@ fn restart_under_fio(case: Case) {
             case.restarts.len()
         );
     }
-    let status = guest.wait().expect("wait for run-guest.sh");
+    let status = watch_guest(&mut guest, &mut watch, None).expect("the guest's exit status");
     assert!(
         status.success(),
-        "guest failed ({status})\n{}",
-        console_text(&console)
+        "guest failed ({status}, {} stall reports)\n{}",
+        watch.stalls(),
+        setup.report(&console)
     );
     assert!(console_text(&console).contains("VMTEST-RESULT: PASS"));
     // The restarted daemon still has the guest's write-cache choice.

@@ -57,6 +57,17 @@ impl Daemon {
     /// Runs `vhost-user-pcache serve --socket SOCKET ARGS...` and waits until the socket
     /// accepts connections.
     pub fn start(socket: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn(socket, args, None)
+    }
+
+    /// [`Daemon::start`] with the daemon's log appended to `log` instead of the test's stderr,
+    /// at info level and debug for this crate unless `RUST_LOG` says otherwise: the VM tests
+    /// keep it beside the guest's console for a failure to be read afterwards.
+    pub fn start_logged(socket: &Path, args: &[&str], log: &Path) -> Daemon {
+        Daemon::spawn(socket, args, Some(log))
+    }
+
+    fn spawn(socket: &Path, args: &[&str], log: Option<&Path>) -> Daemon {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-user-pcache"));
         if std::env::var_os("RUNTIME_DIRECTORY").is_none() {
@@ -66,6 +77,18 @@ impl Daemon {
                 cmd.env("RUNTIME_DIRECTORY", dir);
             }
         }
+        let level = match log {
+            Some(log) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)
+                    .expect("open the daemon's log file");
+                cmd.stderr(file);
+                "info,vhost_user_pcache=debug"
+            }
+            None => "warn",
+        };
         let child = cmd
             .arg("serve")
             .arg("--socket")
@@ -73,7 +96,7 @@ impl Daemon {
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+                std::env::var("RUST_LOG").unwrap_or(level.into()),
             )
             .stdin(Stdio::null())
             .spawn()
