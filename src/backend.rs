@@ -316,11 +316,15 @@ impl VhostUserBackend for BlkBackend {
                 .map_err(|e| io::Error::other(format!("queue {thread_id}: {e}")))?;
             if let Some(fds) = new_fds {
                 self.register_poll_fds(thread_id, &fds)?;
-                // A daemon killed between putting completions in the used ring and signalling
-                // them leaves the guest waiting for an interrupt; if those were all it had
-                // outstanding, nothing else ever sends one. One interrupt when a queue starts
-                // makes the guest look at the used ring (libvhost-user signals on every
-                // SET_VRING_CALL for the same reason); a guest with nothing new ignores it.
+                // The previous daemon's last interrupt may never have reached the guest (with
+                // QEMU it can be lost when the daemon is killed right after signalling, and a
+                // kill can also fall between add_used and the signal). With EVENT_IDX the
+                // guest then still asks for an interrupt at an entry this ring already passed,
+                // so none of this daemon's completions would be signalled and a guest with
+                // every request "with the device" waits for good. Signal once when a queue
+                // starts, as the kernel's vhost does after a ring (re)start (its
+                // signalled_used_valid) and libvhost-user on every SET_VRING_CALL; a guest
+                // with nothing new ignores it.
                 vring.signal_used_queue()?;
             }
         }

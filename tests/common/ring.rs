@@ -108,6 +108,12 @@ impl ScriptedGuest {
             .unwrap();
     }
 
+    /// The driver's `used_event` (EVENT_IDX): interrupt me once the used index passes it.
+    pub fn set_used_event(&self, idx: u16) {
+        let at = AVAIL + 4 + 2 * u64::from(self.queue_size);
+        self.mem.write_obj(idx.to_le(), GuestAddress(at)).unwrap();
+    }
+
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(GuestAddress(USED + 2)).unwrap()
     }
