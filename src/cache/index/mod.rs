@@ -247,8 +247,7 @@ impl Index {
         let Some(mut region) = self.lock_region_if_any(ticket.off) else {
             return 0;
         };
-        let kept = region.complete_fill(&ticket, pos, gen, crc, on_insert);
-        kept
+        region.complete_fill(&ticket, pos, gen, crc, on_insert)
     }
 
     /// The fill for `ticket` failed or was abandoned: remove what is left of its placeholder.

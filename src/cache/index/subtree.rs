@@ -1,9 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! One region's ordered map and the dm-pcache overlap rules.
 //!
-//! Entries never overlap and never leave their region. Every change is driven by one cursor
-//! re-searching the map after each mutation (as dm-pcache re-searches its RB-tree), so no
-//! operation allocates beyond the map's own nodes and the caller's output vector.
+//! Entries never overlap and never leave their region. The general insert and lookup are
+//! driven by one cursor re-searching the map after each mutation (as dm-pcache re-searches its
+//! RB-tree), so no operation allocates beyond the map's own nodes and the caller's output
+//! vector. What random 4 KiB I/O does nearly always (an insert into a gap, an insert replacing
+//! one entry of the same range, a lookup inside one entry) is settled after one search and
+//! falls back to the general rules, untouched, whenever it is anything else.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
