@@ -14,7 +14,7 @@ mod subtree;
 #[cfg(test)]
 pub(crate) mod tests;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{CachePos, REGION_SHIFT, REGION_SIZE};
@@ -143,8 +143,6 @@ pub struct Index {
     capacity: u64,
     regions: Vec<Mutex<Subtree>>,
     next_ticket: AtomicU64,
-    /// Number of non-placeholder keys, kept in step with the regions under their locks.
-    extents: AtomicUsize,
     /// Where the next [`Index::remove_stale`] scan starts, so successive calls make progress.
     stale_scan_at: AtomicU64,
 }
@@ -160,7 +158,6 @@ impl Index {
                 .map(|r| Mutex::new(Subtree::new(r << REGION_SHIFT)))
                 .collect(),
             next_ticket: AtomicU64::new(1),
-            extents: AtomicUsize::new(0),
             stale_scan_at: AtomicU64::new(0),
         }
     }
@@ -186,9 +183,7 @@ impl Index {
             let part_end = region_end(off).min(end);
             let part = trim(&key, off, (part_end - off) as u32);
             let mut region = self.lock_region(off);
-            let before = region.extents();
             region.insert(&part);
-            self.account(before, region.extents());
             on_insert(&part);
             drop(region);
             off = part_end;
@@ -216,10 +211,8 @@ impl Index {
         while at < indexed_end {
             let part_end = region_end(at).min(indexed_end);
             let mut region = self.lock_region(at);
-            let before = region.extents();
             let tickets = fill.then_some(&self.next_ticket);
             region.lookup(at, part_end, tickets, gen_of, out);
-            self.account(before, region.extents());
             drop(region);
             at = part_end;
         }
@@ -254,10 +247,7 @@ impl Index {
         let Some(mut region) = self.lock_region_if_any(ticket.off) else {
             return 0;
         };
-        let before = region.extents();
-        let kept = region.complete_fill(&ticket, pos, gen, crc, on_insert);
-        self.account(before, region.extents());
-        kept
+        region.complete_fill(&ticket, pos, gen, crc, on_insert)
     }
 
     /// The fill for `ticket` failed or was abandoned: remove what is left of its placeholder.
@@ -295,9 +285,7 @@ impl Index {
                 region_start + REGION_SIZE
             };
             let mut region = lock(&self.regions[r]);
-            let before = region.extents();
             let (n_removed, stopped_at) = region.remove_stale(from, to, gen_of, max - removed);
-            self.account(before, region.extents());
             drop(region);
             removed += n_removed;
             if removed >= max {
@@ -319,19 +307,18 @@ impl Index {
         while at < end {
             let part_end = region_end(at).min(end);
             let mut region = self.lock_region(at);
-            let before = region.extents();
             removed += region.remove_zeroes(at, part_end, stamp);
-            self.account(before, region.extents());
             drop(region);
             at = part_end;
         }
         removed
     }
 
-    /// Number of keys in the index, placeholders not counted.
+    /// Number of keys in the index, placeholders not counted. Each region counts its own, so
+    /// that requests share no counter (this takes every region's lock in turn).
     #[cfg(any(test, feature = "test-util"))]
     pub fn extent_count(&self) -> usize {
-        self.extents.load(Ordering::Relaxed)
+        self.regions.iter().map(|r| lock(r).extents()).sum()
     }
 
     /// Visit every key except placeholders, in offset order, one region lock at a time. `f`
@@ -374,14 +361,6 @@ impl Index {
     fn lock_region_if_any(&self, off: u64) -> Option<MutexGuard<'_, Subtree>> {
         let region = self.regions.get((off >> REGION_SHIFT) as usize)?;
         Some(lock(region))
-    }
-
-    fn account(&self, before: usize, after: usize) {
-        if after >= before {
-            self.extents.fetch_add(after - before, Ordering::Relaxed);
-        } else {
-            self.extents.fetch_sub(before - after, Ordering::Relaxed);
-        }
     }
 }
 

@@ -131,10 +131,9 @@ fn lookups_and_overwrites_do_not_grow_the_index() {
 }
 
 #[test]
-fn a_region_costs_48_bytes_before_it_holds_anything() {
-    // Allocated for every 4 MiB of disk at open: 12 MiB per TiB (documented).
-    assert_eq!(
-        std::mem::size_of::<std::sync::Mutex<super::super::subtree::Subtree>>(),
-        48
-    );
+fn a_region_costs_40_bytes_in_the_daemon_before_it_holds_anything() {
+    // Allocated for every 4 MiB of disk at open: 10 MiB per TiB (documented). Test builds
+    // keep a key count per region (one usize) that the daemon leaves out.
+    let in_tests = std::mem::size_of::<std::sync::Mutex<super::super::subtree::Subtree>>();
+    assert_eq!(in_tests - std::mem::size_of::<usize>(), 40);
 }

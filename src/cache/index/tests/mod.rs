@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 mod concurrent;
+mod fast_paths;
 mod fixup;
 pub(crate) mod memory;
 mod model;

@@ -93,6 +93,19 @@ enum Op {
         range: (u64, u64),
         fill: bool,
     },
+    /// An insert over exactly the range of an existing entry (placeholders included).
+    InsertOver {
+        pick: usize,
+        kind: KeyKind,
+        seg: u32,
+        seg_sector: u32,
+    },
+    /// A lookup of a part of an existing entry (placeholders and stale keys included).
+    LookupInside {
+        pick: usize,
+        part: (u64, u64),
+        fill: bool,
+    },
     Complete {
         pick: usize,
         seg: u32,
@@ -125,6 +138,13 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
     })
 }
 
+/// One 4 KiB-aligned 4 KiB block of a few near a region boundary: as random 4 KiB I/O does,
+/// blocks land in gaps, replace one another exactly, and are read inside what holds them.
+fn block() -> impl Strategy<Value = (u64, u64)> {
+    let base = prop_oneof![Just(0), Just(REGION_SECTORS - 96), Just(CAP_SECTORS - 160)];
+    (base, 0u64..20).prop_map(|(base, b)| (base + b * 8, 8))
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let kind = prop_oneof![
         3 => Just(KeyKind::Dirty),
@@ -135,10 +155,20 @@ fn op() -> impl Strategy<Value = Op> {
     // Cache positions stay in the first half of a 16 MiB segment (2^14 sectors), so that a
     // key and its CRC span lie inside one segment, as the engine's always do.
     prop_oneof![
-        5 => (range(), kind, seg.clone(), 0u32..1 << 14).prop_map(|(range, kind, seg, seg_sector)| {
+        5 => (range(), kind.clone(), seg.clone(), 0u32..1 << 14).prop_map(|(range, kind, seg, seg_sector)| {
             Op::Insert { range, kind, seg, seg_sector }
         }),
         5 => (range(), any::<bool>()).prop_map(|(range, fill)| Op::Lookup { range, fill }),
+        4 => (block(), kind.clone(), seg.clone(), 0u32..1 << 14).prop_map(
+            |(range, kind, seg, seg_sector)| Op::Insert { range, kind, seg, seg_sector }
+        ),
+        3 => (block(), any::<bool>()).prop_map(|(range, fill)| Op::Lookup { range, fill }),
+        2 => (any::<usize>(), kind.clone(), seg.clone(), 0u32..1 << 14).prop_map(
+            |(pick, kind, seg, seg_sector)| Op::InsertOver { pick, kind, seg, seg_sector }
+        ),
+        2 => (any::<usize>(), any::<(u64, u64)>(), any::<bool>()).prop_map(
+            |(pick, part, fill)| Op::LookupInside { pick, part, fill }
+        ),
         2 => (any::<usize>(), seg.clone(), 0u32..1 << 14).prop_map(|(pick, seg, seg_sector)| {
             Op::Complete { pick, seg, seg_sector }
         }),
@@ -302,6 +332,40 @@ fn check_whole(index: &Index, model: &Model) {
     }
 }
 
+/// The key the `n`th operation inserts over the sector range `(off, len)`.
+fn new_key(
+    model: &Model,
+    n: usize,
+    (off, len): (u64, u64),
+    kind: KeyKind,
+    seg: u32,
+    seg_sector: u32,
+) -> IndexKey {
+    let pos = CachePos {
+        seg,
+        off: seg_sector * SECTOR as u32,
+    };
+    IndexKey {
+        off: off * SECTOR,
+        len: (len * SECTOR) as u32,
+        kind,
+        pos,
+        gen: model.gens[seg as usize],
+        crc: CrcSpan {
+            pos,
+            len: (len * SECTOR) as u32,
+            crc: n as u32,
+        },
+    }
+}
+
+/// The sector range `(off, len)` of the index's entry number `pick` (modulo their count).
+fn entry_range(index: &Index, pick: usize) -> Option<(u64, u64)> {
+    let entries = index.checked_entries();
+    let entry = entries.get(pick % entries.len().max(1))?;
+    Some((entry.off / SECTOR, u64::from(entry.len) / SECTOR))
+}
+
 fn run(ops: Vec<Op>) {
     let index = Index::new(CAP_SECTORS * SECTOR);
     let mut model = Model {
@@ -312,31 +376,38 @@ fn run(ops: Vec<Op>) {
     for (n, op) in ops.into_iter().enumerate() {
         match op {
             Op::Insert {
-                range: (off, len),
+                range,
                 kind,
                 seg,
                 seg_sector,
             } => {
-                let pos = CachePos {
-                    seg,
-                    off: seg_sector * SECTOR as u32,
-                };
-                let key = IndexKey {
-                    off: off * SECTOR,
-                    len: (len * SECTOR) as u32,
-                    kind,
-                    pos,
-                    gen: model.gens[seg as usize],
-                    crc: CrcSpan {
-                        pos,
-                        len: (len * SECTOR) as u32,
-                        crc: n as u32,
-                    },
-                };
+                let key = new_key(&model, n, range, kind, seg, seg_sector);
                 check_insert(&index, &mut model, key);
             }
             Op::Lookup { range, fill } => {
                 check_lookup(&index, &mut model, range, fill, &mut tickets)
+            }
+            Op::InsertOver {
+                pick,
+                kind,
+                seg,
+                seg_sector,
+            } => {
+                if let Some(range) = entry_range(&index, pick) {
+                    let key = new_key(&model, n, range, kind, seg, seg_sector);
+                    check_insert(&index, &mut model, key);
+                }
+            }
+            Op::LookupInside {
+                pick,
+                part: (skip, len),
+                fill,
+            } => {
+                if let Some((off, sectors)) = entry_range(&index, pick) {
+                    let skip = skip % sectors;
+                    let range = (off + skip, 1 + len % (sectors - skip));
+                    check_lookup(&index, &mut model, range, fill, &mut tickets);
+                }
             }
             Op::Complete {
                 pick,
