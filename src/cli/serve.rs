@@ -508,6 +508,28 @@ mod tests {
         args: ServeArgs,
     }
 
+    #[test]
+    fn writeback_pacing_flags_reach_the_cache_options() {
+        let cli = ServeCli::parse_from([
+            "serve",
+            "--writeback-watermarks",
+            "90,60",
+            "--writeback-idle-ms",
+            "250",
+        ]);
+        let p = cli.args.pacing();
+        assert_eq!((p.high_watermark, p.low_watermark), (90, 60));
+        assert_eq!(p.idle, Duration::from_millis(250));
+        assert_eq!(
+            ServeCli::parse_from(["serve"]).args.pacing(),
+            PacingOptions::default()
+        );
+        for bad in ["60,90", "90", "90,0", "101,50", "a,b", "90,60,30"] {
+            let e = parse_watermarks(bad).expect_err(bad);
+            assert!(e.contains("HIGH,LOW"), "{bad}: {e}");
+        }
+    }
+
     /// In a child process, `serve` runs on a thread; once it listens, another thread panics.
     /// Without the daemon's panic policy that thread would just end and the daemon would
     /// serve on (the child would pass its test and exit 0); with it the process stops with
