@@ -220,13 +220,16 @@ impl Pacer {
     }
 
     pub fn decide(&mut self, pacing: &Pacing, look: Look, now: Instant) -> Verdict {
-        if look.dirty_bytes >= pacing.high_bytes {
+        let waited_for_room = look.busy != self.busy_seen;
+        self.busy_seen = look.busy;
+        // Every sign of short room starts a run down to the low watermark, as crossing the
+        // high one does: in a cache kept full by the guest, writeback then runs without a break
+        // rather than a kset per write handed back.
+        if look.dirty_bytes >= pacing.high_bytes || look.free_low || waited_for_room {
             self.flat_out = true;
         } else if look.dirty_bytes < pacing.low_bytes {
             self.flat_out = false;
         }
-        let waited_for_room = look.busy != self.busy_seen;
-        self.busy_seen = look.busy;
         if look.activity != self.activity_seen {
             self.activity_seen = look.activity;
             self.active_at = now;
@@ -234,7 +237,7 @@ impl Pacer {
         if look.unpaced {
             return Verdict::Run(WritebackState::Draining);
         }
-        if self.flat_out || look.free_low || waited_for_room {
+        if self.flat_out {
             return Verdict::Run(WritebackState::RoomShort);
         }
         let quiet = now.saturating_duration_since(self.active_at);
@@ -353,6 +356,20 @@ mod tests {
             ..busy_guest(2, 10)
         };
         assert_eq!(pacer.decide(&p, look, t0), room_short);
+        let look = Look {
+            busy: 2,
+            ..busy_guest(3, 700)
+        };
+        assert_eq!(pacer.decide(&p, look, t0), room_short);
+        assert_eq!(
+            pacer.decide(&p, busy_guest(4, 650), t0),
+            room_short,
+            "once room was short, it runs down to the low watermark"
+        );
+        assert!(matches!(
+            pacer.decide(&p, busy_guest(5, 590), t0),
+            Verdict::Wait(_)
+        ));
     }
 
     #[test]

@@ -139,7 +139,8 @@ fn look(core: &Core) -> Look {
     Look {
         unpaced: core.writeback_unpaced(),
         dirty_bytes: core.stats.dirty_bytes.load(Ordering::Relaxed),
-        free_low: core.segments.free_count() <= LOG_RESERVE + 1,
+        // One segment more than allocation needs to go on: writeback starts before writes wait.
+        free_low: core.segments.free_count() <= LOG_RESERVE + 2,
         busy: core.stats.busy.load(Ordering::Relaxed),
         activity: core.stats.activity(),
     }
