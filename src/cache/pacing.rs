@@ -2,7 +2,7 @@
 //! When writeback runs: a write-back cache absorbs a burst at cache speed and writes it back
 //! when the guest is quiet or when room runs short.
 //!
-//! Before each kset the writeback thread takes a [`Look`] and its [`Pacer`] decides:
+//! Before each kset the writeback thread takes a `Look` and its `Pacer` decides:
 //! - a drain waits or drained mode is on: run (the `writeback_unpaced` override);
 //! - room is short: run flat out whatever the guest does. Short means the dirty share of the
 //!   cache's data space reached the high watermark (and then until it falls below the low one,
@@ -11,7 +11,7 @@
 //! - the guest made requests (reads or writes) within the idle period: wait;
 //! - otherwise the guest is idle: run at full speed, looking again after every kset.
 //!
-//! Waiting is on a condition variable, not a sleep loop: [`Pacing::wake`] ends it when the
+//! Waiting is on a condition variable, not a sleep loop: `Pacing::wake` ends it when the
 //! dirty share crosses the high watermark (the write path sees the crossing in the counter
 //! it already adds to), when a write or FLUSH finds no room, when a drain starts and at
 //! shutdown. Otherwise the thread looks once per idle period whether the guest went quiet; the
