@@ -17,6 +17,7 @@ use super::index::{CrcSpan, FillTicket, Index, IndexKey, KeyKind};
 use super::log::{Log, LogError};
 use super::media::{self, Media, Persistence};
 use super::meta::Meta;
+use super::pacing::{Pacing, PacingOptions};
 use super::segments::SegmentMap;
 use super::stats::Stats;
 use super::CachePos;
@@ -48,6 +49,8 @@ pub struct CacheOptions {
     /// [`super::journal::default_dir`]; `None`: no journal, so a kill loses the completed
     /// writes whose keys wait in open ksets.
     pub journal_dir: Option<PathBuf>,
+    /// When writeback runs (watermarks, guest idle period).
+    pub pacing: PacingOptions,
 }
 
 /// Errors opening a cache. The variants with a `source` do not repeat it in their message:
@@ -121,6 +124,8 @@ pub(crate) struct Core {
     pub drained: AtomicBool,
     /// Signalled whenever writeback moved dirty_tail.
     pub(super) progress: (Mutex<()>, Condvar),
+    /// When writeback runs; woken when room runs short or a drain starts.
+    pub(super) pacing: Pacing,
     /// Read fills on their way to the fill thread.
     pub(super) fills: std::sync::mpsc::Sender<Filled>,
     /// Writeback, GC and fill threads run and open ksets close on their timer. Off only in
@@ -147,6 +152,7 @@ impl Core {
     /// Write back everything acknowledged so far and wait until the backing image holds it.
     pub fn drain(&self) -> Result<(), DrainError> {
         self.draining.fetch_add(1, Ordering::AcqRel);
+        self.pacing.wake();
         let result = self.drain_inner();
         self.draining.fetch_sub(1, Ordering::AcqRel);
         result
@@ -263,9 +269,11 @@ impl Core {
         }
         let key = index_key(&rec, true);
         if rec.flags & format::KEY_CLEAN == 0 {
-            self.stats
+            let before = self
+                .stats
                 .dirty_bytes
                 .fetch_add(rec.len as u64, Ordering::Relaxed);
+            self.pacing.dirty_added(before, rec.len as u64);
         }
         let mut full = false;
         let mut journaled = true;

@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use super::core::{CacheError, CacheOptions, Core};
 use super::health::Health;
 use super::media::{self, Media, MediaOptions};
+use super::pacing::Pacing;
 use super::queue::CacheQueue;
 use super::stats::{Stats, StatsSnapshot};
 use super::status::{self, CacheStatus};
@@ -89,7 +90,12 @@ impl CacheEngine {
         backing: Arc<BackingImage>,
         background: bool,
     ) -> Result<CacheEngine, CacheError> {
+        opts.pacing.validate().map_err(|e| CacheError::Invalid {
+            path: opts.path.clone(),
+            reason: e.to_string(),
+        })?;
         let opened = replay::open(opts, media.clone(), &backing)?;
+        let capacity = u64::from(opened.layout.data_size()) * u64::from(opened.segments.count());
         let (fill_tx, fill_rx) = std::sync::mpsc::channel();
         let core = Arc::new(Core {
             media,
@@ -113,6 +119,7 @@ impl CacheEngine {
             draining: AtomicUsize::new(0),
             drained: AtomicBool::new(false),
             progress: (Mutex::new(()), Condvar::new()),
+            pacing: Pacing::new(opts.pacing, capacity),
             fills: fill_tx,
             background,
         });
@@ -151,6 +158,7 @@ impl CacheEngine {
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
+        self.core.pacing.wake();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }
@@ -268,6 +276,7 @@ impl Engine for CacheEngine {
         self.core.stopping.store(true, Ordering::Release);
         self.core.segments.wake();
         self.core.log.wake_waiters();
+        self.core.pacing.wake();
         for t in lock(&self.threads).drain(..) {
             let _ = t.join();
         }

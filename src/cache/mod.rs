@@ -37,6 +37,7 @@ pub mod journal;
 mod log;
 pub mod media;
 mod meta;
+pub mod pacing;
 mod queue;
 mod read;
 pub mod replay;

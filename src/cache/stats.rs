@@ -95,6 +95,15 @@ pub struct StatsSnapshot {
 }
 
 impl Stats {
+    /// A number that changes whenever the guest reads or writes: what writeback pacing looks
+    /// at to tell a busy guest from an idle one. Reads only the per-thread slots, so the
+    /// request path pays nothing for it.
+    pub fn activity(&self) -> u64 {
+        self.read_bytes
+            .load(Ordering::Relaxed)
+            .wrapping_add(self.write_bytes.load(Ordering::Relaxed))
+    }
+
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StatsSnapshot {

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use super::core::Core;
 use super::format::{TailPos, MAX_GC_PERCENT};
 use super::health::HealthStatus;
+use super::pacing::WritebackState;
 use super::stats::StatsSnapshot;
 use crate::engine::EngineError;
 
@@ -77,6 +78,20 @@ pub struct CacheStatus {
     /// Data given up and background work that cannot go on (absent from older daemons).
     #[serde(default)]
     pub health: HealthStatus,
+    /// What writeback is doing and why (absent from older daemons).
+    #[serde(default)]
+    pub writeback: WritebackStatus,
+}
+
+/// Writeback pacing as `status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WritebackStatus {
+    pub state: WritebackState,
+    /// The watermarks, in percent of the cache's data space that is dirty.
+    pub high_watermark: u8,
+    pub low_watermark: u8,
+    /// How long the guest must be quiet for writeback to count it idle.
+    pub idle_ms: u64,
 }
 
 /// Counters for status and metrics.
@@ -117,6 +132,15 @@ pub(super) fn status(core: &Core) -> CacheStatus {
         },
         stats: stats(core),
         health: core.health.status(),
+        writeback: {
+            let opts = core.pacing.options();
+            WritebackStatus {
+                state: core.pacing.state(),
+                high_watermark: opts.high_watermark,
+                low_watermark: opts.low_watermark,
+                idle_ms: opts.idle.as_millis() as u64,
+            }
+        },
     }
 }
 

@@ -79,6 +79,7 @@ impl CacheQueue {
                             });
                         }
                         core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                        core.pacing.wake();
                         // Space comes back only through writeback and GC, which see only
                         // closed ksets: do not make them wait for the kset timer.
                         if let Err(e) = core.close_all_ksets() {
@@ -208,6 +209,7 @@ impl CacheQueue {
             Ok(()) => Outcome::Done(Ok(())),
             Err(LogError::NoSpace) => {
                 self.core.stats.busy.fetch_add(1, Ordering::Relaxed);
+                self.core.pacing.wake();
                 Outcome::Busy
             }
             Err(e) => Outcome::Done(Err(IoError::Media(e.into()))),

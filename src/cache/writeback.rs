@@ -8,19 +8,20 @@
 //! writing some keys again. A failed write leaves dirty_tail where it is: the kset is retried
 //! with a growing pause, the data stays dirty in the cache, and guest I/O goes on.
 //!
-//! Pacing: when little of the cache is dirty, writeback pauses between ksets so it does not
-//! compete with the guest; as the dirty share grows the pauses shrink to nothing.
+//! When it runs is `pacing`'s decision, taken before every kset: while the guest is busy and
+//! the cache has room it waits; when the guest is idle or room is short it runs at full speed.
 
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::core::Core;
 use super::data_head::LOG_RESERVE;
 use super::format::{self, KeyRecord, KsetFound, TailPos};
 use super::index::Piece;
+use super::pacing::{Look, Pacer, Verdict, WritebackState};
 use super::CachePos;
 use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
@@ -34,18 +35,6 @@ pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
         .name("pcache-writeback".into())
         .spawn(move || run(&core))
         .expect("spawning the writeback thread")
-}
-
-/// Pause between ksets for a given dirty share of the cache's data space.
-pub(super) fn pace(dirty_bytes: u64, capacity: u64) -> Duration {
-    let share = dirty_bytes as f64 / capacity.max(1) as f64;
-    if share < 0.1 {
-        Duration::from_millis(20)
-    } else if share < 0.4 {
-        Duration::from_millis(2)
-    } else {
-        Duration::ZERO
-    }
 }
 
 /// Why a turn of writeback did not move dirty_tail. The kset stays dirty and is retried.
@@ -72,8 +61,8 @@ pub enum WritebackError {
     StoreTail(#[source] format::FormatError),
 }
 
-/// The writeback thread: [`step`] after step, with the pauses around it (pacing between
-/// ksets, waiting for new ones, backing off after failures) that tests leave out.
+/// The writeback thread: [`step`] after step, with the waits around it that tests leave out
+/// (for its turn, see `pacing`; for new ksets; backing off after failures).
 fn run(core: &Core) {
     let mut queue = match BackingQueue::new(core.backing.clone(), 64) {
         Ok(q) => q,
@@ -88,9 +77,21 @@ fn run(core: &Core) {
     let mut scratch = Scratch::default();
     let mut backoff = Duration::from_millis(100);
     let mut failing = false;
+    let mut pacer = Pacer::new(Instant::now());
     while !core.stopping.load(Ordering::Acquire) {
+        if core.log.head().seq > core.meta.dirty_tail().log_seq {
+            match pacer.decide(&core.pacing, look(core), Instant::now()) {
+                Verdict::Run(state) => core.pacing.set_state(state),
+                Verdict::Wait(d) => {
+                    core.pacing.set_state(WritebackState::WaitingForIdleGuest);
+                    core.pacing.wait(d);
+                    continue;
+                }
+            }
+        }
         match step_with(core, &mut queue, &mut scratch) {
             Ok(false) => {
+                core.pacing.set_state(WritebackState::Clean);
                 // Nothing persisted beyond dirty_tail. Keys may still wait in open ksets when
                 // no queue is running to close them on its timer, so close aged ones here,
                 // and all of them when the cache is about to refuse writes.
@@ -112,11 +113,6 @@ fn run(core: &Core) {
                     failing = false;
                 }
                 backoff = Duration::from_millis(100);
-                if !core.writeback_unpaced() {
-                    let capacity = core.layout.data_size() as u64 * core.segments.count() as u64;
-                    let dirty = core.stats.dirty_bytes.load(Ordering::Relaxed);
-                    sleep_unless_stopping(core, pace(dirty, capacity));
-                }
             }
             Err(e @ WritebackError::StoreTail(_)) => {
                 log::error!("writeback: {}", ErrorChain(&e));
@@ -134,6 +130,19 @@ fn run(core: &Core) {
                 backoff = (backoff * 2).min(MAX_BACKOFF);
             }
         }
+    }
+}
+
+/// What pacing looks at before a kset: a few loads, the request counters summed over their
+/// per-thread slots.
+fn look(core: &Core) -> Look {
+    Look {
+        unpaced: core.writeback_unpaced(),
+        dirty_bytes: core.stats.dirty_bytes.load(Ordering::Relaxed),
+        // One segment more than allocation needs to go on: writeback starts before writes wait.
+        free_low: core.segments.free_count() <= LOG_RESERVE + 2,
+        busy: core.stats.busy.load(Ordering::Relaxed),
+        activity: core.stats.activity(),
     }
 }
 
@@ -440,30 +449,6 @@ mod tests {
                 (2, 4096, 8192),
                 (3, 20480, 512)
             ]
-        );
-    }
-
-    #[test]
-    fn pacing_speeds_up_as_dirt_grows() {
-        assert!(pace(0, 100) > pace(20, 100));
-        assert!(pace(20, 100) > pace(50, 100));
-        assert_eq!(pace(90, 100), Duration::ZERO);
-    }
-
-    #[test]
-    fn pacing_never_slows_down_as_dirt_grows() {
-        let capacity = 1000;
-        assert!(
-            pace(0, capacity) > Duration::ZERO,
-            "a clean cache leaves the backing image to the guest"
-        );
-        for dirty in 0..=capacity {
-            assert!(pace(dirty + 1, capacity) <= pace(dirty, capacity));
-        }
-        assert_eq!(
-            pace(5, 0),
-            Duration::ZERO,
-            "an empty capacity never divides by zero"
         );
     }
 

@@ -11,13 +11,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use toml::Value;
 
-use super::serve::{parse_cache, CacheArg};
+use super::serve::{parse_cache, parse_watermarks, CacheArg};
 use super::size::parse_size;
 use vhost_user_pcache::cache::format::MAX_GC_PERCENT;
 use vhost_user_pcache::cache::media::Persistence;
 
 /// Every key a config file may hold, in `--help` order.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 17] = [
     "socket",
     "backing",
     "create-backing",
@@ -30,6 +30,8 @@ pub const KEYS: [&str; 15] = [
     "persistence",
     "data-crc",
     "gc-percent",
+    "writeback-watermarks",
+    "writeback-idle-ms",
     "drain-on-exit",
     "control-socket",
     "state-file",
@@ -50,6 +52,8 @@ pub struct FileConfig {
     pub persistence: Option<Persistence>,
     pub data_crc: Option<bool>,
     pub gc_percent: Option<u8>,
+    pub writeback_watermarks: Option<(u8, u8)>,
+    pub writeback_idle_ms: Option<u64>,
     pub drain_on_exit: Option<bool>,
     pub control_socket: Option<PathBuf>,
     pub state_file: Option<PathBuf>,
@@ -98,6 +102,11 @@ fn set(c: &mut FileConfig, key: &str, value: Value) -> Result<()> {
             }
             c.gc_percent = Some(percent);
         }
+        "writeback-watermarks" => {
+            let text: String = typed(value)?;
+            c.writeback_watermarks = Some(parse_watermarks(&text).map_err(|e| anyhow!(e))?);
+        }
+        "writeback-idle-ms" => c.writeback_idle_ms = Some(typed(value)?),
         "drain-on-exit" => c.drain_on_exit = Some(typed(value)?),
         "control-socket" => c.control_socket = Some(path(value)?),
         "state-file" => c.state_file = Some(path(value)?),
@@ -155,6 +164,8 @@ mod tests {
             persistence = "msync"
             data-crc = true
             gc-percent = 50
+            writeback-watermarks = "90,50"
+            writeback-idle-ms = 250
             drain-on-exit = true
             control-socket = "/run/vm1.ctl"
             "#,
@@ -169,6 +180,8 @@ mod tests {
         assert_eq!(c.cache_size, Some(1 << 30));
         assert_eq!(c.persistence, Some(Persistence::Msync));
         assert_eq!(c.gc_percent, Some(50));
+        assert_eq!(c.writeback_watermarks, Some((90, 50)));
+        assert_eq!(c.writeback_idle_ms, Some(250));
         assert_eq!(c.control_socket, Some(PathBuf::from("/run/vm1.ctl")));
         assert_eq!(
             parse("cache = \"none\"").unwrap().cache,

@@ -211,6 +211,14 @@ pub fn human_status(s: &Status) -> String {
             st.writeback_bytes, s.writeback_rate_bytes_per_sec, st.writeback_errors
         ),
     );
+    let w = &c.writeback;
+    line(
+        "pacing",
+        format!(
+            "{} (watermarks {}%/{}% dirty, idle after {} ms)",
+            w.state, w.high_watermark, w.low_watermark, w.idle_ms
+        ),
+    );
     line("busy", format!("{} waits for cache room", st.busy));
     line(
         "gc",

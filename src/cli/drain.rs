@@ -68,6 +68,7 @@ pub fn run(args: &DrainArgs) -> Result<()> {
         force_format: false,
         drain_on_shutdown: false,
         journal_dir: Some(vhost_user_pcache::cache::journal::default_dir()),
+        pacing: Default::default(),
     };
     let engine = CacheEngine::open_with_media(&opts, media, image.clone())
         .with_context(|| format!("opening cache {}", args.cache.display()))?;

@@ -13,6 +13,7 @@ use super::size::parse_size;
 use vhost_user_pcache::backing::{BackingImage, BackingOptions};
 use vhost_user_pcache::cache::format::{Layout, MAX_GC_PERCENT};
 use vhost_user_pcache::cache::media::Persistence;
+use vhost_user_pcache::cache::pacing::PacingOptions;
 use vhost_user_pcache::cache::replay::min_segments;
 use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::control::{CacheControl, ControlServer, ControlTarget, PassthroughControl};
@@ -36,8 +37,8 @@ pub struct ServeArgs {
         value_name = "FILE",
         long_help = "Read settings from a TOML file whose keys are the long names of these flags \
                      (socket, backing, create-backing, queues, queue-size, read-only, serial, \
-                     cache, cache-size, persistence, data-crc, gc-percent, drain-on-exit, \
-                     control-socket, state-file), for example `queue-size = 256` or `cache-size = \"2G\"`. \
+                     cache, cache-size, persistence, data-crc, gc-percent, writeback-watermarks, \
+                     writeback-idle-ms, drain-on-exit, control-socket, state-file), for example `queue-size = 256` or `cache-size = \"2G\"`. \
                      A flag given on the command line wins over the file. An unknown key or a bad \
                      value is an error naming the key."
     )]
@@ -174,6 +175,31 @@ pub struct ServeArgs {
     )]
     gc_percent: Option<u8>,
 
+    /// Dirty share (percent) at which writeback runs flat out, and down to which [default: 80,70]
+    #[arg(
+        long,
+        value_name = "HIGH,LOW",
+        value_parser = parse_watermarks,
+        long_help = "While the guest is busy and less than HIGH percent of the cache's data space \
+                     is dirty, writeback waits, so a burst runs at cache speed without writeback \
+                     taking CPU and backing bandwidth from it. From HIGH percent on, writeback runs \
+                     flat out whatever the guest does, until the dirty share is below LOW percent \
+                     (dm-writecache's high_watermark and low_watermark). It also runs at once \
+                     whenever a write waits for room. 0 < LOW <= HIGH <= 100. [default: 80,70]"
+    )]
+    writeback_watermarks: Option<(u8, u8)>,
+
+    /// Milliseconds without guest requests after which writeback drains [default: 1000]
+    #[arg(
+        long,
+        value_name = "MS",
+        long_help = "The guest counts as idle once it made no read or write for MS milliseconds; \
+                     writeback then writes dirty data back at full speed, and goes back to \
+                     waiting at the guest's next request (unless the dirty share is above the \
+                     high watermark). 0 writes back whenever there is dirty data. [default: 1000]"
+    )]
+    writeback_idle_ms: Option<u64>,
+
     /// Write all dirty data back before exiting
     #[arg(
         long,
@@ -221,6 +247,21 @@ pub enum CacheArg {
     Media(PathBuf),
 }
 
+/// `--writeback-watermarks HIGH,LOW`: two percentages, HIGH at least LOW, LOW above 0.
+pub(crate) fn parse_watermarks(text: &str) -> Result<(u8, u8), String> {
+    let bad = || format!("{text:?} is not HIGH,LOW: two percentages with 0 < LOW <= HIGH <= 100");
+    let (high, low) = text.split_once(',').ok_or_else(bad)?;
+    let high: u8 = high.trim().parse().map_err(|_| bad())?;
+    let low: u8 = low.trim().parse().map_err(|_| bad())?;
+    let opts = PacingOptions {
+        high_watermark: high,
+        low_watermark: low,
+        ..PacingOptions::default()
+    };
+    opts.validate().map_err(|_| bad())?;
+    Ok((high, low))
+}
+
 pub(crate) fn parse_cache(text: &str) -> Result<CacheArg, String> {
     match text {
         "" => Err("an empty cache path".into()),
@@ -252,6 +293,8 @@ impl ServeArgs {
             persistence: a.persistence.or(f.persistence),
             data_crc: a.data_crc || f.data_crc.unwrap_or(false),
             gc_percent: a.gc_percent.or(f.gc_percent),
+            writeback_watermarks: a.writeback_watermarks.or(f.writeback_watermarks),
+            writeback_idle_ms: a.writeback_idle_ms.or(f.writeback_idle_ms),
             drain_on_exit: a.drain_on_exit || f.drain_on_exit.unwrap_or(false),
             control_socket: a.control_socket.or(f.control_socket),
             state_file: a.state_file.or(f.state_file),
@@ -264,6 +307,21 @@ impl ServeArgs {
 
     pub fn queue_size(&self) -> u16 {
         self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE)
+    }
+
+    /// Writeback pacing: the flags over the defaults.
+    pub fn pacing(&self) -> PacingOptions {
+        let d = PacingOptions::default();
+        let (high, low) = self
+            .writeback_watermarks
+            .unwrap_or((d.high_watermark, d.low_watermark));
+        PacingOptions {
+            high_watermark: high,
+            low_watermark: low,
+            idle: self
+                .writeback_idle_ms
+                .map_or(d.idle, std::time::Duration::from_millis),
+        }
     }
 
     pub fn control_socket(&self) -> Option<&Path> {
@@ -390,6 +448,7 @@ fn build_engine(
         force_format: false,
         drain_on_shutdown: args.drain_on_exit,
         journal_dir: Some(vhost_user_pcache::cache::journal::default_dir()),
+        pacing: args.pacing(),
         path,
     };
     let engine = Arc::new(CacheEngine::open(&opts, image).context("opening the cache")?);
@@ -447,6 +506,28 @@ mod tests {
     struct ServeCli {
         #[command(flatten)]
         args: ServeArgs,
+    }
+
+    #[test]
+    fn writeback_pacing_flags_reach_the_cache_options() {
+        let cli = ServeCli::parse_from([
+            "serve",
+            "--writeback-watermarks",
+            "90,60",
+            "--writeback-idle-ms",
+            "250",
+        ]);
+        let p = cli.args.pacing();
+        assert_eq!((p.high_watermark, p.low_watermark), (90, 60));
+        assert_eq!(p.idle, Duration::from_millis(250));
+        assert_eq!(
+            ServeCli::parse_from(["serve"]).args.pacing(),
+            PacingOptions::default()
+        );
+        for bad in ["60,90", "90", "90,0", "101,50", "a,b", "90,60,30"] {
+            let e = parse_watermarks(bad).expect_err(bad);
+            assert!(e.contains("HIGH,LOW"), "{bad}: {e}");
+        }
     }
 
     /// In a child process, `serve` runs on a thread; once it listens, another thread panics.

@@ -50,6 +50,7 @@ impl Host {
             force_format: false,
             drain_on_shutdown: false,
             journal_dir: Some(run),
+            pacing: Default::default(),
         };
         if recording.is_some() {
             // The recording stands in for the media's bytes; the journal is still named after

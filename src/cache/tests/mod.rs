@@ -12,6 +12,7 @@ mod index_memory;
 mod kill_restart;
 mod large_write;
 mod model;
+mod pacing;
 mod paths;
 mod races;
 mod write_cache;
@@ -55,6 +56,7 @@ impl Fixture {
             force_format: false,
             drain_on_shutdown: false,
             journal_dir: None,
+            pacing: Default::default(),
         };
         Fixture {
             _dir: dir,

@@ -59,6 +59,7 @@ fn build_scene() -> Scene {
         force_format: false,
         drain_on_shutdown: false,
         journal_dir: None,
+        pacing: Default::default(),
     };
     let media = Arc::new(RecordingMedia::new(Layout::media_len_for(min_segments(QUEUES))).unwrap());
     let engine = CacheEngine::open_stepped(&opts, media.clone(), backing.clone()).unwrap();

@@ -75,6 +75,7 @@ pub fn run(cfg: &Config) -> Report {
         force_format: false,
         drain_on_shutdown: false,
         journal_dir: None,
+        pacing: Default::default(),
     };
     let engine = CacheEngine::open_stepped(&opts, media.clone(), backing.clone()).unwrap();
     let model = Arc::new(Mutex::new(Model::new(sectors)));
