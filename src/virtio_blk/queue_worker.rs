@@ -19,14 +19,14 @@ use log::{debug, error, warn};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::config::DeviceInfo;
 use super::dirty_log::mark_written;
 use super::features::{STATUS_IOERR, STATUS_OK};
 use super::inflight::QueueInflight;
 use super::poll_window::PollWindow;
-use super::request::{decode, Action, Decoded, Decoder};
+use super::request::{self, decode, Action, Decoded, Decoder};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
 /// Guest memory as mapped from the vhost-user memory table, with the frontend's dirty-page
@@ -538,8 +538,11 @@ impl QueueWorker {
 }
 
 fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
-    if let Err(e) = mem.write_obj(status, addr) {
-        warn!("cannot write status byte at {:#x}: {e}", addr.0);
+    if !request::write_status(mem, addr, status) {
+        warn!(
+            "cannot write status byte at {:#x}: not guest memory",
+            addr.0
+        );
     }
 }
 
