@@ -540,3 +540,26 @@ fn a_polling_worker_returns_when_the_connection_ends() {
     rig.worker.stop(|fds| unregistered += fds.len());
     assert_eq!(unregistered, 1);
 }
+
+/// With EVENT_IDX the guest kicks only when it passes the avail event the device published:
+/// when the worker stops polling and sleeps, that event must be where the next request will
+/// go, or the guest never kicks for it.
+#[test]
+fn with_event_idx_a_worker_that_stops_polling_asks_for_a_kick_at_the_next_request() {
+    let mem = memory();
+    let mut rig = Rig::polling(
+        &mem,
+        Duration::from_micros(200),
+        Arc::new(AtomicBool::new(false)),
+    );
+    rig.vring.set_queue_event_idx(true);
+    let avail_event = rig.mock.used_addr().0 + 4 + 8 * 16;
+    for (n, base) in [0x1_0000u64, 0x2_0000, 0x3_0000].into_iter().enumerate() {
+        rig.add(base, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        let handle = rig.spawn_process();
+        rig.join_worker(handle);
+        assert_eq!(rig.used().len(), n + 1);
+        let event: u16 = mem.read_obj(GuestAddress(avail_event)).unwrap();
+        assert_eq!(event, n as u16 + 1, "avail event after request {n}");
+    }
+}
