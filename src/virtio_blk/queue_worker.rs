@@ -341,7 +341,8 @@ impl QueueWorker {
                     Err(_) => return Ok(PollOutcome::Expired),
                 }
             }
-            if queue.in_flight() > 0 && self.reap(vring, queue) {
+            let engine_busy = queue.in_flight() > 0;
+            if engine_busy && self.reap(vring, queue) {
                 if vring.needs_notification().map_err(queue_error)? {
                     vring.signal_used_queue()?;
                 }
@@ -350,7 +351,13 @@ impl QueueWorker {
             if Instant::now() >= deadline {
                 return Ok(PollOutcome::Expired);
             }
-            std::hint::spin_loop();
+            if engine_busy {
+                // The I/O may need a thread of this CPU to finish (an io_uring worker the
+                // kernel handed it to inherits the daemon's CPU affinity): let it run first.
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
     }
 
