@@ -103,7 +103,7 @@ pub struct QueueWorker {
 
 /// What polling an empty ring came to.
 enum PollOutcome {
-    /// A chain arrived or the engine completed something (the guest was signalled).
+    /// A chain arrived.
     Work,
     /// The window passed with nothing to do.
     Expired,
@@ -289,9 +289,14 @@ impl QueueWorker {
             if !ready || self.stalled.is_some() {
                 return Ok(());
             }
-            let empty_at = self.poll.enabled().then(Instant::now);
+            // While the engine holds requests their completion wakes this thread, and the I/O
+            // may need this CPU to finish (an io_uring worker inherits the daemon's affinity):
+            // spinning beside it measured slower than sleeping (docs/performance.md,
+            // "Polling"). Such a wait teaches the window nothing either.
+            let poll = self.poll.enabled() && queue.in_flight() == 0;
+            let empty_at = poll.then(Instant::now);
             if let Some(empty_at) = empty_at {
-                match self.poll_for_work(vring, queue, mem, empty_at)? {
+                match self.poll_for_work(vring, mem, empty_at)? {
                     PollOutcome::Work => {
                         self.poll.adjust(empty_at.elapsed());
                         continue;
@@ -311,12 +316,11 @@ impl QueueWorker {
         }
     }
 
-    /// With notifications still off, watches the avail ring (and the engine, while it holds
-    /// requests) for the current window from `empty_at`.
+    /// With notifications still off, watches the avail ring for the current window from
+    /// `empty_at`, unless the engine holds requests.
     fn poll_for_work(
         &mut self,
         vring: &Vring,
-        queue: &mut dyn EngineQueue,
         mem: &GuestMemAtomic,
         empty_at: Instant,
     ) -> io::Result<PollOutcome> {
@@ -341,23 +345,10 @@ impl QueueWorker {
                     Err(_) => return Ok(PollOutcome::Expired),
                 }
             }
-            let engine_busy = queue.in_flight() > 0;
-            if engine_busy && self.reap(vring, queue) {
-                if vring.needs_notification().map_err(queue_error)? {
-                    vring.signal_used_queue()?;
-                }
-                return Ok(PollOutcome::Work);
-            }
             if Instant::now() >= deadline {
                 return Ok(PollOutcome::Expired);
             }
-            if engine_busy {
-                // The I/O may need a thread of this CPU to finish (an io_uring worker the
-                // kernel handed it to inherits the daemon's CPU affinity): let it run first.
-                std::thread::yield_now();
-            } else {
-                std::hint::spin_loop();
-            }
+            std::hint::spin_loop();
         }
     }
 
