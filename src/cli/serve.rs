@@ -100,10 +100,10 @@ pub struct ServeArgs {
         value_name = "US",
         value_parser = clap::value_parser!(u32).range(..=MAX_POLL_US as i64),
         long_help = "After a queue's ring runs empty, its thread keeps guest notifications off \
-                     and polls the ring (and the engine's completions) for up to US \
-                     microseconds before it turns notifications back on and sleeps: a request \
-                     arriving meanwhile costs no guest kick and no thread wake-up, which lowers \
-                     latency and raises IOPS. The window adapts per queue: it shrinks to nothing \
+                     and polls the ring for up to US microseconds (unless the engine still \
+                     holds requests, whose completion wakes it) before it turns notifications \
+                     back on and sleeps: a request arriving meanwhile costs no guest kick and \
+                     no thread wake-up, which lowers latency at low queue depths. The window adapts per queue: it shrinks to nothing \
                      while the guest is idle and grows back while requests come close together. \
                      The cost is CPU time: a busy queue's thread can spin for up to US \
                      microseconds after each burst. 0 turns polling off; at most 1000. \
