@@ -94,7 +94,7 @@ pub struct ServeArgs {
     )]
     queue_size: Option<u16>,
 
-    /// Microseconds a queue polls its ring once it runs empty, 0 for never [default: 32]
+    /// Microseconds a queue polls its ring once it runs empty, 0 for never [default: 32; 0 with --cache none]
     #[arg(
         long,
         value_name = "US",
@@ -107,7 +107,8 @@ pub struct ServeArgs {
                      while the guest is idle and grows back while requests come close together. \
                      The cost is CPU time: a busy queue's thread can spin for up to US \
                      microseconds after each burst. 0 turns polling off; at most 1000. \
-                     [default: 32]"
+                     [default: 32; 0 with --cache none, where every request waits on the \
+                     backing image and polling measured slower]"
     )]
     poll_us: Option<u32>,
 
@@ -290,8 +291,15 @@ impl ServeArgs {
         self.queue_size.unwrap_or(DEFAULT_QUEUE_SIZE)
     }
 
+    /// `--poll-us`; by default 32 µs in front of a cache and off with `--cache none`, where
+    /// every request waits on the backing image and polling measured slower
+    /// (docs/performance.md, "Polling").
     pub fn poll(&self) -> std::time::Duration {
-        let us = self.poll_us.unwrap_or(DEFAULT_POLL_US).min(MAX_POLL_US);
+        let default = match self.cache {
+            Some(CacheArg::None) => 0,
+            _ => DEFAULT_POLL_US,
+        };
+        let us = self.poll_us.unwrap_or(default).min(MAX_POLL_US);
         std::time::Duration::from_micros(u64::from(us))
     }
 
@@ -477,6 +485,26 @@ mod tests {
     struct ServeCli {
         #[command(flatten)]
         args: ServeArgs,
+    }
+
+    /// Polling is on by default in front of a cache, off with `--cache none`; a flag wins
+    /// either way.
+    #[test]
+    fn poll_window_defaults_by_engine_and_the_flag_wins() {
+        let poll = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--socket", "s.sock"];
+            argv.extend_from_slice(extra);
+            ServeCli::parse_from(argv).args.poll()
+        };
+        assert_eq!(poll(&[]), Duration::from_micros(u64::from(DEFAULT_POLL_US)));
+        assert_eq!(poll(&["--cache", "c.pcache"]), Duration::from_micros(32));
+        assert_eq!(poll(&["--cache", "none"]), Duration::ZERO);
+        assert_eq!(
+            poll(&["--cache", "none", "--poll-us", "50"]),
+            Duration::from_micros(50)
+        );
+        assert_eq!(poll(&["--poll-us", "0"]), Duration::ZERO);
+        assert!(ServeCli::try_parse_from(["serve", "--poll-us", "1001"]).is_err());
     }
 
     /// In a child process, `serve` runs on a thread; once it listens, another thread panics.
