@@ -8,6 +8,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use vhost::vhost_user::message::{
@@ -53,8 +54,9 @@ pub struct BlkBackend {
     inflight: Mutex<Option<Arc<InflightArea>>>,
     /// Why the last device state transfer failed, for CHECK_DEVICE_STATE.
     state_error: Mutex<Option<DeviceStateError>>,
-    /// Set once the connection is over: no queue is (re)started after that.
-    closed: AtomicBool,
+    /// Set once the connection is over: no queue is (re)started after that, and polling
+    /// workers return.
+    closed: Arc<AtomicBool>,
     workers: Vec<Mutex<QueueWorker>>,
     /// Each vring thread's event loop, to add the engine's poll fds to. Weak: the handlers own
     /// the backend.
@@ -70,10 +72,15 @@ impl BlkBackend {
         max_queue_size: usize,
         mem: GuestMemAtomic,
         write_cache: Arc<WriteCacheChoice>,
+        poll: Duration,
     ) -> Self {
         let info = Arc::new(info);
+        let closed = Arc::new(AtomicBool::new(false));
         let workers = (0..usize::from(info.num_queues))
-            .map(|i| Mutex::new(QueueWorker::new(i, engine.clone(), info.clone())))
+            .map(|i| {
+                let worker = QueueWorker::new(i, engine.clone(), info.clone());
+                Mutex::new(worker.with_polling(poll, closed.clone()))
+            })
             .collect();
         BlkBackend {
             engine,
@@ -84,7 +91,7 @@ impl BlkBackend {
             write_cache,
             inflight: Mutex::new(None),
             state_error: Mutex::new(None),
-            closed: AtomicBool::new(false),
+            closed,
             workers,
             epoll_handlers: Mutex::new(Vec::new()),
         }

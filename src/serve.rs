@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub max_queue_size: u16,
     /// GET_ID answer, truncated to 20 bytes.
     pub serial: String,
+    /// Longest a queue polls its ring after it runs empty (zero: never).
+    pub poll: std::time::Duration,
     /// Where the guest's write-cache choice is kept across restarts; without one it lasts
     /// only as long as the process.
     pub state_file: Option<PathBuf>,
@@ -248,6 +250,7 @@ impl Connection<'_> {
             usize::from(self.config.max_queue_size),
             mem.clone(),
             self.write_cache.clone(),
+            self.config.poll,
         ));
         let mut daemon =
             VhostUserDaemon::new("vhost-user-pcache".to_string(), backend.clone(), mem)

@@ -11,18 +11,19 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use toml::Value;
 
-use super::serve::{parse_cache, parse_watermarks, CacheArg};
+use super::serve::{parse_cache, parse_watermarks, CacheArg, MAX_POLL_US};
 use super::size::parse_size;
 use vhost_user_pcache::cache::format::MAX_GC_PERCENT;
 use vhost_user_pcache::cache::media::Persistence;
 
 /// Every key a config file may hold, in `--help` order.
-pub const KEYS: [&str; 17] = [
+pub const KEYS: [&str; 18] = [
     "socket",
     "backing",
     "create-backing",
     "queues",
     "queue-size",
+    "poll-us",
     "read-only",
     "serial",
     "cache",
@@ -45,6 +46,7 @@ pub struct FileConfig {
     pub create_backing: Option<u64>,
     pub queues: Option<u16>,
     pub queue_size: Option<u16>,
+    pub poll_us: Option<u32>,
     pub read_only: Option<bool>,
     pub serial: Option<String>,
     pub cache: Option<CacheArg>,
@@ -83,6 +85,13 @@ fn set(c: &mut FileConfig, key: &str, value: Value) -> Result<()> {
         "create-backing" => c.create_backing = Some(size(value)?),
         "queues" => c.queues = Some(typed(value)?),
         "queue-size" => c.queue_size = Some(typed(value)?),
+        "poll-us" => {
+            let us: u32 = typed(value)?;
+            if us > MAX_POLL_US {
+                bail!("{us} is out of range 0..={MAX_POLL_US}");
+            }
+            c.poll_us = Some(us);
+        }
         "read-only" => c.read_only = Some(typed(value)?),
         "serial" => c.serial = Some(typed(value)?),
         "cache" => c.cache = Some(parse_cache(&typed::<String>(value)?).map_err(|e| anyhow!(e))?),
@@ -157,6 +166,7 @@ mod tests {
             create-backing = "10G"
             queues = 2
             queue-size = 256
+            poll-us = 50
             read-only = false
             serial = "vm1"
             cache = "/dev/dax0.0"
@@ -175,6 +185,8 @@ mod tests {
         assert_eq!(c.create_backing, Some(10 << 30));
         assert_eq!(c.queues, Some(2));
         assert_eq!(c.queue_size, Some(256));
+        assert_eq!(c.poll_us, Some(50));
+        assert!(error_of("poll-us = 1001").contains("out of range"));
         assert_eq!(c.read_only, Some(false));
         assert_eq!(c.cache, Some(CacheArg::Media("/dev/dax0.0".into())));
         assert_eq!(c.cache_size, Some(1 << 30));

@@ -36,7 +36,7 @@ pub struct ServeArgs {
         long,
         value_name = "FILE",
         long_help = "Read settings from a TOML file whose keys are the long names of these flags \
-                     (socket, backing, create-backing, queues, queue-size, read-only, serial, \
+                     (socket, backing, create-backing, queues, queue-size, poll-us, read-only, serial, \
                      cache, cache-size, persistence, data-crc, gc-percent, writeback-watermarks, \
                      writeback-idle-ms, drain-on-exit, control-socket, state-file), for example `queue-size = 256` or `cache-size = \"2G\"`. \
                      A flag given on the command line wins over the file. An unknown key or a bad \
@@ -94,6 +94,24 @@ pub struct ServeArgs {
                      32768). QEMU's queue-size property must be at most this. [default: 1024]"
     )]
     queue_size: Option<u16>,
+
+    /// Microseconds a queue polls its ring once it runs empty, 0 for never [default: 32; 0 with --cache none]
+    #[arg(
+        long,
+        value_name = "US",
+        value_parser = clap::value_parser!(u32).range(..=MAX_POLL_US as i64),
+        long_help = "After a queue's ring runs empty, its thread keeps guest notifications off \
+                     and polls the ring for up to US microseconds (unless the engine still \
+                     holds requests, whose completion wakes it) before it turns notifications \
+                     back on and sleeps: a request arriving meanwhile costs no guest kick and \
+                     no thread wake-up, which lowers latency at low queue depths. The window adapts per queue: it shrinks to nothing \
+                     while the guest is idle and grows back while requests come close together. \
+                     The cost is CPU time: a busy queue's thread can spin for up to US \
+                     microseconds after each burst. 0 turns polling off; at most 1000. \
+                     [default: 32; 0 with --cache none, where every request waits on the \
+                     backing image and polling measured slower]"
+    )]
+    poll_us: Option<u32>,
 
     /// Refuse writes
     #[arg(
@@ -239,6 +257,12 @@ pub struct ServeArgs {
 pub const DEFAULT_QUEUES: u16 = 4;
 /// Largest queue size accepted when neither a flag nor the config file says.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
+/// Polling window when neither a flag nor the config file says: QEMU's iothread default
+/// (`poll-max-ns` 32768).
+pub const DEFAULT_POLL_US: u32 = 32;
+/// Longest polling window accepted: beyond it a queue's thread would hold its lock long
+/// enough to delay the frontend's ring messages noticeably.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// `--cache`: a cache media path or `none`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,6 +309,7 @@ impl ServeArgs {
             create_backing: a.create_backing.or(f.create_backing),
             queues: a.queues.or(f.queues),
             queue_size: a.queue_size.or(f.queue_size),
+            poll_us: a.poll_us.or(f.poll_us),
             // A switch given on the command line can only say yes.
             read_only: a.read_only || f.read_only.unwrap_or(false),
             serial: a.serial.or(f.serial),
@@ -322,6 +347,18 @@ impl ServeArgs {
                 .writeback_idle_ms
                 .map_or(d.idle, std::time::Duration::from_millis),
         }
+    }
+
+    /// `--poll-us`; by default 32 µs in front of a cache and off with `--cache none`, where
+    /// every request waits on the backing image and polling measured slower
+    /// (docs/performance.md, "Polling").
+    pub fn poll(&self) -> std::time::Duration {
+        let default = match self.cache {
+            Some(CacheArg::None) => 0,
+            _ => DEFAULT_POLL_US,
+        };
+        let us = self.poll_us.unwrap_or(default).min(MAX_POLL_US);
+        std::time::Duration::from_micros(u64::from(us))
     }
 
     pub fn control_socket(&self) -> Option<&Path> {
@@ -377,6 +414,7 @@ impl From<&ServeArgs> for ServeConfig {
             socket: args.socket.clone().unwrap_or_default(),
             num_queues: args.queues(),
             max_queue_size: args.queue_size(),
+            poll: args.poll(),
             serial,
             state_file: args.state_file(),
         }
@@ -528,6 +566,26 @@ mod tests {
             let e = parse_watermarks(bad).expect_err(bad);
             assert!(e.contains("HIGH,LOW"), "{bad}: {e}");
         }
+    }
+
+    /// Polling is on by default in front of a cache, off with `--cache none`; a flag wins
+    /// either way.
+    #[test]
+    fn poll_window_defaults_by_engine_and_the_flag_wins() {
+        let poll = |extra: &[&str]| {
+            let mut argv = vec!["serve", "--socket", "s.sock"];
+            argv.extend_from_slice(extra);
+            ServeCli::parse_from(argv).args.poll()
+        };
+        assert_eq!(poll(&[]), Duration::from_micros(u64::from(DEFAULT_POLL_US)));
+        assert_eq!(poll(&["--cache", "c.pcache"]), Duration::from_micros(32));
+        assert_eq!(poll(&["--cache", "none"]), Duration::ZERO);
+        assert_eq!(
+            poll(&["--cache", "none", "--poll-us", "50"]),
+            Duration::from_micros(50)
+        );
+        assert_eq!(poll(&["--poll-us", "0"]), Duration::ZERO);
+        assert!(ServeCli::try_parse_from(["serve", "--poll-us", "1001"]).is_err());
     }
 
     /// In a child process, `serve` runs on a thread; once it listens, another thread panics.

@@ -6,6 +6,7 @@ pub mod config;
 pub mod dirty_log;
 pub mod features;
 pub mod inflight;
+mod poll_window;
 pub mod queue_worker;
 pub mod request;
 mod resubmit;

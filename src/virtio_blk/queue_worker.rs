@@ -9,20 +9,24 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
+use std::ops::Deref;
 use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, warn};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::config::DeviceInfo;
 use super::dirty_log::mark_written;
 use super::features::{STATUS_IOERR, STATUS_OK};
 use super::inflight::QueueInflight;
-use super::request::{decode, Action, Decoded, Decoder};
+use super::poll_window::PollWindow;
+use super::request::{self, decode, Action, Decoded, Decoder};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
 /// Guest memory as mapped from the vhost-user memory table, with the frontend's dirty-page
@@ -87,6 +91,24 @@ pub struct QueueWorker {
     resubmit: VecDeque<(Decoded, Arc<GuestMem>)>,
     /// Decoding buffers reused from chain to chain.
     decoder: Decoder,
+    /// How long to poll the ring once it runs empty (adapts to this queue's guest).
+    poll: PollWindow,
+    /// When the ring ran empty before the worker last went to sleep, to learn how long a
+    /// window would have had to be.
+    idle_since: Option<Instant>,
+    /// Set when the connection ends: a worker polling a ring the guest keeps busy returns, so
+    /// the thread stopping the queue gets the worker's lock.
+    stop_polling: Arc<AtomicBool>,
+}
+
+/// What polling an empty ring came to.
+enum PollOutcome {
+    /// A chain arrived.
+    Work,
+    /// The window passed with nothing to do.
+    Expired,
+    /// The ring was stopped or disabled, or the connection is ending: no notification change.
+    Stopped,
 }
 
 fn queue_error(e: virtio_queue::Error) -> io::Error {
@@ -109,7 +131,18 @@ impl QueueWorker {
             pop_counter: 0,
             resubmit: VecDeque::new(),
             decoder: Decoder::default(),
+            poll: PollWindow::new(Duration::ZERO),
+            idle_since: None,
+            stop_polling: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Polls the ring for up to `max` after it runs empty (zero: never); `stop` set ends any
+    /// polling for good.
+    pub fn with_polling(mut self, max: Duration, stop: Arc<AtomicBool>) -> Self {
+        self.poll = PollWindow::new(max);
+        self.stop_polling = stop;
+        self
     }
 
     /// Opens the engine queue when the ring starts. Returns the engine's poll fds when it was
@@ -198,6 +231,10 @@ impl QueueWorker {
         queue: &mut dyn EngineQueue,
         mem: &GuestMemAtomic,
     ) -> io::Result<()> {
+        if let Some(since) = self.idle_since.take() {
+            // Woken after polling gave up: a window this long would have caught the work.
+            self.poll.adjust(since.elapsed());
+        }
         loop {
             // A ring the frontend disabled (SET_VRING_ENABLE 0) keeps its popped requests but
             // gives out no new ones until it is enabled again.
@@ -247,14 +284,71 @@ impl QueueWorker {
             if completed && vring.needs_notification().map_err(queue_error)? {
                 vring.signal_used_queue()?;
             }
-            // While stalled, notifications stay off: an engine poll fd wakes this worker.
+            // While stalled, notifications stay off: an engine poll fd wakes this worker (a
+            // worker that cannot submit does not poll either).
             if !ready || self.stalled.is_some() {
                 return Ok(());
             }
+            // While the engine holds requests their completion wakes this thread, and the I/O
+            // may need this CPU to finish (an io_uring worker inherits the daemon's affinity):
+            // spinning beside it measured slower than sleeping (docs/performance.md,
+            // "Polling"). Such a wait teaches the window nothing either.
+            let poll = self.poll.enabled() && queue.in_flight() == 0;
+            let empty_at = poll.then(Instant::now);
+            if let Some(empty_at) = empty_at {
+                match self.poll_for_work(vring, mem, empty_at)? {
+                    PollOutcome::Work => {
+                        self.poll.adjust(empty_at.elapsed());
+                        continue;
+                    }
+                    PollOutcome::Stopped => return Ok(()),
+                    PollOutcome::Expired => {}
+                }
+            }
             // Re-check after re-enabling: chains that arrived meanwhile sent no kick.
             if !vring.enable_notification().map_err(queue_error)? {
+                self.idle_since = empty_at;
                 return Ok(());
             }
+            if let Some(empty_at) = empty_at {
+                self.poll.adjust(empty_at.elapsed());
+            }
+        }
+    }
+
+    /// With notifications still off, watches the avail ring for the current window from
+    /// `empty_at`, unless the engine holds requests.
+    fn poll_for_work(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemAtomic,
+        empty_at: Instant,
+    ) -> io::Result<PollOutcome> {
+        let deadline = empty_at + self.poll.current();
+        let snapshot = mem.memory();
+        loop {
+            if self.stop_polling.load(Ordering::Relaxed) {
+                return Ok(PollOutcome::Stopped);
+            }
+            {
+                let state = vring.get_ref();
+                let ring = state.get_queue();
+                // A frontend stopping (GET_VRING_BASE) or disabling the ring takes effect here:
+                // it changes the vring state, which this loop reads every round.
+                if !ring.ready() || !state.is_enabled() {
+                    return Ok(PollOutcome::Stopped);
+                }
+                match ring.avail_idx(snapshot.deref(), Ordering::Acquire) {
+                    Ok(avail) if avail.0 != ring.next_avail() => return Ok(PollOutcome::Work),
+                    Ok(_) => {}
+                    // Left to the usual path, which re-checks after enabling notifications.
+                    Err(_) => return Ok(PollOutcome::Expired),
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(PollOutcome::Expired);
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -442,8 +536,11 @@ impl QueueWorker {
 }
 
 fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
-    if let Err(e) = mem.write_obj(status, addr) {
-        warn!("cannot write status byte at {:#x}: {e}", addr.0);
+    if !request::write_status(mem, addr, status) {
+        warn!(
+            "cannot write status byte at {:#x}: not guest memory",
+            addr.0
+        );
     }
 }
 

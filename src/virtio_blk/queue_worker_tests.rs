@@ -4,8 +4,10 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -157,6 +159,11 @@ fn memory() -> GuestMem {
 
 impl<'a> Rig<'a> {
     fn new(mem: &'a GuestMem) -> Rig<'a> {
+        Rig::polling(mem, Duration::ZERO, Arc::new(AtomicBool::new(false)))
+    }
+
+    /// A rig whose worker polls its ring for up to `max` once it runs empty.
+    fn polling(mem: &'a GuestMem, max: Duration, stop: Arc<AtomicBool>) -> Rig<'a> {
         let mock = MockSplitQueue::new(mem, 16);
         let atomic = GuestMemoryAtomic::new(mem.clone());
         let vring = VringRwLock::new(atomic.clone(), 16).unwrap();
@@ -179,7 +186,7 @@ impl<'a> Rig<'a> {
             event: Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()),
         });
         let info = Arc::new(DeviceInfo::new(DISK as u64, false, 1, "double"));
-        let mut worker = QueueWorker::new(0, engine, info);
+        let mut worker = QueueWorker::new(0, engine, info).with_polling(max, stop);
         let fds = worker
             .start(&vring, || None, &atomic)
             .unwrap()
@@ -208,6 +215,11 @@ impl<'a> Rig<'a> {
             descs.push((base + 0x100, data_len, data_flags));
         }
         descs.push((base + 0x80, 1, VRING_DESC_F_WRITE as u16));
+        // A status byte the device must overwrite, before the chain is published: a polling
+        // worker may complete it at once.
+        self.mem
+            .write_obj(0xffu8, GuestAddress(base + 0x80))
+            .unwrap();
         let first = self.next_desc;
         let n = descs.len() as u16;
         let raw: Vec<RawDescriptor> = descs
@@ -225,10 +237,6 @@ impl<'a> Rig<'a> {
             .collect();
         self.mock.add_desc_chains(&raw, first).unwrap();
         self.next_desc += n;
-        // A status byte the device must overwrite.
-        self.mem
-            .write_obj(0xffu8, GuestAddress(base + 0x80))
-            .unwrap();
     }
 
     fn used(&self) -> Vec<(u32, u32)> {
@@ -368,4 +376,196 @@ fn a_stalled_write_resubmitted_on_a_stopped_ring_is_reaped_by_its_own_thread() {
         rig.shared.lock().unwrap().unpersisted.is_empty(),
         "a write was completed by a reap on another thread than the one that submitted it"
     );
+}
+
+/// Long enough that a test never sees a window end on its own: polling then ends only by what
+/// the test does (or, if the worker is wrong, by the failsafe below).
+const FOREVER: Duration = Duration::from_secs(3600);
+/// How long a test waits for the worker before it declares it stuck. Not a speed check: it
+/// only keeps a broken worker from hanging the test run.
+const FAILSAFE: Duration = Duration::from_secs(60);
+
+fn no_notify_flag(mem: &GuestMem, rig_used: GuestAddress) -> bool {
+    let flags: u16 = mem.read_obj(rig_used).unwrap();
+    flags & virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY as u16 != 0
+}
+
+impl Rig<'_> {
+    /// Runs `process` on another thread (as the vring thread would), leaving the rig's worker
+    /// a placeholder until `join_worker`.
+    fn spawn_process(&mut self) -> thread::JoinHandle<QueueWorker> {
+        let engine = Arc::new(Double {
+            shared: Arc::new(Mutex::new(Shared::default())),
+            event: Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()),
+        });
+        let placeholder = QueueWorker::new(0, engine, Arc::new(DeviceInfo::new(0, false, 1, "")));
+        let mut worker = std::mem::replace(&mut self.worker, placeholder);
+        let atomic = self.atomic.clone();
+        thread::spawn(move || {
+            worker.process(&atomic).unwrap();
+            worker
+        })
+    }
+
+    /// Waits for `cond`; on the failsafe, disables the ring (which ends any polling), joins the
+    /// worker and fails with `what`.
+    fn wait_for(
+        &mut self,
+        handle: &mut Option<thread::JoinHandle<QueueWorker>>,
+        what: &str,
+        cond: impl Fn(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + FAILSAFE;
+        while !cond(self) {
+            if Instant::now() > deadline {
+                self.vring.set_enabled(false);
+                if let Some(h) = handle.take() {
+                    self.worker = h.join().unwrap();
+                }
+                panic!("{what}");
+            }
+            thread::yield_now();
+        }
+    }
+
+    fn join_worker(&mut self, handle: thread::JoinHandle<QueueWorker>) {
+        let deadline = Instant::now() + FAILSAFE;
+        while !handle.is_finished() {
+            if Instant::now() > deadline {
+                self.vring.set_enabled(false);
+                self.worker = handle.join().unwrap();
+                panic!("the worker never returned");
+            }
+            thread::yield_now();
+        }
+        self.worker = handle.join().unwrap();
+    }
+}
+
+#[test]
+fn a_polling_worker_takes_a_request_that_arrives_without_a_kick_until_the_ring_is_disabled() {
+    let mem = memory();
+    let mut rig = Rig::polling(&mem, FOREVER, Arc::new(AtomicBool::new(false)));
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    let mut handle = Some(rig.spawn_process());
+    rig.wait_for(&mut handle, "the first request never completed", |r| {
+        r.used().len() == 1
+    });
+    // Notifications are off while the worker polls: the guest would not kick for this one,
+    // and `process` is not called again.
+    assert!(no_notify_flag(&mem, rig.mock.used_addr()));
+    rig.add(0x2_0000, VIRTIO_BLK_T_OUT, 8, 512, false);
+    rig.wait_for(&mut handle, "the polling worker missed a request", |r| {
+        r.used().len() == 2
+    });
+    assert_eq!(rig.status(0x2_0000), STATUS_OK);
+    // The frontend disables the ring: the worker stops polling and takes nothing more.
+    rig.vring.set_enabled(false);
+    rig.join_worker(handle.take().unwrap());
+    rig.add(0x3_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    rig.process();
+    assert_eq!(rig.used().len(), 2, "a disabled ring gave out a request");
+}
+
+/// While the engine holds a request the worker does not poll (its completion event wakes the
+/// worker, and the I/O may need the CPU): it sleeps with notifications on, so a guest request
+/// arriving meanwhile kicks.
+#[test]
+fn a_worker_whose_engine_holds_requests_sleeps_instead_of_polling() {
+    let mem = memory();
+    let mut rig = Rig::polling(&mem, FOREVER, Arc::new(AtomicBool::new(false)));
+    rig.shared.lock().unwrap().hold = true;
+    rig.add(0x1_0000, VIRTIO_BLK_T_IN, 0, 512, true);
+    let handle = rig.spawn_process();
+    rig.join_worker(handle);
+    assert!(rig.used().is_empty());
+    assert_eq!(rig.worker.in_flight(), 1);
+    assert!(!no_notify_flag(&mem, rig.mock.used_addr()));
+    // The engine's event: the read completes, and the now idle worker polls again.
+    rig.shared.lock().unwrap().hold = false;
+    let mut handle = Some(rig.spawn_process());
+    rig.wait_for(&mut handle, "the read never completed", |r| {
+        r.used().len() == 1
+    });
+    assert!(no_notify_flag(&mem, rig.mock.used_addr()));
+    rig.vring.set_enabled(false);
+    rig.join_worker(handle.take().unwrap());
+    assert_eq!(rig.status(0x1_0000), STATUS_OK);
+}
+
+#[test]
+fn after_its_window_a_polling_worker_turns_notifications_on_and_returns() {
+    let mem = memory();
+    let mut rig = Rig::polling(
+        &mem,
+        Duration::from_micros(200),
+        Arc::new(AtomicBool::new(false)),
+    );
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    let handle = rig.spawn_process();
+    rig.join_worker(handle);
+    assert_eq!(rig.used().len(), 1);
+    assert!(
+        !no_notify_flag(&mem, rig.mock.used_addr()),
+        "the worker sleeps with notifications off: the guest's next kick would never come"
+    );
+    // Asleep: a request without a kick waits for the next `process`.
+    rig.add(0x2_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    assert_eq!(rig.used().len(), 1);
+    rig.process();
+    assert_eq!(rig.used().len(), 2);
+}
+
+#[test]
+fn a_stalled_worker_does_not_poll() {
+    let mem = memory();
+    let mut rig = Rig::polling(&mem, FOREVER, Arc::new(AtomicBool::new(false)));
+    rig.shared.lock().unwrap().busy = 1;
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    let handle = rig.spawn_process();
+    rig.join_worker(handle);
+    assert!(rig.used().is_empty(), "nothing completes while busy");
+    // The engine's room event wakes it; notifications stayed off meanwhile.
+    assert!(no_notify_flag(&mem, rig.mock.used_addr()));
+}
+
+#[test]
+fn a_polling_worker_returns_when_the_connection_ends() {
+    let mem = memory();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut rig = Rig::polling(&mem, FOREVER, stop.clone());
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    let mut handle = Some(rig.spawn_process());
+    rig.wait_for(&mut handle, "the request never completed", |r| {
+        r.used().len() == 1
+    });
+    // What the backend's close sets before it takes the worker's lock to stop the queue.
+    stop.store(true, Ordering::Relaxed);
+    rig.join_worker(handle.take().unwrap());
+    let mut unregistered = 0;
+    rig.worker.stop(|fds| unregistered += fds.len());
+    assert_eq!(unregistered, 1);
+}
+
+/// With EVENT_IDX the guest kicks only when it passes the avail event the device published:
+/// when the worker stops polling and sleeps, that event must be where the next request will
+/// go, or the guest never kicks for it.
+#[test]
+fn with_event_idx_a_worker_that_stops_polling_asks_for_a_kick_at_the_next_request() {
+    let mem = memory();
+    let mut rig = Rig::polling(
+        &mem,
+        Duration::from_micros(200),
+        Arc::new(AtomicBool::new(false)),
+    );
+    rig.vring.set_queue_event_idx(true);
+    let avail_event = rig.mock.used_addr().0 + 4 + 8 * 16;
+    for (n, base) in [0x1_0000u64, 0x2_0000, 0x3_0000].into_iter().enumerate() {
+        rig.add(base, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        let handle = rig.spawn_process();
+        rig.join_worker(handle);
+        assert_eq!(rig.used().len(), n + 1);
+        let event: u16 = mem.read_obj(GuestAddress(avail_event)).unwrap();
+        assert_eq!(event, n as u16 + 1, "avail event after request {n}");
+    }
 }

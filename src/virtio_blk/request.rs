@@ -12,6 +12,7 @@ use std::ops::Deref;
 
 use log::{debug, warn};
 use virtio_queue::DescriptorChain;
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::config::DeviceInfo;
@@ -136,7 +137,8 @@ impl<'a> Ranges<'a> {
     }
 
     /// Copies the first `buf.len()` bytes out of guest memory; false when the ranges are
-    /// shorter or not all readable.
+    /// shorter or not all readable. For the few bytes of a header or a segment: each is read
+    /// through the mapping's host address, not vm-memory's generic (and far longer) path.
     fn read<M: GuestMemoryBackend>(&self, mem: &M, buf: &mut [u8]) -> bool {
         let mut done = 0;
         for (addr, len) in self.iter() {
@@ -144,10 +146,18 @@ impl<'a> Ranges<'a> {
                 break;
             }
             let n = (len as usize).min(buf.len() - done);
-            if mem.read_slice(&mut buf[done..done + n], addr).is_err() {
+            let whole = host_pieces(mem, addr, n as u64, |ptr, len| {
+                for (i, byte) in buf[done..done + len as usize].iter_mut().enumerate() {
+                    // SAFETY: `host_pieces` hands out host addresses of `len` bytes inside
+                    // one region of `mem`, whose mapping outlives this call. Volatile: the
+                    // guest may change the bytes meanwhile.
+                    *byte = unsafe { ptr.add(i).read_volatile() };
+                }
+                done += len as usize;
+            });
+            if !whole {
                 return false;
             }
-            done += n;
         }
         done == buf.len()
     }
@@ -248,6 +258,8 @@ struct LastDescriptor {
     addr: GuestAddress,
     len: u32,
     write_only: bool,
+    /// Every byte of it is guest memory (checked by the walk).
+    in_memory: bool,
 }
 
 /// Fills `readable` and `writable` with the chain's descriptors, and notes the last one (one
@@ -270,12 +282,14 @@ where
         if desc.len() == 0 {
             continue;
         }
+        let in_memory = host_pieces(mem, desc.addr(), u64::from(desc.len()), |_, _| {});
         *last = Some(LastDescriptor {
             addr: desc.addr(),
             len: desc.len(),
             write_only: desc.is_write_only(),
+            in_memory,
         });
-        if !host_pieces(mem, desc.addr(), u64::from(desc.len()), |_, _| {}) {
+        if !in_memory {
             error.get_or_insert(DecodeError::BadDescriptor {
                 addr: desc.addr().raw_value(),
                 len: desc.len(),
@@ -389,7 +403,25 @@ fn status_address<G: GuestMemoryBackend>(last: LastDescriptor, mem: &G) -> Optio
         return None;
     }
     let addr = last.addr.checked_add(u64::from(last.len) - 1)?;
-    mem.check_range(addr, 1).then_some(addr)
+    (last.in_memory || mem.check_range(addr, 1)).then_some(addr)
+}
+
+/// Writes a request's status byte through the mapping's host address and marks it in the
+/// dirty log (after the write, as vm-memory's own writes do); false when `addr` is not guest
+/// memory. vm-memory's `write_obj` takes a generic path (a slice and a bitmap handle built
+/// for one byte) that costs more than the rest of a completion.
+pub fn write_status<M: GuestMemoryBackend>(mem: &M, addr: GuestAddress, status: u8) -> bool {
+    let Some((region, offset)) = mem.to_region_addr(addr) else {
+        return false;
+    };
+    let Ok(ptr) = region.get_host_address(offset) else {
+        return false;
+    };
+    // SAFETY: `get_host_address` checked that `offset` is inside `region`, whose mapping `mem`
+    // keeps alive; a one-byte volatile store cannot tear and is how the guest expects it.
+    unsafe { ptr.write_volatile(status) };
+    region.bitmap().mark_dirty(offset.raw_value() as usize, 1);
+    true
 }
 
 /// A request's parts once its header is read: the header fields, the readable bytes after the

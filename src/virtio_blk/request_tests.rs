@@ -489,3 +489,63 @@ fn scatter_gather_list_is_inline_for_short_chains_and_complete_for_long_ones() {
         }
     }
 }
+
+/// A header and a discard segment that each straddle the boundary between two memory regions
+/// are read whole (the bytes are read through host addresses, a region at a time); one that
+/// runs into a hole is refused.
+#[test]
+fn header_and_segment_across_memory_regions_are_read_whole() {
+    // Two regions with a hole after the second: 0..0x10_0000 and 0x10_0000..0x20_0000.
+    let mem: Mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), MEM_SIZE as usize),
+        (GuestAddress(MEM_SIZE), MEM_SIZE as usize),
+    ])
+    .unwrap();
+    let at = MEM_SIZE - 6;
+    let mut h = [0u8; 32];
+    h[0..4].copy_from_slice(&VIRTIO_BLK_T_DISCARD.to_le_bytes());
+    h[16..24].copy_from_slice(&8u64.to_le_bytes()); // segment: sector 8
+    h[24..28].copy_from_slice(&2u32.to_le_bytes()); // 2 sectors, no flags
+    mem.write_slice(&h, GuestAddress(at)).unwrap();
+    let d = run(&mem, &[r(at, 32), w(STATUS, 1)], &info(false));
+    match d.action {
+        Action::Submit {
+            kind: RequestKind::Discard { offset, len },
+            used_len: 1,
+        } => assert_eq!((offset, len), (8 * 512, 1024)),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The header runs past the end of guest memory: refused, with the status still written.
+    let end = 2 * MEM_SIZE - 8;
+    let d = run(&mem, &[r(end, 16), w(STATUS, 1)], &info(false));
+    assert_eq!(d.status_addr, Some(GuestAddress(STATUS)));
+    assert_answer(&d, STATUS_IOERR);
+}
+
+/// The status byte lands in guest memory and its page in the dirty log; an address outside
+/// guest memory is refused and marks nothing.
+#[test]
+fn status_writes_land_and_are_marked_dirty() {
+    use vm_memory::bitmap::{AtomicBitmap, Bitmap};
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mem: GuestMemoryMmap<AtomicBitmap> =
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap();
+    let region = mem.iter().next().unwrap();
+    assert!(!region.bitmap().dirty_at(STATUS as usize));
+    assert!(super::request::write_status(
+        &mem,
+        GuestAddress(STATUS + 7),
+        STATUS_UNSUPP
+    ));
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(STATUS + 7)).unwrap(),
+        STATUS_UNSUPP
+    );
+    assert!(region.bitmap().dirty_at(STATUS as usize + 7));
+    assert!(!region.bitmap().dirty_at(STATUS as usize + 0x1000));
+    assert!(!super::request::write_status(
+        &mem,
+        GuestAddress(MEM_SIZE),
+        STATUS_OK
+    ));
+}
