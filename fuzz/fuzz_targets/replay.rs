@@ -102,6 +102,7 @@ fn options() -> CacheOptions {
         force_format: false,
         drain_on_shutdown: false,
         journal_dir: None,
+        pacing: Default::default(),
     }
 }
 
