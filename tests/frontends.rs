@@ -13,6 +13,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::thread::sleep;
 use std::time::Duration;
 
@@ -156,17 +157,28 @@ fn marked_in_flight(area: &(VhostUserInflight, File)) -> usize {
         .count()
 }
 
-/// One attempt: returns how many requests the killed daemon left in flight.
-fn kill_and_resubmit(dir: &TestDir) -> usize {
-    let image = dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN));
-    let args = [
+/// An image that holds every request's write; the tests here write `REQUESTS` blocks.
+fn image_for_every_request(dir: &TestDir) -> PathBuf {
+    dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN))
+}
+
+/// Daemon arguments: no cache and one queue, so the ring the test drives is the only one and
+/// what it sees completed is what the image holds.
+fn pass_through_one_queue(image: &Path) -> [&str; 6] {
+    [
         "--backing",
         image.to_str().unwrap(),
         "--cache",
         "none",
         "--queues",
         "1",
-    ];
+    ]
+}
+
+/// One attempt: returns how many requests the killed daemon left in flight.
+fn kill_and_resubmit(dir: &TestDir) -> usize {
+    let image = image_for_every_request(dir);
+    let args = pass_through_one_queue(&image);
     let guest = new_guest();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
 
@@ -266,15 +278,8 @@ fn a_guest_whose_interrupt_was_lost_with_a_killed_daemon_is_signalled_after_reco
     // EVENT_IDX, completions whose interrupt is taken away before the kill, a reconnect, and
     // more requests.
     let dir = TestDir::new();
-    let image = dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN));
-    let args = [
-        "--backing",
-        image.to_str().unwrap(),
-        "--cache",
-        "none",
-        "--queues",
-        "1",
-    ];
+    let image = image_for_every_request(&dir);
+    let args = pass_through_one_queue(&image);
     let guest = new_guest();
     let kick = EventFd::new(0).unwrap();
     let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
@@ -460,15 +465,8 @@ fn ch_transfer_state(frontend: &Frontend, direction: VhostTransferStateDirection
 #[test]
 fn cloud_hypervisor_negotiation_snapshot_and_restore_keep_every_request() {
     let dir = TestDir::new();
-    let image = dir.create_image(u64::from(REQUESTS) * u64::from(WRITE_LEN));
-    let args = [
-        "--backing",
-        image.to_str().unwrap(),
-        "--cache",
-        "none",
-        "--queues",
-        "1",
-    ];
+    let image = image_for_every_request(&dir);
+    let args = pass_through_one_queue(&image);
     let daemon = Daemon::start(&dir.socket(), &args);
     let guest = new_guest();
     let (kick, call) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
