@@ -59,6 +59,24 @@ impl Default for PacingOptions {
 pub enum PacingError {
     #[error("writeback watermarks {high},{low}: want HIGH,LOW with 0 < LOW <= HIGH <= 100")]
     Watermarks { high: u8, low: u8 },
+    #[error("{text:?} is not HIGH,LOW: two percentages with 0 < LOW <= HIGH <= 100")]
+    WatermarksText { text: String },
+}
+
+/// `HIGH,LOW` as `--writeback-watermarks` and the config file give it: two percentages that
+/// [`PacingOptions::validate`] accepts.
+pub fn parse_watermarks(text: &str) -> Result<(u8, u8), PacingError> {
+    let bad = || PacingError::WatermarksText { text: text.into() };
+    let (high, low) = text.split_once(',').ok_or_else(bad)?;
+    let high: u8 = high.trim().parse().map_err(|_| bad())?;
+    let low: u8 = low.trim().parse().map_err(|_| bad())?;
+    let opts = PacingOptions {
+        high_watermark: high,
+        low_watermark: low,
+        ..PacingOptions::default()
+    };
+    opts.validate().map_err(|_| bad())?;
+    Ok((high, low))
 }
 
 impl PacingOptions {

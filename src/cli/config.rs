@@ -11,10 +11,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::de::DeserializeOwned;
 use toml::Value;
 
-use super::serve::{parse_cache, parse_watermarks, CacheArg, MAX_POLL_US};
+use super::serve::{parse_cache, CacheArg, MAX_POLL_US};
 use super::size::parse_size;
 use vhost_user_pcache::cache::format::MAX_GC_PERCENT;
 use vhost_user_pcache::cache::media::Persistence;
+use vhost_user_pcache::cache::pacing::parse_watermarks;
 
 /// Every key a config file may hold, in `--help` order.
 pub const KEYS: [&str; 18] = [
@@ -113,7 +114,7 @@ fn set(c: &mut FileConfig, key: &str, value: Value) -> Result<()> {
         }
         "writeback-watermarks" => {
             let text: String = typed(value)?;
-            c.writeback_watermarks = Some(parse_watermarks(&text).map_err(|e| anyhow!(e))?);
+            c.writeback_watermarks = Some(parse_watermarks(&text)?);
         }
         "writeback-idle-ms" => c.writeback_idle_ms = Some(typed(value)?),
         "drain-on-exit" => c.drain_on_exit = Some(typed(value)?),

@@ -13,7 +13,7 @@ use super::size::parse_size;
 use vhost_user_pcache::backing::{BackingImage, BackingOptions};
 use vhost_user_pcache::cache::format::{Layout, MAX_GC_PERCENT};
 use vhost_user_pcache::cache::media::Persistence;
-use vhost_user_pcache::cache::pacing::PacingOptions;
+use vhost_user_pcache::cache::pacing::{parse_watermarks, PacingOptions};
 use vhost_user_pcache::cache::replay::min_segments;
 use vhost_user_pcache::cache::{CacheEngine, CacheOptions, SEGMENT_SIZE};
 use vhost_user_pcache::control::{CacheControl, ControlServer, ControlTarget, PassthroughControl};
@@ -269,21 +269,6 @@ pub const MAX_POLL_US: u32 = 1000;
 pub enum CacheArg {
     None,
     Media(PathBuf),
-}
-
-/// `--writeback-watermarks HIGH,LOW`: two percentages, HIGH at least LOW, LOW above 0.
-pub(crate) fn parse_watermarks(text: &str) -> Result<(u8, u8), String> {
-    let bad = || format!("{text:?} is not HIGH,LOW: two percentages with 0 < LOW <= HIGH <= 100");
-    let (high, low) = text.split_once(',').ok_or_else(bad)?;
-    let high: u8 = high.trim().parse().map_err(|_| bad())?;
-    let low: u8 = low.trim().parse().map_err(|_| bad())?;
-    let opts = PacingOptions {
-        high_watermark: high,
-        low_watermark: low,
-        ..PacingOptions::default()
-    };
-    opts.validate().map_err(|_| bad())?;
-    Ok((high, low))
 }
 
 pub(crate) fn parse_cache(text: &str) -> Result<CacheArg, String> {
@@ -564,7 +549,7 @@ mod tests {
         );
         for bad in ["60,90", "90", "90,0", "101,50", "a,b", "90,60,30"] {
             let e = parse_watermarks(bad).expect_err(bad);
-            assert!(e.contains("HIGH,LOW"), "{bad}: {e}");
+            assert!(e.to_string().contains("HIGH,LOW"), "{bad}: {e}");
         }
     }
 
