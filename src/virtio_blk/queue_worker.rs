@@ -296,7 +296,7 @@ impl QueueWorker {
             let poll = self.poll.enabled() && queue.in_flight() == 0;
             let empty_at = poll.then(Instant::now);
             if let Some(empty_at) = empty_at {
-                match self.poll_for_work(vring, mem, empty_at)? {
+                match self.poll_for_work(vring, mem, empty_at) {
                     PollOutcome::Work => {
                         self.poll.adjust(empty_at.elapsed());
                         continue;
@@ -317,18 +317,13 @@ impl QueueWorker {
     }
 
     /// With notifications still off, watches the avail ring for the current window from
-    /// `empty_at`, unless the engine holds requests.
-    fn poll_for_work(
-        &mut self,
-        vring: &Vring,
-        mem: &GuestMemAtomic,
-        empty_at: Instant,
-    ) -> io::Result<PollOutcome> {
+    /// `empty_at` (the caller polls only while the engine holds no requests).
+    fn poll_for_work(&self, vring: &Vring, mem: &GuestMemAtomic, empty_at: Instant) -> PollOutcome {
         let deadline = empty_at + self.poll.current();
         let snapshot = mem.memory();
         loop {
             if self.stop_polling.load(Ordering::Relaxed) {
-                return Ok(PollOutcome::Stopped);
+                return PollOutcome::Stopped;
             }
             {
                 let state = vring.get_ref();
@@ -336,17 +331,17 @@ impl QueueWorker {
                 // A frontend stopping (GET_VRING_BASE) or disabling the ring takes effect here:
                 // it changes the vring state, which this loop reads every round.
                 if !ring.ready() || !state.is_enabled() {
-                    return Ok(PollOutcome::Stopped);
+                    return PollOutcome::Stopped;
                 }
                 match ring.avail_idx(snapshot.deref(), Ordering::Acquire) {
-                    Ok(avail) if avail.0 != ring.next_avail() => return Ok(PollOutcome::Work),
+                    Ok(avail) if avail.0 != ring.next_avail() => return PollOutcome::Work,
                     Ok(_) => {}
                     // Left to the usual path, which re-checks after enabling notifications.
-                    Err(_) => return Ok(PollOutcome::Expired),
+                    Err(_) => return PollOutcome::Expired,
                 }
             }
             if Instant::now() >= deadline {
-                return Ok(PollOutcome::Expired);
+                return PollOutcome::Expired;
             }
             std::hint::spin_loop();
         }
