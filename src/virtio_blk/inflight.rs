@@ -13,10 +13,12 @@
 //! desc_num × { u8 inflight; u8 padding[5]; u16 next; u64 counter; }
 //! ```
 //!
-//! A chain is marked on pop (`counter`, then `inflight = 1`). Completion records the head in
-//! `last_batch_head`, publishes the used element and index, then clears `inflight` and copies
-//! the used index. A crash between publishing and clearing leaves `used_idx` behind the ring's
-//! used index, which tells recovery to clear `last_batch_head`'s mark.
+//! A chain is marked on pop (`counter`, then `inflight = 1`). Completion publishes a batch of
+//! used elements and the used index, then clears the batch's `inflight` marks and copies the
+//! used index. A crash between publishing and clearing leaves `used_idx` behind the ring's used
+//! index: the used ring's elements between the two name the batch, whose marks recovery clears
+//! (the specification's procedure). A crash before the used index store leaves both equal and
+//! every chain of the batch marked: the guest saw none of them complete, so all are resubmitted.
 
 use std::fs::File;
 use std::io;
@@ -201,26 +203,24 @@ impl QueueInflight {
         self.desc_flag(head).store(1, Ordering::Release);
     }
 
-    /// Call before putting `head` into the used ring.
-    pub fn completing(&self, head: u16) {
-        self.store_u16(LAST_BATCH_HEAD_OFFSET, head);
+    /// Call after the used ring's index became `used_idx` with the batch `heads` in it (the
+    /// elements just before `used_idx`).
+    pub fn completed(&self, heads: impl Iterator<Item = u16>, used_idx: u16) {
         fence(Ordering::SeqCst);
-    }
-
-    /// Call after the used ring's index became `used_idx` with `head` in it.
-    pub fn completed(&self, head: u16, used_idx: u16) {
-        fence(Ordering::SeqCst);
-        if head < self.desc_num {
-            self.desc_flag(head).store(0, Ordering::Release);
+        for head in heads {
+            if head < self.desc_num {
+                self.desc_flag(head).store(0, Ordering::Release);
+            }
         }
         fence(Ordering::SeqCst);
         self.store_u16(USED_IDX_OFFSET, used_idx);
     }
 
-    /// Takes over the region for a ring whose used index (in guest memory) is `ring_used_idx`.
+    /// Takes over the region for a ring whose used index (in guest memory) is `ring_used_idx`
+    /// and whose used element at a (free-running) index holds the head `used_head(index)`.
     /// A fresh region is stamped and yields nothing to resubmit; otherwise the chains still
     /// marked are returned oldest first.
-    pub fn recover(&self, ring_used_idx: u16) -> Recovered {
+    pub fn recover(&self, ring_used_idx: u16, used_head: impl Fn(u16) -> u16) -> Recovered {
         if self.load_u16(VERSION_OFFSET) == 0 {
             self.store_u16(VERSION_OFFSET, VERSION);
             self.store_u16(USED_IDX_OFFSET, ring_used_idx);
@@ -230,8 +230,19 @@ impl QueueInflight {
                 next_counter: 0,
             };
         }
-        if self.load_u16(USED_IDX_OFFSET) != ring_used_idx {
-            // Died between publishing a used element and clearing its mark.
+        let recorded = self.load_u16(USED_IDX_OFFSET);
+        if recorded != ring_used_idx {
+            // Died between publishing a batch of used elements and clearing their marks: the
+            // batch is the used ring's elements from the recorded index on (no more than a
+            // ring's worth). `last_batch_head` is cleared too, for an area a backend that
+            // published one element at a time left.
+            let batch = ring_used_idx.wrapping_sub(recorded).min(self.desc_num);
+            for i in 0..batch {
+                let head = used_head(recorded.wrapping_add(i));
+                if head < self.desc_num {
+                    self.desc_flag(head).store(0, Ordering::Release);
+                }
+            }
             let last = self.load_u16(LAST_BATCH_HEAD_OFFSET);
             if last < self.desc_num {
                 self.desc_flag(last).store(0, Ordering::Release);
@@ -267,7 +278,7 @@ mod tests {
         let (_f, area) = area(2, 8);
         let q = area.queue_view(1).unwrap();
         assert_eq!(q.load_u16(DESC_NUM_OFFSET), 8);
-        let r = q.recover(5);
+        let r = q.recover(5, |_| unreachable!());
         assert_eq!(
             r,
             Recovered {
@@ -283,18 +294,17 @@ mod tests {
     fn chains_in_flight_come_back_oldest_first_and_completed_ones_do_not() {
         let (file, area) = area(1, 8);
         let q = area.queue_view(0).unwrap();
-        q.recover(0);
+        q.recover(0, |_| unreachable!());
         // Popped 3, 6, 1, 4 in that order; 6 completed (used index 1).
         for (counter, head) in [3u16, 6, 1, 4].into_iter().enumerate() {
             q.popped(head, counter as u64);
         }
-        q.completing(6);
-        q.completed(6, 1);
+        q.completed([6].into_iter(), 1);
         drop(q);
         // A new process maps the same file.
         let len = file.metadata().unwrap().len();
         let again = Arc::new(InflightArea::map(&file, 0, len, 1, 8).unwrap());
-        let r = again.queue_view(0).unwrap().recover(1);
+        let r = again.queue_view(0).unwrap().recover(1, |_| unreachable!());
         assert_eq!(
             r,
             Recovered {
@@ -305,18 +315,55 @@ mod tests {
         );
     }
 
+    /// A used ring of 8 elements whose free-running index `i` holds `heads[i - first]`.
+    fn used_ring(first: u16, heads: &[u16]) -> impl Fn(u16) -> u16 + '_ {
+        move |i| heads[usize::from(i.wrapping_sub(first))]
+    }
+
     #[test]
-    fn a_crash_between_publishing_and_clearing_is_not_resubmitted() {
+    fn a_crash_between_publishing_a_batch_and_clearing_it_resubmits_none_of_it() {
         let (_f, area) = area(1, 8);
         let q = area.queue_view(0).unwrap();
-        q.recover(10);
+        // Across the 16-bit wrap of the indexes.
+        q.recover(u16::MAX - 1, |_| unreachable!());
+        for (counter, head) in [2u16, 5, 7, 1].into_iter().enumerate() {
+            q.popped(head, counter as u64);
+        }
+        // The used ring got heads 5, 7 and 1 (indexes 65534, 65535, 0) and its index became
+        // 1, then the process died before `completed`.
+        let r = q.recover(1, used_ring(u16::MAX - 1, &[5, 7, 1]));
+        assert_eq!(r.heads, vec![2]);
+        assert_eq!(r.next_avail, 2);
+        assert_eq!(r.next_counter, 1);
+    }
+
+    #[test]
+    fn a_crash_before_the_used_index_store_resubmits_the_whole_batch() {
+        let (_f, area) = area(1, 8);
+        let q = area.queue_view(0).unwrap();
+        q.recover(10, |_| unreachable!());
         q.popped(2, 0);
         q.popped(5, 1);
-        q.completing(5);
-        // The used ring got head 5 (index 11), then the process died before `completed`.
-        let r = q.recover(11);
-        assert_eq!(r.heads, vec![2]);
-        assert_eq!(r.next_avail, 12);
+        q.popped(3, 2);
+        // Elements for 5 and 3 were written at 10 and 11, the index stayed 10: the guest saw
+        // neither complete, so both come back with 2, and the ring continues after all three.
+        let r = q.recover(10, |_| panic!("no element published"));
+        assert_eq!(r.heads, vec![2, 5, 3]);
+        assert_eq!(r.next_avail, 13);
+    }
+
+    #[test]
+    fn a_published_and_cleared_batch_leaves_only_the_others() {
+        let (_f, area) = area(1, 8);
+        let q = area.queue_view(0).unwrap();
+        q.recover(0, |_| unreachable!());
+        for (counter, head) in [0u16, 1, 2, 3].into_iter().enumerate() {
+            q.popped(head, counter as u64);
+        }
+        q.completed([3, 1].into_iter(), 2);
+        let r = q.recover(2, |_| panic!("nothing to clear"));
+        assert_eq!(r.heads, vec![0, 2]);
+        assert_eq!(r.next_avail, 4);
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod poll_window;
 pub mod queue_worker;
 pub mod request;
 mod resubmit;
+pub mod split_ring;
 
 pub use config::DeviceInfo;
 pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
@@ -18,3 +19,5 @@ pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
 mod queue_worker_tests;
 #[cfg(test)]
 mod request_tests;
+#[cfg(test)]
+mod split_ring_tests;

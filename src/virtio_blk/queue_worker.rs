@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use log::{debug, error, warn};
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 
 use super::config::DeviceInfo;
@@ -27,6 +27,7 @@ use super::features::{STATUS_IOERR, STATUS_OK};
 use super::inflight::QueueInflight;
 use super::poll_window::PollWindow;
 use super::request::{self, decode, Action, Decoded, Decoder};
+use super::split_ring::{Desc, RingAddrs, SplitRing};
 use crate::engine::{Engine, EngineError, EngineQueue, IoResult, Request, Submit};
 
 /// Guest memory as mapped from the vhost-user memory table, with the frontend's dirty-page
@@ -99,6 +100,14 @@ pub struct QueueWorker {
     /// Set when the connection ends: a worker polling a ring the guest keeps busy returns, so
     /// the thread stopping the queue gets the worker's lock.
     stop_polling: Arc<AtomicBool>,
+    /// The connection's guest memory (set when the ring starts).
+    mem: Option<GuestMemAtomic>,
+    /// The ring mapped in the guest memory snapshot it holds; the snapshot of a batch.
+    ring: Option<SplitRing<Arc<GuestMem>>>,
+    /// Chains completed and not yet published in the used ring (head, used length).
+    used: Vec<(u16, u32)>,
+    /// The descriptors of the chain being decoded, reused from chain to chain.
+    descs: Vec<Desc>,
 }
 
 /// What polling an empty ring came to.
@@ -134,6 +143,10 @@ impl QueueWorker {
             poll: PollWindow::new(Duration::ZERO),
             idle_since: None,
             stop_polling: Arc::new(AtomicBool::new(false)),
+            mem: None,
+            ring: None,
+            used: Vec::new(),
+            descs: Vec::new(),
         }
     }
 
@@ -157,6 +170,7 @@ impl QueueWorker {
         mem: &GuestMemAtomic,
     ) -> Result<Option<Vec<RawFd>>, EngineError> {
         self.vring = Some(vring.clone());
+        self.mem = Some(mem.clone());
         if self.queue.is_some() {
             return Ok(None);
         }
@@ -176,13 +190,11 @@ impl QueueWorker {
             return Ok(());
         };
         let snapshot = mem.memory().into_inner();
-        let used_idx = vring
-            .get_ref()
-            .get_queue()
-            .used_idx(snapshot.as_ref(), std::sync::atomic::Ordering::Acquire)
-            .map_err(|e| EngineError::Invalid(format!("reading the used index: {e}")))?
-            .0;
-        let recovered = inflight.recover(used_idx);
+        let addrs = ring_addrs(vring.get_ref().get_queue());
+        let ring = SplitRing::new(snapshot.clone(), addrs)
+            .map_err(|e| EngineError::Invalid(format!("mapping the ring: {e}")))?;
+        let used_idx = ring.used_idx();
+        let recovered = inflight.recover(used_idx, |i| ring.used_head(i));
         self.pop_counter = recovered.next_counter;
         let (queue_size, desc_table) = {
             let mut state = vring.get_mut();
@@ -245,43 +257,24 @@ impl QueueWorker {
             if ready {
                 vring.disable_notification().map_err(queue_error)?;
             }
-            let mut completed = self.reap(vring, queue);
+            let mut completed = self.reap(queue);
             if self.stalled.is_some() {
-                completed |= self.resubmit_stalled(vring, queue);
+                completed |= self.resubmit_stalled(queue);
                 // Reap on the thread that submitted: an engine may record what a submission
                 // must persist per thread (msync mode) and fence it only in that thread's reap.
-                completed |= self.reap(vring, queue);
+                completed |= self.reap(queue);
             }
             if ready && self.stalled.is_none() {
                 while self.stalled.is_none() {
                     let Some((decoded, shadow)) = self.resubmit.pop_front() else {
                         break;
                     };
-                    completed |= self.dispatch(vring, queue, decoded, &shadow);
+                    completed |= self.dispatch(queue, decoded, &shadow);
                 }
-                // One snapshot per batch: a memory-table update between batches is picked up.
-                let snapshot = mem.memory().into_inner();
-                while self.stalled.is_none() {
-                    let chain = {
-                        // Checked under the vring's lock: the frontend may stop or disable the
-                        // ring meanwhile (popping a stopped ring only logs an error).
-                        let mut state = vring.get_mut();
-                        if !state.get_queue().ready() || !state.is_enabled() {
-                            break;
-                        }
-                        state.get_queue_mut().pop_descriptor_chain(snapshot.clone())
-                    };
-                    let Some(chain) = chain else { break };
-                    if let Some(inflight) = &self.inflight {
-                        inflight.popped(chain.head_index(), self.pop_counter);
-                        self.pop_counter += 1;
-                    }
-                    let decoded = self.decoder.decode(chain, &self.info);
-                    completed |= self.dispatch(vring, queue, decoded, &snapshot);
-                }
-                completed |= self.reap(vring, queue);
+                completed |= self.pop_batch(vring, queue, mem);
+                completed |= self.reap(queue);
             }
-            if completed && vring.needs_notification().map_err(queue_error)? {
+            if completed && self.publish_used(vring, mem) {
                 vring.signal_used_queue()?;
             }
             // While stalled, notifications stay off: an engine poll fd wakes this worker (a
@@ -312,6 +305,125 @@ impl QueueWorker {
             }
             if let Some(empty_at) = empty_at {
                 self.poll.adjust(empty_at.elapsed());
+            }
+        }
+    }
+
+    /// Takes the chains the driver made available, under one vring lock: checked under it,
+    /// the frontend may stop or disable the ring meanwhile. The queue's next_avail follows
+    /// every chain taken, so the frontend reads an exact position whenever it gets the lock.
+    /// Returns whether something was completed.
+    fn pop_batch(
+        &mut self,
+        vring: &Vring,
+        queue: &mut dyn EngineQueue,
+        mem: &GuestMemAtomic,
+    ) -> bool {
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        let vq = state.get_queue_mut();
+        let Some(ring) = self.take_ring(vq, mem) else {
+            return false;
+        };
+        let size = ring.addrs().size;
+        let mut next_avail = vq.next_avail();
+        let mut avail = ring.avail_idx();
+        let mut descs = std::mem::take(&mut self.descs);
+        let mut completed = false;
+        while self.stalled.is_none() {
+            if next_avail == avail {
+                avail = ring.avail_idx();
+                if next_avail == avail {
+                    break;
+                }
+            }
+            // A driver never offers more than the ring holds: taking more would take chains
+            // twice (and spin on a corrupt index).
+            if avail.wrapping_sub(next_avail) > size {
+                error!(
+                    "queue {}: available index {avail} is more than {size} past {next_avail}",
+                    self.index
+                );
+                break;
+            }
+            let head = ring.avail_head(next_avail);
+            next_avail = next_avail.wrapping_add(1);
+            vq.set_next_avail(next_avail);
+            if let Some(inflight) = &self.inflight {
+                inflight.popped(head, self.pop_counter);
+                self.pop_counter += 1;
+            }
+            ring.chain(head, &mut descs);
+            let decoded = self
+                .decoder
+                .decode_descs(head, &descs, ring.mem().as_ref(), &self.info);
+            completed |= self.dispatch(queue, decoded, ring.mem());
+        }
+        self.descs = descs;
+        self.ring = Some(ring);
+        completed
+    }
+
+    /// Publishes the completed chains in the used ring with one index store, keeping the
+    /// queue's next_used and the inflight area in step. Returns whether the guest wants an
+    /// interrupt for them.
+    fn publish_used(&mut self, vring: &Vring, mem: &GuestMemAtomic) -> bool {
+        if self.used.is_empty() {
+            return false;
+        }
+        let mut state = vring.get_mut();
+        let vq = state.get_queue_mut();
+        let Some(ring) = self.take_ring(vq, mem) else {
+            warn!(
+                "queue {}: cannot return {} descriptor chains: the used ring is not guest memory",
+                self.index,
+                self.used.len()
+            );
+            self.used.clear();
+            return false;
+        };
+        let size = ring.addrs().size;
+        let old = vq.next_used();
+        let mut next_used = old;
+        for &(head, len) in &self.used {
+            if head >= size {
+                warn!("cannot return descriptor chain {head} to the used ring: not below {size}");
+                continue;
+            }
+            ring.put_used(next_used, head, len);
+            next_used = next_used.wrapping_add(1);
+        }
+        ring.publish_used(next_used);
+        vq.set_next_used(next_used);
+        if let Some(inflight) = &self.inflight {
+            inflight.completed(self.used.iter().map(|&(head, _)| head), next_used);
+        }
+        let notify =
+            next_used != old && ring.needs_notification(old, next_used, vq.event_idx_enabled());
+        drop(state);
+        self.ring = Some(ring);
+        self.used.clear();
+        notify
+    }
+
+    /// The ring mapped in the current guest memory, taken out of `self` (put it back): mapped
+    /// again only when the memory table or the ring's place changed. `None` (logged) when the
+    /// ring is not inside guest memory.
+    fn take_ring(&mut self, vq: &Queue, mem: &GuestMemAtomic) -> Option<SplitRing<Arc<GuestMem>>> {
+        let addrs = ring_addrs(vq);
+        let current = mem.memory();
+        if let Some(ring) = self.ring.take() {
+            if ring.addrs() == addrs && std::ptr::eq(ring.mem().as_ref(), current.deref()) {
+                return Some(ring);
+            }
+        }
+        match SplitRing::new(current.into_inner(), addrs) {
+            Ok(ring) => Some(ring),
+            Err(e) => {
+                error!("queue {}: {e}", self.index);
+                None
             }
         }
     }
@@ -350,7 +462,6 @@ impl QueueWorker {
     /// Submits a decoded chain or answers it. Returns whether something was completed.
     fn dispatch(
         &mut self,
-        vring: &Vring,
         queue: &mut dyn EngineQueue,
         decoded: Decoded,
         snapshot: &Arc<GuestMem>,
@@ -375,24 +486,24 @@ impl QueueWorker {
                         data_in,
                     },
                 );
-                self.submit(vring, queue, Request { tag, kind })
+                self.submit(queue, Request { tag, kind })
             }
             (Action::Answer { status, used_len }, Some(status_addr)) => {
                 write_status(snapshot, status_addr, status);
-                self.add_used(vring, head, used_len);
+                self.used.push((head, used_len));
                 true
             }
             _ => {
-                self.add_used(vring, head, 0);
+                self.used.push((head, 0));
                 true
             }
         }
     }
 
-    fn submit(&mut self, vring: &Vring, queue: &mut dyn EngineQueue, req: Request) -> bool {
+    fn submit(&mut self, queue: &mut dyn EngineQueue, req: Request) -> bool {
         let tag = req.tag;
         match queue.submit(req) {
-            Submit::Done(result) => self.complete(vring, tag, result),
+            Submit::Done(result) => self.complete(tag, result),
             Submit::Pending => false,
             Submit::Busy(req) => {
                 debug!(
@@ -405,13 +516,13 @@ impl QueueWorker {
         }
     }
 
-    fn resubmit_stalled(&mut self, vring: &Vring, queue: &mut dyn EngineQueue) -> bool {
+    fn resubmit_stalled(&mut self, queue: &mut dyn EngineQueue) -> bool {
         let Some(req) = self.stalled.take() else {
             return false;
         };
         let tag = req.tag;
         match queue.submit(req) {
-            Submit::Done(result) => self.complete(vring, tag, result),
+            Submit::Done(result) => self.complete(tag, result),
             Submit::Pending => false,
             Submit::Busy(req) => {
                 self.stalled = Some(req);
@@ -420,22 +531,22 @@ impl QueueWorker {
         }
     }
 
-    fn reap(&mut self, vring: &Vring, queue: &mut dyn EngineQueue) -> bool {
+    fn reap(&mut self, queue: &mut dyn EngineQueue) -> bool {
         queue.reap(&mut self.done);
-        self.complete_done(vring)
+        self.complete_done()
     }
 
-    fn complete_done(&mut self, vring: &Vring) -> bool {
+    fn complete_done(&mut self) -> bool {
         let mut done = std::mem::take(&mut self.done);
         let mut completed = false;
         for (tag, result) in done.drain(..) {
-            completed |= self.complete(vring, tag, result);
+            completed |= self.complete(tag, result);
         }
         self.done = done;
         completed
     }
 
-    fn complete(&mut self, vring: &Vring, tag: u64, result: IoResult) -> bool {
+    fn complete(&mut self, tag: u64, result: IoResult) -> bool {
         let Some(req) = self.in_flight.remove(&tag) else {
             error!(
                 "queue {}: engine completed unknown request {tag}",
@@ -453,24 +564,9 @@ impl QueueWorker {
         // Also after a failure: the engine may have written part of the data.
         mark_written(req.mem.as_ref(), &req.data_in);
         write_status(&req.mem, req.status_addr, status);
-        self.add_used(vring, req.head, used_len);
+        self.used.push((req.head, used_len));
         self.decoder.recycle(req.data_in);
         true
-    }
-
-    /// Returns a chain to the used ring, keeping the inflight area in step.
-    fn add_used(&self, vring: &Vring, head: u16, len: u32) {
-        let Some(inflight) = &self.inflight else {
-            add_used(vring, head, len);
-            return;
-        };
-        inflight.completing(head);
-        let mut state = vring.get_mut();
-        if let Err(e) = state.add_used(head, len) {
-            warn!("cannot return descriptor chain {head} to the used ring: {e}");
-            return;
-        }
-        inflight.completed(head, state.get_queue().next_used());
     }
 
     /// Stops the ring: finishes every request the engine holds (and a stalled one), completes
@@ -483,9 +579,7 @@ impl QueueWorker {
         let vring = self.vring.clone();
         loop {
             queue.drain(&mut self.done);
-            if let Some(vring) = &vring {
-                self.complete_done(vring);
-            }
+            self.complete_done();
             let Some(req) = self.stalled.take() else {
                 break;
             };
@@ -507,18 +601,20 @@ impl QueueWorker {
                 self.in_flight.len()
             );
             let tags: Vec<u64> = self.in_flight.keys().copied().collect();
-            if let Some(vring) = &vring {
-                for tag in tags {
-                    self.complete(vring, tag, Err(crate::engine::IoError::ShuttingDown));
-                }
+            for tag in tags {
+                self.complete(tag, Err(crate::engine::IoError::ShuttingDown));
             }
             self.in_flight.clear();
         }
-        if let Some(vring) = &vring {
+        if let (Some(vring), Some(mem)) = (&vring, self.mem.clone()) {
+            self.publish_used(vring, &mem);
             if let Err(e) = vring.signal_used_queue() {
                 debug!("queue {}: signal after drain: {e}", self.index);
             }
         }
+        self.used.clear();
+        // The next start may come with another memory table.
+        self.ring = None;
         unregister(&queue.poll_fds());
         drop(queue);
         debug!("queue {}: stopped", self.index);
@@ -539,9 +635,12 @@ fn write_status(mem: &GuestMem, addr: GuestAddress, status: u8) {
     }
 }
 
-fn add_used(vring: &Vring, head: u16, len: u32) {
-    if let Err(e) = vring.add_used(head, len) {
-        warn!("cannot return descriptor chain {head} to the used ring: {e}");
+fn ring_addrs(queue: &Queue) -> RingAddrs {
+    RingAddrs {
+        desc_table: queue.desc_table(),
+        avail_ring: queue.avail_ring(),
+        used_ring: queue.used_ring(),
+        size: queue.size(),
     }
 }
 

@@ -17,6 +17,7 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryReg
 
 use super::config::DeviceInfo;
 use super::features::*;
+use super::split_ring::Desc;
 use crate::engine::{DataSeg, DataSegs, RequestKind, SECTOR_SIZE};
 
 /// What to do with one descriptor chain.
@@ -244,6 +245,8 @@ pub struct Decoder {
     writable: Vec<(GuestAddress, u64)>,
     /// Emptied `Decoded::data_in` lists given back by `recycle`.
     spare_data_in: Vec<Vec<(GuestAddress, u64)>>,
+    /// A virtio-queue chain's descriptors, for `decode`.
+    descs: Vec<Desc>,
 }
 
 /// The readable and writable halves of a chain, checked against guest memory.
@@ -262,47 +265,42 @@ struct LastDescriptor {
     in_memory: bool,
 }
 
-/// Fills `readable` and `writable` with the chain's descriptors, and notes the last one (one
-/// walk over the chain: each step reads a descriptor from guest memory).
-fn split_chain<M, G>(
-    chain: DescriptorChain<M>,
+/// Fills `readable` and `writable` with the chain's descriptors, and notes the last one.
+fn split_chain<G: GuestMemoryBackend>(
+    descs: &[Desc],
+    mem: &G,
     readable: &mut Vec<(GuestAddress, u64)>,
     writable: &mut Vec<(GuestAddress, u64)>,
     last: &mut Option<LastDescriptor>,
-) -> Result<(), DecodeError>
-where
-    M: Deref<Target = G> + Clone,
-    G: GuestMemoryBackend,
-{
+) -> Result<(), DecodeError> {
     readable.clear();
     writable.clear();
-    let mem = chain.memory();
     let mut error = None;
-    for desc in chain.clone() {
-        if desc.len() == 0 {
+    for desc in descs {
+        if desc.len == 0 {
             continue;
         }
-        let in_memory = host_pieces(mem, desc.addr(), u64::from(desc.len()), |_, _| {});
+        let in_memory = host_pieces(mem, desc.addr, u64::from(desc.len), |_, _| {});
         *last = Some(LastDescriptor {
-            addr: desc.addr(),
-            len: desc.len(),
-            write_only: desc.is_write_only(),
+            addr: desc.addr,
+            len: desc.len,
+            write_only: desc.write_only,
             in_memory,
         });
         if !in_memory {
             error.get_or_insert(DecodeError::BadDescriptor {
-                addr: desc.addr().raw_value(),
-                len: desc.len(),
+                addr: desc.addr.raw_value(),
+                len: desc.len,
             });
             continue;
         }
-        if desc.is_write_only() {
-            writable.push((desc.addr(), u64::from(desc.len())));
+        if desc.write_only {
+            writable.push((desc.addr, u64::from(desc.len)));
         } else {
             if !writable.is_empty() {
                 error.get_or_insert(DecodeError::ReadableAfterWritable);
             }
-            readable.push((desc.addr(), u64::from(desc.len())));
+            readable.push((desc.addr, u64::from(desc.len)));
         }
     }
     match error {
@@ -337,12 +335,36 @@ impl Decoder {
     {
         let head = chain.head_index();
         let mem_owner = chain.clone();
-        let mem = mem_owner.memory();
+        let mut descs = std::mem::take(&mut self.descs);
+        descs.clear();
+        descs.extend(chain.map(|d| Desc {
+            addr: d.addr(),
+            len: d.len(),
+            write_only: d.is_write_only(),
+        }));
+        let decoded = self.decode_descs(head, &descs, mem_owner.memory(), info);
+        self.descs = descs;
+        decoded
+    }
 
+    /// Decodes the chain at `head` whose descriptors are `descs` (in chain order).
+    pub fn decode_descs<G: GuestMemoryBackend>(
+        &mut self,
+        head: u16,
+        descs: &[Desc],
+        mem: &G,
+        info: &DeviceInfo,
+    ) -> Decoded {
         // Find the status byte first: without it nothing can be answered.
         let mut last = None;
-        let early_error =
-            split_chain(chain, &mut self.readable, &mut self.writable, &mut last).err();
+        let early_error = split_chain(
+            descs,
+            mem,
+            &mut self.readable,
+            &mut self.writable,
+            &mut last,
+        )
+        .err();
         let status_addr = last.and_then(|last| status_address(last, mem));
         let Some(status_addr) = status_addr else {
             warn!("descriptor chain {head} has no writable status byte; returning it unanswered");
