@@ -120,10 +120,6 @@ enum PollOutcome {
     Stopped,
 }
 
-fn queue_error(e: virtio_queue::Error) -> io::Error {
-    io::Error::other(format!("virtqueue: {e}"))
-}
-
 impl QueueWorker {
     pub fn new(index: usize, engine: Arc<dyn Engine>, info: Arc<DeviceInfo>) -> Self {
         QueueWorker {
@@ -248,15 +244,10 @@ impl QueueWorker {
             self.poll.adjust(since.elapsed());
         }
         loop {
-            // A ring the frontend disabled (SET_VRING_ENABLE 0) keeps its popped requests but
-            // gives out no new ones until it is enabled again.
-            let ready = {
-                let state = vring.get_ref();
-                state.get_queue().ready() && state.is_enabled()
-            };
-            if ready {
-                vring.disable_notification().map_err(queue_error)?;
-            }
+            // One guest memory snapshot per batch: a memory-table update between batches is
+            // picked up.
+            let current = mem.memory();
+            let ready = self.begin_batch(vring, mem, &current);
             let mut completed = self.reap(queue);
             if self.stalled.is_some() {
                 completed |= self.resubmit_stalled(queue);
@@ -271,10 +262,10 @@ impl QueueWorker {
                     };
                     completed |= self.dispatch(queue, decoded, &shadow);
                 }
-                completed |= self.pop_batch(vring, queue, mem);
+                completed |= self.pop_batch(vring, queue, mem, &current);
                 completed |= self.reap(queue);
             }
-            if completed && self.publish_used(vring, mem) {
+            if completed && self.publish_used(vring, mem, &current) {
                 vring.signal_used_queue()?;
             }
             // While stalled, notifications stay off: an engine poll fd wakes this worker (a
@@ -299,7 +290,7 @@ impl QueueWorker {
                 }
             }
             // Re-check after re-enabling: chains that arrived meanwhile sent no kick.
-            if !vring.enable_notification().map_err(queue_error)? {
+            if !self.enable_notification(vring, mem, &current)? {
                 self.idle_since = empty_at;
                 return Ok(());
             }
@@ -318,13 +309,14 @@ impl QueueWorker {
         vring: &Vring,
         queue: &mut dyn EngineQueue,
         mem: &GuestMemAtomic,
+        current: &GuestMem,
     ) -> bool {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
             return false;
         }
         let vq = state.get_queue_mut();
-        let Some(ring) = self.take_ring(vq, mem) else {
+        let Some(ring) = self.take_ring(vq, mem, current) else {
             return false;
         };
         let size = ring.addrs().size;
@@ -369,13 +361,13 @@ impl QueueWorker {
     /// Publishes the completed chains in the used ring with one index store, keeping the
     /// queue's next_used and the inflight area in step. Returns whether the guest wants an
     /// interrupt for them.
-    fn publish_used(&mut self, vring: &Vring, mem: &GuestMemAtomic) -> bool {
+    fn publish_used(&mut self, vring: &Vring, mem: &GuestMemAtomic, current: &GuestMem) -> bool {
         if self.used.is_empty() {
             return false;
         }
         let mut state = vring.get_mut();
         let vq = state.get_queue_mut();
-        let Some(ring) = self.take_ring(vq, mem) else {
+        let Some(ring) = self.take_ring(vq, mem, current) else {
             warn!(
                 "queue {}: cannot return {} descriptor chains: the used ring is not guest memory",
                 self.index,
@@ -408,18 +400,62 @@ impl QueueWorker {
         notify
     }
 
-    /// The ring mapped in the current guest memory, taken out of `self` (put it back): mapped
-    /// again only when the memory table or the ring's place changed. `None` (logged) when the
-    /// ring is not inside guest memory.
-    fn take_ring(&mut self, vq: &Queue, mem: &GuestMemAtomic) -> Option<SplitRing<Arc<GuestMem>>> {
+    /// Whether the ring gives out chains (a ring the frontend disabled with SET_VRING_ENABLE 0
+    /// keeps its popped requests but gives out no new ones until it is enabled again); if so,
+    /// the driver is asked not to kick while the batch runs.
+    fn begin_batch(&mut self, vring: &Vring, mem: &GuestMemAtomic, current: &GuestMem) -> bool {
+        let mut state = vring.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return false;
+        }
+        let vq = state.get_queue_mut();
+        if let Some(ring) = self.take_ring(vq, mem, current) {
+            ring.disable_notification(vq.event_idx_enabled());
+            self.ring = Some(ring);
+        }
+        true
+    }
+
+    /// Asks the driver to kick again; true when chains arrived meanwhile (they sent no kick).
+    fn enable_notification(
+        &mut self,
+        vring: &Vring,
+        mem: &GuestMemAtomic,
+        current: &GuestMem,
+    ) -> io::Result<bool> {
+        let mut state = vring.get_mut();
+        let vq = state.get_queue_mut();
+        let Some(ring) = self.take_ring(vq, mem, current) else {
+            return Err(io::Error::other(
+                "virtqueue: the ring is not in guest memory",
+            ));
+        };
+        let more = ring.enable_notification(vq.next_avail(), vq.event_idx_enabled());
+        self.ring = Some(ring);
+        Ok(more)
+    }
+
+    /// The ring mapped in `current` (the connection's guest memory `mem` now), taken out of
+    /// `self` (put it back): mapped again only when the memory table or the ring's place
+    /// changed. `None` (logged) when the ring is not inside guest memory.
+    fn take_ring(
+        &mut self,
+        vq: &Queue,
+        mem: &GuestMemAtomic,
+        current: &GuestMem,
+    ) -> Option<SplitRing<Arc<GuestMem>>> {
         let addrs = ring_addrs(vq);
-        let current = mem.memory();
         if let Some(ring) = self.ring.take() {
-            if ring.addrs() == addrs && std::ptr::eq(ring.mem().as_ref(), current.deref()) {
+            if ring.addrs() == addrs && std::ptr::eq(ring.mem().as_ref(), current) {
                 return Some(ring);
             }
         }
-        match SplitRing::new(current.into_inner(), addrs) {
+        let snapshot = mem.memory().into_inner();
+        if !std::ptr::eq(snapshot.as_ref(), current) {
+            // The table changed since the batch began: the next batch maps the new one.
+            debug!("queue {}: memory table replaced during a batch", self.index);
+        }
+        match SplitRing::new(snapshot, addrs) {
             Ok(ring) => Some(ring),
             Err(e) => {
                 error!("queue {}: {e}", self.index);
@@ -607,7 +643,8 @@ impl QueueWorker {
             self.in_flight.clear();
         }
         if let (Some(vring), Some(mem)) = (&vring, self.mem.clone()) {
-            self.publish_used(vring, &mem);
+            let current = mem.memory();
+            self.publish_used(vring, &mem, &current);
             if let Err(e) = vring.signal_used_queue() {
                 debug!("queue {}: signal after drain: {e}", self.index);
             }

@@ -27,6 +27,7 @@ const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 const DESC_F_INDIRECT: u16 = 4;
 const DESC_LEN: u64 = 16;
+const VRING_USED_F_NO_NOTIFY: u16 = 1;
 const USED_ELEM_LEN: u64 = 8;
 
 /// One descriptor of a chain, as the request decoder needs it.
@@ -137,7 +138,7 @@ where
     }
 
     fn used_u16(&self, offset: usize) -> &AtomicU16 {
-        debug_assert!(offset + 2 <= 6 + 8 * usize::from(self.addrs.size));
+        debug_assert!(offset + 2 <= 6 + USED_ELEM_LEN as usize * usize::from(self.addrs.size));
         // SAFETY: as in `avail_u16`, for the used ring (4-aligned, checked by `new`).
         unsafe { AtomicU16::from_ptr((self.used + offset) as *mut u16) }
     }
@@ -244,15 +245,55 @@ where
     }
 
     /// Makes the used elements before `used_idx` visible to the guest, and marks the used ring
-    /// in the dirty log (after the writes, as vm-memory does, so a copy made meanwhile is
-    /// redone).
+    /// in the dirty log.
     pub fn publish_used(&self, used_idx: u16) {
         self.used_u16(2).store(used_idx.to_le(), Ordering::Release);
+        self.mark_used_dirty();
+    }
+
+    /// Marks the used ring in the dirty log, after writing it (as vm-memory does: a page
+    /// copied between the write and the mark is copied again).
+    fn mark_used_dirty(&self) {
         if let Some((region, offset)) = self.mem.to_region_addr(GuestAddress(self.addrs.used_ring))
         {
             let len = 6 + USED_ELEM_LEN as usize * usize::from(self.addrs.size);
             region.bitmap().mark_dirty(offset.0 as usize, len);
         }
+    }
+
+    /// Stores `value` in the used ring's field at `offset` unless it holds it already.
+    fn set_used_field(&self, offset: usize, value: u16) {
+        let field = self.used_u16(offset);
+        if field.load(Ordering::Relaxed) != value.to_le() {
+            field.store(value.to_le(), Ordering::Relaxed);
+            self.mark_used_dirty();
+        }
+    }
+
+    /// Asks the driver not to kick: without EVENT_IDX through the used ring's NO_NOTIFY flag;
+    /// with it nothing is needed (the driver kicks once when it passes avail_event, which
+    /// stays where it was last enabled).
+    pub fn disable_notification(&self, event_idx: bool) {
+        if !event_idx {
+            self.set_used_field(0, VRING_USED_F_NO_NOTIFY);
+        }
+    }
+
+    /// Asks the driver to kick for the chain at `next_avail` (avail_event with EVENT_IDX, the
+    /// flag cleared without), then returns whether chains arrived meanwhile: those sent no kick.
+    /// The full fence keeps the check from being ordered before the store (virtio-queue's
+    /// `enable_notification` does the same).
+    pub fn enable_notification(&self, next_avail: u16, event_idx: bool) -> bool {
+        if event_idx {
+            self.set_used_field(
+                4 + USED_ELEM_LEN as usize * usize::from(self.addrs.size),
+                next_avail,
+            );
+        } else {
+            self.set_used_field(0, 0);
+        }
+        fence(Ordering::SeqCst);
+        u16::from_le(self.avail_u16(2).load(Ordering::Relaxed)) != next_avail
     }
 
     /// Whether the guest wants an interrupt for the elements published from `old` up to

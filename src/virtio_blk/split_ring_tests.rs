@@ -280,3 +280,30 @@ fn event_idx_asks_for_an_interrupt_only_when_used_event_is_in_the_batch() {
     // Without EVENT_IDX every batch interrupts.
     assert!(ring.needs_notification(10, 13, false));
 }
+
+#[test]
+fn notifications_are_turned_off_and_on_in_the_used_ring_and_a_late_chain_is_seen() {
+    let mem = memory();
+    let ring = SplitRing::new(&mem, addrs()).unwrap();
+    let flags = || mem.read_obj::<u16>(GuestAddress(USED)).unwrap();
+    let avail_event = || {
+        mem.read_obj::<u16>(GuestAddress(USED + 4 + 8 * u64::from(SIZE)))
+            .unwrap()
+    };
+    let region = mem.find_region(GuestAddress(USED)).unwrap();
+    // Without EVENT_IDX: the NO_NOTIFY flag, marked dirty when written.
+    ring.disable_notification(false);
+    assert_eq!(flags(), 1);
+    assert!(region.bitmap().dirty_at(USED as usize));
+    mem.write_obj(3u16, GuestAddress(AVAIL + 2)).unwrap();
+    assert!(!ring.enable_notification(3, false), "nothing new after 3");
+    assert_eq!(flags(), 0);
+    assert!(ring.enable_notification(2, false), "chain 2 arrived");
+    // With EVENT_IDX: the flag is left alone, avail_event names the next chain.
+    ring.disable_notification(true);
+    assert_eq!(flags(), 0);
+    assert!(!ring.enable_notification(3, true));
+    assert_eq!(avail_event(), 3);
+    mem.write_obj(4u16, GuestAddress(AVAIL + 2)).unwrap();
+    assert!(ring.enable_notification(3, true));
+}
