@@ -2,12 +2,14 @@
 //! The virtio-blk request decoder on descriptor chains built from arbitrary bytes: the
 //! descriptors (address, length, flags, next; indirect tables included) and the guest memory
 //! they point to come from the input. Whatever the chain, decoding must not panic, and a
-//! request it hands to the engine must lie inside guest memory and the device.
+//! request it hands to the engine must lie inside guest memory and the device; the daemon's
+//! split ring walker must yield the descriptors virtio-queue's chain iterator yields.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 use vhost_user_pcache::engine::{RequestKind, SECTOR_SIZE};
-use vhost_user_pcache::virtio_blk::request::{decode, Action};
+use vhost_user_pcache::virtio_blk::request::{decode, Action, Decoder};
+use vhost_user_pcache::virtio_blk::split_ring::{Desc, RingAddrs, SplitRing};
 use vhost_user_pcache::virtio_blk::DeviceInfo;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -81,8 +83,35 @@ fuzz_target!(|data: &[u8]| {
     let Ok(chain) = chain else {
         return;
     };
+    // The daemon's own ring walker sees the chain virtio-queue's iterator sees, and decoding
+    // what it walked gives the same answer.
+    let ring = SplitRing::new(
+        &mem,
+        RingAddrs {
+            desc_table: queue.desc_table_addr().0,
+            avail_ring: queue.avail_addr().0,
+            used_ring: queue.used_addr().0,
+            size: QUEUE_SIZE,
+        },
+    )
+    .unwrap();
+    let head = chain.head_index();
+    let mut walked = Vec::new();
+    ring.chain(head, &mut walked);
+    let reference: Vec<Desc> = chain
+        .clone()
+        .map(|d| Desc {
+            addr: d.addr(),
+            len: d.len(),
+            write_only: d.is_write_only(),
+        })
+        .collect();
+    assert_eq!(walked, reference, "the walker and virtio-queue disagree");
+
     let info = DeviceInfo::new(capacity, read_only, 1, "fuzz");
     let decoded = decode(chain, &info);
+    let from_walk = Decoder::default().decode_descs(head, &walked, &mem, &info);
+    assert_eq!(format!("{decoded:?}"), format!("{from_walk:?}"));
 
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as usize;
     let inside = |ptr: usize, len: usize| ptr >= host && ptr + len <= host + MEM_SIZE as usize;

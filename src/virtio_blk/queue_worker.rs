@@ -6,8 +6,7 @@
 //! and, when the frontend stops the ring or goes away, on the thread that drains it. The backend
 //! keeps each worker behind its own mutex, so queues never wait on one another.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::VecDeque;
 use std::io;
 use std::ops::Deref;
 use std::os::fd::RawFd;
@@ -49,40 +48,18 @@ struct InFlight {
     data_in: Vec<(GuestAddress, u64)>,
 }
 
-/// Hashes the in-flight table's tags: they come from a counter, never from the guest, so
-/// SipHash's defence against chosen keys buys nothing and costs hundreds of instructions per
-/// request. A multiply by an odd constant spreads consecutive tags over the high bits the
-/// table uses for its control bytes.
-#[derive(Default)]
-struct TagHasher(u64);
-
-impl Hasher for TagHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Only `write_u64` is used (the keys are u64); this keeps any other key correct.
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, tag: u64) {
-        self.0 = tag.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
-
 pub struct QueueWorker {
     index: usize,
     engine: Arc<dyn Engine>,
     info: Arc<DeviceInfo>,
     vring: Option<Vring>,
     queue: Option<Box<dyn EngineQueue>>,
-    in_flight: HashMap<u64, InFlight, BuildHasherDefault<TagHasher>>,
+    /// Requests the engine holds, by head: a chain's head is unique while it is in flight
+    /// (the driver reuses it only once it is used), and the engine's tag for it.
+    in_flight: Vec<Option<InFlight>>,
+    in_flight_count: usize,
     /// The request the engine answered `Busy`: resubmitted before any new chain is popped.
     stalled: Option<Request>,
-    next_tag: u64,
     done: Vec<(u64, IoResult)>,
     /// The frontend's inflight area for this queue (INFLIGHT_SHMFD), and the pop counter.
     inflight: Option<QueueInflight>,
@@ -128,9 +105,9 @@ impl QueueWorker {
             info,
             vring: None,
             queue: None,
-            in_flight: HashMap::default(),
+            in_flight: Vec::new(),
+            in_flight_count: 0,
             stalled: None,
-            next_tag: 0,
             done: Vec::new(),
             inflight: None,
             pop_counter: 0,
@@ -510,18 +487,31 @@ impl QueueWorker {
         } = decoded;
         match (action, status_addr) {
             (Action::Submit { kind, used_len }, Some(status_addr)) => {
-                let tag = self.next_tag;
-                self.next_tag = self.next_tag.wrapping_add(1);
-                self.in_flight.insert(
-                    tag,
-                    InFlight {
-                        head,
-                        status_addr,
-                        used_len,
-                        mem: snapshot.clone(),
-                        data_in,
-                    },
-                );
+                let slot = usize::from(head);
+                if self.in_flight.len() <= slot {
+                    self.in_flight.resize_with(slot + 1, || None);
+                }
+                if self.in_flight[slot].is_some() {
+                    // A driver bug (or worse): the engine must not get two requests with one
+                    // tag, nor the first lose the buffers it holds.
+                    warn!(
+                        "queue {}: descriptor chain {head} offered again while in flight",
+                        self.index
+                    );
+                    write_status(snapshot, status_addr, STATUS_IOERR);
+                    self.used.push((head, 1));
+                    self.decoder.recycle(data_in);
+                    return true;
+                }
+                self.in_flight[slot] = Some(InFlight {
+                    head,
+                    status_addr,
+                    used_len,
+                    mem: snapshot.clone(),
+                    data_in,
+                });
+                self.in_flight_count += 1;
+                let tag = u64::from(head);
                 self.submit(queue, Request { tag, kind })
             }
             (Action::Answer { status, used_len }, Some(status_addr)) => {
@@ -583,13 +573,18 @@ impl QueueWorker {
     }
 
     fn complete(&mut self, tag: u64, result: IoResult) -> bool {
-        let Some(req) = self.in_flight.remove(&tag) else {
+        let req = usize::try_from(tag)
+            .ok()
+            .and_then(|slot| self.in_flight.get_mut(slot))
+            .and_then(Option::take);
+        let Some(req) = req else {
             error!(
                 "queue {}: engine completed unknown request {tag}",
                 self.index
             );
             return false;
         };
+        self.in_flight_count -= 1;
         let (status, used_len) = match result {
             Ok(()) => (STATUS_OK, req.used_len),
             Err(e) => {
@@ -630,17 +625,16 @@ impl QueueWorker {
                 }
             }
         }
-        if !self.in_flight.is_empty() {
+        if self.in_flight_count > 0 {
             error!(
                 "queue {}: engine drained with {} requests unreported",
-                self.index,
-                self.in_flight.len()
+                self.index, self.in_flight_count
             );
-            let tags: Vec<u64> = self.in_flight.keys().copied().collect();
-            for tag in tags {
-                self.complete(tag, Err(crate::engine::IoError::ShuttingDown));
+            for slot in 0..self.in_flight.len() {
+                if self.in_flight[slot].is_some() {
+                    self.complete(slot as u64, Err(crate::engine::IoError::ShuttingDown));
+                }
             }
-            self.in_flight.clear();
         }
         if let (Some(vring), Some(mem)) = (&vring, self.mem.clone()) {
             let current = mem.memory();
@@ -659,7 +653,7 @@ impl QueueWorker {
 
     /// Requests the engine holds for this queue.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight_count
     }
 }
 
@@ -688,31 +682,5 @@ fn wait_readable(fds: &[RawFd]) {
         std::thread::sleep(std::time::Duration::from_millis(10));
     } else {
         crate::poll::poll_readable(fds, 1000);
-    }
-}
-
-#[cfg(test)]
-mod tag_hasher_tests {
-    use super::TagHasher;
-    use std::collections::HashSet;
-    use std::hash::Hasher;
-
-    fn hash(tag: u64) -> u64 {
-        let mut h = TagHasher::default();
-        h.write_u64(tag);
-        h.finish()
-    }
-
-    /// Consecutive tags (what the counter hands out) fall in distinct buckets of a table of
-    /// any power-of-two size up to their count, and spread over the control byte's 7 high
-    /// bits, so the in-flight table neither collides nor scans long groups.
-    #[test]
-    fn consecutive_tags_spread_over_buckets_and_control_bytes() {
-        let start = u64::MAX - 500; // across the counter's wrap too
-        let tags: Vec<u64> = (0..1024u64).map(|i| start.wrapping_add(i)).collect();
-        let buckets: HashSet<u64> = tags.iter().map(|&t| hash(t) & 1023).collect();
-        assert_eq!(buckets.len(), tags.len());
-        let control: HashSet<u64> = tags.iter().map(|&t| hash(t) >> 57).collect();
-        assert!(control.len() > 100, "only {} control values", control.len());
     }
 }

@@ -615,3 +615,32 @@ fn a_batch_is_published_at_once_and_signalled_only_when_used_event_is_in_it() {
     assert_eq!(rig.vring.get_ref().get_queue().next_used(), 6);
     assert_eq!(signals(), 0);
 }
+
+/// The in-flight table is indexed by head: a driver offering a chain again while it is in
+/// flight gets an error for the second offer, and the first still completes with its own
+/// buffers.
+#[test]
+fn a_chain_offered_again_while_in_flight_is_refused_and_the_first_completes() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    rig.shared.lock().unwrap().hold = true;
+    rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    rig.process();
+    assert_eq!(rig.worker.in_flight(), 1);
+    rig.mock
+        .avail()
+        .ring()
+        .ref_at(1)
+        .unwrap()
+        .store(0u16.to_le());
+    rig.mock.avail().idx().store(2u16.to_le());
+    rig.process();
+    assert_eq!(rig.used(), vec![(0, 1)]);
+    assert_eq!(rig.status(0x1_0000), STATUS_IOERR);
+    assert_eq!(rig.worker.in_flight(), 1);
+    rig.shared.lock().unwrap().hold = false;
+    rig.process();
+    assert_eq!(rig.used(), vec![(0, 1), (0, 1)]);
+    assert_eq!(rig.status(0x1_0000), STATUS_OK);
+    assert_eq!(rig.worker.in_flight(), 0);
+}
