@@ -37,13 +37,14 @@ pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// The vring type the backend uses.
 pub type Vring = VringRwLock<GuestMemAtomic>;
 
-/// A request the engine holds. `mem` keeps the guest mapping its buffers point into alive
-/// until completion, even if the frontend replaces the memory table meanwhile.
+/// A request the engine holds. The guest mapping its buffers point into stays alive until
+/// completion, even if the frontend replaces the memory table meanwhile: `mem` holds it, or,
+/// while `None`, the worker's `batch_mem` does (which hands it to `mem` before letting go).
 struct InFlight {
     head: u16,
     status_addr: GuestAddress,
     used_len: u32,
-    mem: Arc<GuestMem>,
+    mem: Option<Arc<GuestMem>>,
     /// Guest ranges the engine writes by pointer, marked dirty on completion.
     data_in: Vec<(GuestAddress, u64)>,
 }
@@ -81,6 +82,9 @@ pub struct QueueWorker {
     mem: Option<GuestMemAtomic>,
     /// The ring mapped in the guest memory snapshot it holds; the snapshot of a batch.
     ring: Option<SplitRing<Arc<GuestMem>>>,
+    /// The snapshot the ring was last mapped in, which requests taken from it point into
+    /// without a reference of their own (an Arc clone per request saved).
+    batch_mem: Option<Arc<GuestMem>>,
     /// Chains completed and not yet published in the used ring (head, used length).
     used: Vec<(u16, u32)>,
     /// The descriptors of the chain being decoded, reused from chain to chain.
@@ -118,6 +122,7 @@ impl QueueWorker {
             stop_polling: Arc::new(AtomicBool::new(false)),
             mem: None,
             ring: None,
+            batch_mem: None,
             used: Vec::new(),
             descs: Vec::new(),
         }
@@ -237,7 +242,7 @@ impl QueueWorker {
                     let Some((decoded, shadow)) = self.resubmit.pop_front() else {
                         break;
                     };
-                    completed |= self.dispatch(queue, decoded, &shadow);
+                    completed |= self.dispatch(queue, decoded, &shadow, Some(&shadow));
                 }
                 completed |= self.pop_batch(vring, queue, mem, &current);
                 completed |= self.reap(queue);
@@ -328,7 +333,7 @@ impl QueueWorker {
             let decoded = self
                 .decoder
                 .decode_descs(head, &descs, ring.mem().as_ref(), &self.info);
-            completed |= self.dispatch(queue, decoded, ring.mem());
+            completed |= self.dispatch(queue, decoded, ring.mem(), None);
         }
         self.descs = descs;
         self.ring = Some(ring);
@@ -433,12 +438,29 @@ impl QueueWorker {
             debug!("queue {}: memory table replaced during a batch", self.index);
         }
         match SplitRing::new(snapshot, addrs) {
-            Ok(ring) => Some(ring),
+            Ok(ring) => {
+                self.adopt_batch_mem(ring.mem());
+                Some(ring)
+            }
             Err(e) => {
                 error!("queue {}: {e}", self.index);
                 None
             }
         }
+    }
+
+    /// Makes `snapshot` the one requests taken from now on point into; the requests in flight
+    /// from the previous one get a reference of their own to it first.
+    fn adopt_batch_mem(&mut self, snapshot: &Arc<GuestMem>) {
+        if let Some(old) = &self.batch_mem {
+            if Arc::ptr_eq(old, snapshot) {
+                return;
+            }
+            for req in self.in_flight.iter_mut().flatten() {
+                req.mem.get_or_insert_with(|| old.clone());
+            }
+        }
+        self.batch_mem = Some(snapshot.clone());
     }
 
     /// With notifications still off, watches the avail ring for the current window from
@@ -477,7 +499,8 @@ impl QueueWorker {
         &mut self,
         queue: &mut dyn EngineQueue,
         decoded: Decoded,
-        snapshot: &Arc<GuestMem>,
+        snapshot: &GuestMem,
+        pin: Option<&Arc<GuestMem>>,
     ) -> bool {
         let Decoded {
             head,
@@ -507,7 +530,7 @@ impl QueueWorker {
                     head,
                     status_addr,
                     used_len,
-                    mem: snapshot.clone(),
+                    mem: pin.cloned(),
                     data_in,
                 });
                 self.in_flight_count += 1;
@@ -593,8 +616,12 @@ impl QueueWorker {
             }
         };
         // Also after a failure: the engine may have written part of the data.
-        mark_written(req.mem.as_ref(), &req.data_in);
-        write_status(&req.mem, req.status_addr, status);
+        let Some(mem) = req.mem.as_deref().or(self.batch_mem.as_deref()) else {
+            error!("queue {}: request {tag} has no guest memory", self.index);
+            return false;
+        };
+        mark_written(mem, &req.data_in);
+        write_status(mem, req.status_addr, status);
         self.used.push((req.head, used_len));
         self.decoder.recycle(req.data_in);
         true
@@ -646,6 +673,7 @@ impl QueueWorker {
         self.used.clear();
         // The next start may come with another memory table.
         self.ring = None;
+        self.batch_mem = None;
         unregister(&queue.poll_fds());
         drop(queue);
         debug!("queue {}: stopped", self.index);

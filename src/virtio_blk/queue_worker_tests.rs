@@ -644,3 +644,39 @@ fn a_chain_offered_again_while_in_flight_is_refused_and_the_first_completes() {
     assert_eq!(rig.status(0x1_0000), STATUS_OK);
     assert_eq!(rig.worker.in_flight(), 0);
 }
+
+/// A request taken before the frontend replaced the memory table completes into the mapping
+/// it was taken from (kept alive for it), while the worker maps the ring in the new table.
+#[test]
+fn a_request_in_flight_across_a_memory_table_change_completes_into_its_own_mapping() {
+    let mem = memory();
+    let mut rig = Rig::new(&mem);
+    mem.write_slice(&[9u8; 512], GuestAddress(0x1_0100))
+        .unwrap();
+    rig.add(0x1_0000, VIRTIO_BLK_T_OUT, 0, 512, false);
+    rig.process();
+    rig.shared.lock().unwrap().hold = true;
+    rig.add(0x2_0000, VIRTIO_BLK_T_IN, 0, 512, true);
+    rig.process();
+    assert_eq!(rig.worker.in_flight(), 1);
+    // The new table maps other pages at the same guest addresses, holding a copy of the ring.
+    let new_mem = memory();
+    let mut ring_copy = vec![0u8; 0x1000];
+    mem.read_slice(&mut ring_copy, GuestAddress(0)).unwrap();
+    new_mem.write_slice(&ring_copy, GuestAddress(0)).unwrap();
+    rig.atomic.lock().unwrap().replace(new_mem.clone());
+    rig.process();
+    rig.shared.lock().unwrap().hold = false;
+    rig.process();
+    assert_eq!(rig.worker.in_flight(), 0);
+    // The read's data and status went to the mapping the request was taken from...
+    assert_eq!(rig.status(0x2_0000), STATUS_OK);
+    let mut back = [0u8; 512];
+    mem.read_slice(&mut back, GuestAddress(0x2_0100)).unwrap();
+    assert_eq!(back, [9u8; 512]);
+    // ... and its used element to the ring in the new table.
+    let used_idx: u16 = new_mem
+        .read_obj(GuestAddress(rig.mock.used_addr().0 + 2))
+        .unwrap();
+    assert_eq!(used_idx, 2);
+}
