@@ -3,8 +3,8 @@
 //! copies guest memory, every page the daemon writes must be marked in the log it shared
 //! (SET_LOG_BASE), or the copy keeps the page's old contents.
 //!
-//! Writes through vm-memory (status bytes, the GET_ID answer, the used ring) mark the guest
-//! memory's bitmap themselves. Read data does not pass through vm-memory: the engine writes it
+//! Writes through vm-memory (the GET_ID answer) mark the guest memory's bitmap themselves; the
+//! status byte writer and the split ring walker (the used ring) mark what they write. Read data does not pass through vm-memory: the engine writes it
 //! through the raw pointers of the request's buffers (io_uring, memcpy from the cache), so the
 //! queue worker marks those ranges here once the request has completed, before the used ring
 //! tells the guest. Marking after the write is what keeps the copy right: a page marked before
