@@ -267,30 +267,36 @@ impl Core {
         self.insert_logged(rec, false)
     }
 
-    /// [`Core::insert_and_log`] for a key whose space is pinned ([`Core::alloc_data`]): the
-    /// pin becomes the logged key's reference on its segment, instead of a new reference
-    /// taken and the pin dropped (two atomic updates fewer per write). The pin is gone either
-    /// way when this returns.
-    pub fn insert_and_log_pinned(&self, rec: KeyRecord) -> bool {
+    /// [`Core::insert_and_log`] for a data key of a batch of staged writes: its space is
+    /// pinned ([`Core::alloc_data`]) and its bytes were counted dirty with the whole batch's
+    /// ([`Core::count_dirty`]: one update of the shared counter per batch, not per key). The
+    /// pin becomes the logged key's reference on its segment, instead of a new reference taken
+    /// and the pin dropped (two atomic updates fewer per write); it is gone either way when
+    /// this returns.
+    pub fn insert_and_log_staged(&self, rec: KeyRecord) -> bool {
         self.insert_logged(rec, true)
     }
 
-    fn insert_logged(&self, mut rec: KeyRecord, mut pinned: bool) -> bool {
+    /// Count `len` bytes of new dirty keys, waking writeback if that crosses the high
+    /// watermark.
+    pub fn count_dirty(&self, len: u64) {
+        let before = self.stats.dirty_bytes.fetch_add(len, Ordering::Relaxed);
+        self.pacing.dirty_added(before, len);
+    }
+
+    fn insert_logged(&self, mut rec: KeyRecord, staged: bool) -> bool {
         debug_assert!(
-            !pinned || rec.flags & format::KEY_ZEROES == 0,
-            "a zeroes key has no space"
+            !staged || rec.flags & (format::KEY_ZEROES | format::KEY_CLEAN) == 0,
+            "a staged key is dirty data"
         );
         if rec.flags & format::KEY_ZEROES != 0 {
             rec.gen = self.zero_stamp.fetch_add(1, Ordering::Relaxed);
         }
         let key = index_key(&rec, true);
-        if rec.flags & format::KEY_CLEAN == 0 {
-            let before = self
-                .stats
-                .dirty_bytes
-                .fetch_add(rec.len as u64, Ordering::Relaxed);
-            self.pacing.dirty_added(before, rec.len as u64);
+        if rec.flags & format::KEY_CLEAN == 0 && !staged {
+            self.count_dirty(rec.len as u64);
         }
+        let mut pinned = staged;
         let mut full = false;
         let mut journaled = true;
         self.index.insert(key, &mut |_| {

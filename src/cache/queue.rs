@@ -255,9 +255,11 @@ impl CacheQueue {
             }
         } else {
             let mut unjournaled = false;
+            self.core
+                .count_dirty(keys.iter().map(|k| u64::from(k.len)).sum());
             for key in &keys {
                 // Its pin becomes the logged key's reference on the segment.
-                unjournaled |= !self.core.insert_and_log_pinned(*key);
+                unjournaled |= !self.core.insert_and_log_staged(*key);
             }
             self.check_journal(unjournaled);
             for w in staged.drain(..) {

@@ -7,6 +7,7 @@ use smallvec::smallvec;
 
 use super::{pattern, Fixture};
 use crate::cache::index::Piece;
+use crate::cache::CacheEngine;
 use crate::engine::{DataSeg, Engine, EngineQueue, Request, RequestKind, Submit};
 use crate::poll::poll_readable;
 
@@ -94,7 +95,8 @@ fn a_request_waiting_for_room_keeps_the_wake_up_for_its_worker() {
 #[test]
 fn a_logged_write_holds_its_segment_by_the_pin_of_its_space() {
     let fx = Fixture::new(DISK >> 20, 1, 2);
-    let engine = fx.open();
+    // No writeback or GC thread to change the counts under the test.
+    let engine = CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
     let mut q = engine.open_queue(0).unwrap();
     let data = pattern(0, 4096, 3);
     let mut done = Vec::new();
@@ -127,6 +129,11 @@ fn a_logged_write_holds_its_segment_by_the_pin_of_its_space() {
         core.segments.refs(seg),
         1 + 4,
         "the data head's reference and one per logged key: no pin left over, none missing"
+    );
+    assert_eq!(
+        engine.stats().dirty_bytes,
+        4 * 4096,
+        "each batch counts its writes dirty once"
     );
     // An overwrite adds a logged key; the one it replaced stays in the log until collected.
     assert!(matches!(q.submit(block(4, 0)), Submit::Pending));
