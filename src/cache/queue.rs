@@ -35,8 +35,10 @@ const BACKING_DEPTH: u32 = 128;
 /// Period of the kset timer: ksets are closed by age at least this often.
 const TICK: Duration = Duration::from_millis(super::log::KSET_MAX_AGE.as_millis() as u64 / 2);
 
-/// Longest time the room eventfd goes unread while no request of this queue waits for room.
-const ROOM_CHECK: Duration = Duration::from_micros(200);
+/// How soon the kset timer is looked at again when it had not fired yet at the moment its
+/// schedule says it should have (it is armed just before that schedule starts, so this is
+/// rare): the fd is not readable meanwhile, so this costs no spinning.
+const TICK_RETRY: Duration = Duration::from_micros(100);
 
 /// Why a queue could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -127,11 +129,16 @@ pub struct CacheQueue {
     /// logged. Off in msync mode (the log syncs data before the kset naming it) and volatile.
     pub(super) persist_per_write: bool,
     timer: TimerFd,
+    /// Just after the timer was armed: it fires at this moment plus whole TICKs, or a little
+    /// before each (the kernel started it first).
+    timer_armed: Instant,
     /// The timer's fd is only looked at from this moment on (no syscall per reap).
     next_tick: Instant,
     room: EventFd,
-    /// When the room eventfd is looked at next, unless a request found no room (then at once).
-    next_room_check: Instant,
+    /// `SegmentMap::wakes` when the room eventfd was last read: the fd is read (a syscall)
+    /// only after a wake-up wrote it, not on every reap.
+    seen_wakes: u64,
+    /// A request was handed back Busy since the last reap.
     saw_busy: bool,
     /// Backing reads were in flight at the last reap, so the doorbell must be cleared once more
     /// after the last of them (a completion can ring it after the clear that preceded it).
@@ -168,6 +175,7 @@ impl CacheQueue {
         backing.defer_submit(crate::backing::WORKER_SUBMIT_GROUP);
         let mut timer = TimerFd::new().map_err(QueueError::Timer)?;
         timer.reset(TICK, Some(TICK)).map_err(QueueError::Timer)?;
+        let timer_armed = Instant::now();
         let room = EventFd::new(libc::EFD_NONBLOCK).map_err(QueueError::EventFd)?;
         core.segments
             .add_waiter(room.try_clone().map_err(QueueError::EventFd)?);
@@ -183,9 +191,10 @@ impl CacheQueue {
             backing,
             persist_per_write,
             timer,
-            next_tick: Instant::now(),
+            timer_armed,
+            next_tick: timer_armed + TICK,
             room,
-            next_room_check: Instant::now(),
+            seen_wakes: 0,
             saw_busy: false,
             backing_armed: false,
             staged: Vec::new(),
@@ -211,10 +220,15 @@ impl CacheQueue {
     }
 
     /// Fence the staged writes, put their keys in the index and the log, and complete them.
+    /// Inlined test for the common case of a reap with nothing staged.
+    #[inline]
     pub(super) fn commit_staged(&mut self) {
-        if self.staged.is_empty() {
-            return;
+        if !self.staged.is_empty() {
+            self.commit_staged_now();
         }
+    }
+
+    fn commit_staged_now(&mut self) {
         let fenced = if self.persist_per_write {
             self.core.media.fence()
         } else {
@@ -241,9 +255,11 @@ impl CacheQueue {
             }
         } else {
             let mut unjournaled = false;
+            self.core
+                .count_dirty(keys.iter().map(|k| u64::from(k.len)).sum());
             for key in &keys {
-                unjournaled |= !self.core.insert_and_log(*key);
-                self.core.unpin(key.seg);
+                // Its pin becomes the logged key's reference on the segment.
+                unjournaled |= !self.core.insert_and_log_staged(*key);
             }
             self.check_journal(unjournaled);
             for w in staged.drain(..) {
@@ -305,8 +321,15 @@ impl CacheQueue {
     }
 
     /// Complete held writes, oldest first, once their ksets are persisted (and, in drained
-    /// mode, written back).
+    /// mode, written back). Inlined test for the common case: no write is held.
+    #[inline]
     fn close_unclosed(&mut self) {
+        if !self.unclosed.is_empty() {
+            self.close_held();
+        }
+    }
+
+    fn close_held(&mut self) {
         while let Some(w) = self.unclosed.first_mut() {
             if w.until_seq.is_none() {
                 let closed = w
@@ -329,6 +352,20 @@ impl CacheQueue {
             let tag = w.tag;
             self.unclosed.remove(0);
             self.completed.push((tag, Ok(())));
+        }
+    }
+
+    /// Read the room eventfd if a wake-up wrote it since it was last read, so a worker that
+    /// waits for its fds does not wake again for the same one. Not while a request handed back
+    /// Busy waits: then the fd stays readable and its worker comes back at once to retry
+    /// (reading it here would leave that worker waiting for a later wake-up), and the next
+    /// reap reads it.
+    fn look_at_room(&mut self) {
+        let wakes = self.core.segments.wakes();
+        let busy = std::mem::take(&mut self.saw_busy);
+        if wakes != self.seen_wakes && !busy {
+            self.seen_wakes = wakes;
+            let _ = self.room.read();
         }
     }
 
@@ -378,30 +415,25 @@ impl EngineQueue for CacheQueue {
 
     fn reap(&mut self, done: &mut Vec<(u64, IoResult)>) {
         self.commit_staged();
-        // The fds are looked at only when they may have fired: the timer from a moment before
-        // its next tick on (advanced only once a tick was read), the room
-        // eventfd when a request found no room or at most every ROOM_CHECK otherwise (a wake-up
-        // while nothing waits for room then costs a short spin at most), the backing doorbell
-        // while backing reads are in flight.
+        // The fds are looked at only when they may have fired: the timer once its schedule
+        // says it did, the room eventfd after a wake-up wrote it, the backing doorbell while
+        // backing reads are in flight.
         let now = Instant::now();
-        if now >= self.next_tick && self.timer.wait_nonblocking() {
-            // 9/10 of a period after reading a tick comes before the next tick when ticks are
-            // read within 1/10 of a period of firing; later, the fd spins the loop for as long
-            // as the reading was late.
-            self.next_tick = now + TICK * 9 / 10;
-            if let Err(e) = self.core.close_aged_ksets() {
-                log::debug!(
-                    "queue {}: aged kset not closed yet: {}",
-                    self.qid,
-                    ErrorChain(&e)
-                );
-            }
+        if now >= self.next_tick {
+            self.next_tick = if self.timer.wait_nonblocking() {
+                if let Err(e) = self.core.close_aged_ksets() {
+                    log::debug!(
+                        "queue {}: aged kset not closed yet: {}",
+                        self.qid,
+                        ErrorChain(&e)
+                    );
+                }
+                next_tick_after(self.timer_armed, now)
+            } else {
+                now + TICK_RETRY
+            };
         }
-        if self.saw_busy || now >= self.next_room_check {
-            let _ = self.room.read();
-            self.saw_busy = false;
-            self.next_room_check = now + ROOM_CHECK;
-        }
+        self.look_at_room();
         self.close_unclosed();
         if self.backing_armed || !self.misses.is_empty() {
             self.backing_armed = !self.misses.is_empty();
@@ -470,6 +502,13 @@ fn spawn_committer(
     Ok((stop, thread))
 }
 
+/// The first tick of a timer armed (with period TICK) at `armed` that comes after `now`:
+/// the timer fires then or slightly before.
+fn next_tick_after(armed: Instant, now: Instant) -> Instant {
+    let ticks = now.saturating_duration_since(armed).as_nanos() / TICK.as_nanos() + 1;
+    armed + TICK * ticks as u32
+}
+
 /// Small extension so the timer can be polled without blocking.
 trait NonBlockingTimer {
     fn wait_nonblocking(&mut self) -> bool;
@@ -478,5 +517,25 @@ trait NonBlockingTimer {
 impl NonBlockingTimer for TimerFd {
     fn wait_nonblocking(&mut self) -> bool {
         crate::poll::poll_readable(&[self.as_raw_fd()], 0).is_some() && self.wait().is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_tick_is_the_first_of_the_schedule_after_now() {
+        let armed = Instant::now();
+        let ns = Duration::from_nanos(1);
+        assert_eq!(next_tick_after(armed, armed), armed + TICK);
+        assert_eq!(next_tick_after(armed, armed + TICK - ns), armed + TICK);
+        assert_eq!(next_tick_after(armed, armed + TICK), armed + 2 * TICK);
+        assert_eq!(
+            next_tick_after(armed, armed + TICK * 11 / 2),
+            armed + 6 * TICK
+        );
+        // A clock read before the arming (it cannot be, but must not panic).
+        assert_eq!(next_tick_after(armed + TICK, armed), armed + 2 * TICK);
     }
 }

@@ -21,7 +21,9 @@ use crate::engine::{DataSeg, ErrorChain, IoError};
 
 impl CacheQueue {
     pub(super) fn submit_read(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
-        let core = self.core.clone();
+        // Borrowed, not cloned, on the hit path: a clone per read would bounce the Arc's count
+        // between the queues' CPUs.
+        let core = &*self.core;
         let len = DataSeg::total_len(bufs);
         // The queue's vector, put back below: no allocation per read.
         let mut pieces = std::mem::take(&mut self.pieces);
@@ -56,6 +58,7 @@ impl CacheQueue {
             return Outcome::Done(Ok(()));
         }
         core.stats.read_misses.fetch_add(1, Ordering::Relaxed);
+        let core = self.core.clone();
         let read = self.next_id();
         self.reads.insert(
             read,

@@ -48,6 +48,9 @@ pub struct SegmentMap {
     waiters: Mutex<Vec<EventFd>>,
     /// Segments invalidated so far, so the index cleaner knows when keys may have gone stale.
     invalidations: AtomicU64,
+    /// Wake-ups so far, counted after the waiters' eventfds were written: a queue reads its
+    /// eventfd only when this moved (no syscall per request).
+    wakes: AtomicU64,
 }
 
 impl SegmentMap {
@@ -64,6 +67,7 @@ impl SegmentMap {
             gens: gens.iter().map(|&g| AtomicU64::new(g)).collect(),
             waiters: Mutex::new(Vec::new()),
             invalidations: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
         }
     }
 
@@ -184,6 +188,12 @@ impl SegmentMap {
         for w in lock(&self.waiters).iter() {
             let _ = w.write(1);
         }
+        self.wakes.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many wake-ups there were; each is counted once every waiter's eventfd was written.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Acquire)
     }
 }
 

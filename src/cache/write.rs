@@ -36,7 +36,9 @@ pub(super) fn region_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64,
 
 impl CacheQueue {
     pub(super) fn submit_write(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
-        let core = self.core.clone();
+        // Borrowed, not cloned: a clone per write would bounce the Arc's count between the
+        // queues' CPUs.
+        let core = &*self.core;
         if core.read_only {
             return Outcome::Done(Err(IoError::ReadOnly));
         }

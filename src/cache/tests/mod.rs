@@ -15,6 +15,7 @@ mod model;
 mod pacing;
 mod paths;
 mod races;
+mod reap;
 mod write_cache;
 mod writeback;
 
