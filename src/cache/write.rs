@@ -37,6 +37,8 @@ pub(super) fn region_pieces(offset: u64, len: u64) -> impl Iterator<Item = (u64,
 impl CacheQueue {
     pub(super) fn submit_write(&mut self, tag: u64, offset: u64, bufs: &[DataSeg]) -> Outcome {
         let core = self.core.clone();
+        // The key goes in after the copy: have its region's lock line on the way meanwhile.
+        core.index.prefetch(offset);
         if core.read_only {
             return Outcome::Done(Err(IoError::ReadOnly));
         }

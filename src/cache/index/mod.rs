@@ -196,6 +196,16 @@ impl Index {
         }
     }
 
+    /// Start loading the cache line of the region holding byte `off` (its lock and where its
+    /// map lives), so that an insert made later, after the request's data was copied, does
+    /// not wait for it: under random writes over a large disk that line is rarely still
+    /// cached, and locking it was a miss on every write. Only a hint; changes nothing.
+    pub fn prefetch(&self, off: u64) {
+        if let Some(region) = self.regions.get((off >> REGION_SHIFT) as usize) {
+            prefetch_line(region);
+        }
+    }
+
     /// Describe `[off, off + len)` as consecutive pieces in `out` (cleared first).
     ///
     /// Data keys whose `gen` is below `gen_of(key.pos.seg)` are stale: they are removed and
@@ -375,6 +385,21 @@ const _: () = {
     const fn shareable<T: Send + Sync>() {}
     shareable::<Index>();
 };
+
+/// Ask the CPU to start loading `value`'s first cache line; a no-op where there is no such
+/// instruction.
+#[inline(always)]
+fn prefetch_line<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // SAFETY: a prefetch never faults and reads nothing the program can observe; SSE,
+        // which it needs, is part of every x86_64 CPU.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>((value as *const T).cast()) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
 
 /// One past the last byte of the region holding `off`.
 fn region_end(off: u64) -> u64 {
