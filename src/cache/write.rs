@@ -39,6 +39,8 @@ impl CacheQueue {
         // Borrowed, not cloned: a clone per write would bounce the Arc's count between the
         // queues' CPUs.
         let core = &*self.core;
+        // The key goes in after the copy: have its region's lock line on the way meanwhile.
+        core.index.prefetch(offset);
         if core.read_only {
             return Outcome::Done(Err(IoError::ReadOnly));
         }

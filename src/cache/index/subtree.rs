@@ -3,25 +3,25 @@
 //!
 //! Entries never overlap and never leave their region. The general insert and lookup are
 //! driven by one cursor re-searching the map after each mutation (as dm-pcache re-searches its
-//! RB-tree), so no operation allocates beyond the map's own nodes and the caller's output
+//! RB-tree), so no operation allocates beyond the map's own chunks and the caller's output
 //! vector. What random 4 KiB I/O does nearly always (an insert into a gap, an insert replacing
 //! one entry of the same range, a lookup inside one entry) is settled after one search and
 //! falls back to the general rules, untouched, whenever it is anything else.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::chunk_map::ChunkMap;
 use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
 use crate::cache::{CachePos, REGION_SIZE, SEGMENT_SIZE};
 
-/// A key without its offset (the map key). 28 bytes with 4-byte alignment, so a B-tree slot
+/// A key without its offset (the map key). 28 bytes with 4-byte alignment, so a map slot
 /// (entry plus `u32` offset) is 32 bytes: the CRC span's segment is the key's own and its
 /// offset and length are counted in sectors (a span lies inside one 16 MiB segment, so both
 /// fit 16 bits), the kind lives in the top bits of the length (an entry never exceeds its
 /// 4 MiB region), and the generation is stored as two halves. For a
 /// placeholder, `gen` holds the id of its fill ticket, as placeholders have no segment; for a
 /// zeroes key, the key's stamp (see `Index::remove_zeroes`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 struct Entry {
     len_kind: u32,
     pos: CachePos,
@@ -176,7 +176,7 @@ impl Entry {
 /// backing offsets, which must lie inside the region.
 pub(super) struct Subtree {
     base: u64,
-    map: BTreeMap<u32, Entry>,
+    map: ChunkMap<Entry>,
     /// Entries that are not placeholders, for tests that check it against the entries (no
     /// request needs it).
     #[cfg(any(test, feature = "test-util"))]
@@ -187,7 +187,7 @@ impl Subtree {
     pub(super) fn new(base: u64) -> Subtree {
         Subtree {
             base,
-            map: BTreeMap::new(),
+            map: ChunkMap::new(),
             #[cfg(any(test, feature = "test-util"))]
             extents: 0,
         }
@@ -218,15 +218,12 @@ impl Subtree {
 
     /// Offset of the first entry starting in `[from, to)` that satisfies `pred`.
     fn find(&self, from: u64, to: u64, pred: impl Fn(&Entry) -> bool) -> Option<u64> {
-        let found = self
-            .map
-            .range(self.rel(from)..self.rel(to))
-            .find(|(_, e)| pred(e));
-        found.map(|(&rel, _)| self.abs(rel))
+        let found = self.map.find(self.rel(from), self.rel(to), pred);
+        found.map(|rel| self.abs(rel))
     }
 
     fn get(&self, off: u64) -> Entry {
-        self.map[&self.rel(off)]
+        *self.map.get(self.rel(off)).expect("an entry starts there")
     }
 
     fn put(&mut self, off: u64, entry: Entry) {
@@ -238,7 +235,7 @@ impl Subtree {
     }
 
     fn take(&mut self, off: u64) -> Option<Entry> {
-        let entry = self.map.remove(&self.rel(off))?;
+        let entry = self.map.remove(self.rel(off))?;
         if entry.kind() != KeyKind::Empty {
             self.count_extents(0, 1);
         }
@@ -247,7 +244,7 @@ impl Subtree {
 
     /// The entry starting before `off` and reaching past it, if any.
     fn reaching_into(&self, off: u64) -> Option<u64> {
-        let (&rel, entry) = self.map.range(..self.rel(off)).next_back()?;
+        let (rel, entry) = self.map.last_before(self.rel(off))?;
         (entry.end(self.abs(rel)) > off).then(|| self.abs(rel))
     }
 
@@ -267,9 +264,9 @@ impl Subtree {
         let base = self.base;
         // The last entry starting before the key's end: any entry the key overlaps is it or
         // lies before it, and those before it end where it starts.
-        let last_before_end = self.map.range_mut(..self.rel(end)).next_back();
+        let last_before_end = self.map.last_before_mut(self.rel(end));
         match last_before_end {
-            Some((&rel, entry)) if entry.end(base + u64::from(rel)) > start => {
+            Some((rel, entry)) if entry.end(base + u64::from(rel)) > start => {
                 if base + u64::from(rel) != start || entry.len() != key.len {
                     return false;
                 }
@@ -291,7 +288,7 @@ impl Subtree {
             let whole = self.get(off);
             let rel = self.rel(off);
             // overlap_head: keep the front. Also the front half of overlap_contained.
-            if let Some(entry) = self.map.get_mut(&rel) {
+            if let Some(entry) = self.map.get_mut(rel) {
                 entry.set_len((start - off) as u32);
             }
             // overlap_contained: the back half survives as a new entry, except that a
@@ -356,7 +353,7 @@ impl Subtree {
         gen_of: &dyn Fn(u32) -> u64,
         out: &mut Vec<Piece>,
     ) -> bool {
-        let Some((&rel, entry)) = self.map.range(..=self.rel(start)).next_back() else {
+        let Some((rel, entry)) = self.map.last_before(self.rel(start) + 1) else {
             return false;
         };
         let off = self.abs(rel);
@@ -389,7 +386,8 @@ impl Subtree {
     ) -> u64 {
         let (mut kept, mut filled) = (0, 0);
         let (from, to) = (self.rel(ticket.off), self.rel(ticket.off) + ticket.len);
-        for (&rel, entry) in self.map.range_mut(from..to) {
+        let base = self.base;
+        self.map.for_each_in_mut(from, to, |rel, entry| {
             if entry.is_placeholder_of(ticket) {
                 let fragment_pos = CachePos {
                     seg: pos.seg,
@@ -398,9 +396,9 @@ impl Subtree {
                 *entry = Entry::new(entry.len(), KeyKind::Clean, fragment_pos, gen, crc);
                 kept += u64::from(entry.len());
                 filled += 1;
-                on_insert(&entry.key_at(self.base + u64::from(rel)));
+                on_insert(&entry.key_at(base + u64::from(rel)));
             }
-        }
+        });
         self.count_extents(filled, 0);
         kept
     }
@@ -451,7 +449,7 @@ impl Subtree {
     }
 
     pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {
-        for (&rel, entry) in &self.map {
+        for (rel, entry) in self.map.iter() {
             if entry.kind() != KeyKind::Empty {
                 f(&entry.key_at(self.abs(rel)));
             }
@@ -463,6 +461,6 @@ impl Subtree {
     pub(super) fn all_keys(&self) -> impl Iterator<Item = IndexKey> + '_ {
         self.map
             .iter()
-            .map(|(&rel, entry)| entry.key_at(self.abs(rel)))
+            .map(|(rel, entry)| entry.key_at(self.abs(rel)))
     }
 }

@@ -1,4 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
+mod chunk_map;
 mod concurrent;
 mod fast_paths;
 mod fixup;

@@ -340,3 +340,14 @@ fn reclaimed_zeroes_leave_by_stamp_and_later_keys_stay() {
         "no key carries stamp 9"
     );
 }
+
+#[test]
+fn prefetch_is_only_a_hint_inside_and_beyond_the_capacity() {
+    let index = Index::new(8 * MIB);
+    let k = dirty(4 * K, 4 * K, 1, 0);
+    insert(&index, k);
+    for off in [0, 4 * K, 8 * MIB - 1, 8 * MIB, u64::MAX] {
+        index.prefetch(off);
+    }
+    assert_eq!(index.checked_entries(), vec![k]);
+}
