@@ -36,6 +36,10 @@
 #   FULL_CACHE_MIB=512  cache size in the full-cache case (small, so it fills quickly)
 #   WORKDIR=/var/tmp    where the image and the cache files beside it go (local disk)
 #   SHM=/dev/shm        memory-speed directory (qsd-tmpfs, our pmem-path cache)
+#   SHM_HUGE=1          as root and with SHM left at its default, mount a private tmpfs with
+#                       huge=within_size for them instead, so their files are mapped with 2 MiB
+#                       pages as DAX persistent memory is (/dev/shm is mounted without huge
+#                       pages on most systems); 0 keeps /dev/shm
 #   CPU_DAEMON=1 CPU_CLIENT=0   CPUs to pin to (empty: no pinning)
 #   THROTTLE_IOPS=1000  slow-backing write limit; SLOW=0 skips that scenario, FULL=0 the other
 #   SLOW_CACHE_MIB=1024 cache size in the slow-backing scenario (on SHM; the burst fits it,
@@ -55,6 +59,7 @@ FIT_PERCENT=${FIT_PERCENT:-60}
 REGION_MIB=${REGION_MIB:-1024}
 FULL_CACHE_MIB=${FULL_CACHE_MIB:-512}
 WORKDIR=${WORKDIR:-/var/tmp}
+SHM_SET=${SHM:-}
 SHM=${SHM:-/dev/shm}
 ONLY=${ONLY:-.}
 OURS=${OURS:-target/release/vhost-user-pcache}
@@ -147,6 +152,26 @@ if [[ ${FULL:-1} == 1 ]] && ((FULL_CACHE_MIB * 2 > IMAGE_MIB)); then
   log "IMAGE_MIB $IMAGE_MIB must be at least twice FULL_CACHE_MIB ($FULL_CACHE_MIB) for the cache to fill"
   exit 2
 fi
+# The memory-speed targets stand for DAX persistent memory, which maps with 2 MiB pages; a
+# tmpfs maps with them only when mounted with huge=. Without them every random 4 KiB access to
+# a large cache is a TLB miss that real pmem does not take.
+SHM_MOUNT=
+SHM_PAGES=4k
+if [[ ${SHM_HUGE:-1} == 1 && -z ${SHM_SET:-} && $(id -u) == 0 ]]; then
+  SHM_MOUNT=$(mktemp -d "$WORKDIR/vup-shm.XXXXXX")
+  if mount -t tmpfs -o "size=$((IMAGE_MIB + (SHM_CACHE_MIB > SLOW_CACHE_MIB ? SHM_CACHE_MIB : SLOW_CACHE_MIB) + 2048))m,huge=within_size" \
+    vup-shm "$SHM_MOUNT"; then
+    SHM=$SHM_MOUNT
+    SHM_PAGES=2M
+    trap 'umount "$SHM_MOUNT" && rmdir "$SHM_MOUNT"' EXIT # until cleanup takes over
+  else
+    log "cannot mount a tmpfs with huge pages; the memory-speed targets use $SHM (4 KiB pages)"
+    rmdir "$SHM_MOUNT"
+    SHM_MOUNT=
+  fi
+elif [[ -z ${SHM_SET:-} ]] && findmnt -no OPTIONS --target "$SHM" | grep -qE 'huge=(always|within_size|advise)'; then
+  SHM_PAGES=2M
+fi
 # Memory: SHM (tmpfs) holds the image copy and one cache at a time; the msync cache file is
 # populated into the page cache. What they need at once must leave the machine room.
 shm_peak=$((IMAGE_MIB + (SHM_CACHE_MIB > SLOW_CACHE_MIB ? SHM_CACHE_MIB : SLOW_CACHE_MIB)))
@@ -167,6 +192,7 @@ DAEMON_PID=
 cleanup() {
   stop_daemon
   rm -rf "$DIR" "$SHMDIR"
+  if [[ -n $SHM_MOUNT ]]; then umount "$SHM_MOUNT" && rmdir "$SHM_MOUNT"; fi
   if [[ -n $CGROUP ]]; then rmdir "$CGROUP" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
@@ -422,7 +448,7 @@ jq -n --arg machine "$(nproc) CPUs, $cpu, kernel $(uname -r)" \
   --argjson full_cache_mib "$FULL_CACHE_MIB" --argjson slow_cache_mib "$SLOW_CACHE_MIB" \
   --argjson fit_percent "$FIT_PERCENT" --argjson fit_bytes "$FIT_BYTES" \
   --argjson miss_bytes "$MISS_BYTES" --argjson slow_fit_bytes "$SLOW_FIT_BYTES" \
-  --argjson throttle_iops "$THROTTLE_IOPS" \
+  --argjson throttle_iops "$THROTTLE_IOPS" --arg shm_pages "$SHM_PAGES" \
   --arg cpu_daemon "${CPU_DAEMON:-any}" --arg cpu_client "${CPU_CLIENT:-any}" \
   '$ARGS.named' >"$OUT/run.json"
 
@@ -431,7 +457,7 @@ jq -n --arg machine "$(nproc) CPUs, $cpu, kernel $(uname -r)" \
     "client on CPU ${CPU_CLIENT:-any}; $(date -u +%Y-%m-%dT%H:%MZ)."
   echo "Image: ${IMAGE_MIB} MiB on $(fs_type "$WORKDIR") (qsd-tmpfs: a copy on $SHM)." \
     "Caches: ours-msync ${FILE_CACHE_MIB} MiB, a file beside the image; ours-pmem-shm" \
-    "${SHM_CACHE_MIB} MiB on $SHM; full-cache case ${FULL_CACHE_MIB} MiB; slow-backing" \
+    "${SHM_CACHE_MIB} MiB on $SHM ($SHM_PAGES pages); full-cache case ${FULL_CACHE_MIB} MiB; slow-backing" \
     "${SLOW_CACHE_MIB} MiB on $SHM."
   echo "Write cases stop after $((FIT_BYTES >> 20)) MiB (${FIT_PERCENT}% of the cache's data" \
     "capacity; the same for every target) or $MAX_RUNTIME s (QD1: $RUNTIME s); read hits run" \
