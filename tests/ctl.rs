@@ -225,6 +225,7 @@ fn metrics_are_prometheus_text() {
         "vhost_user_pcache_writeback_bytes_total",
         "vhost_user_pcache_writeback_rate_bytes_per_second",
         "vhost_user_pcache_busy_total",
+        "vhost_user_pcache_journal_full_total",
         "vhost_user_pcache_gc_runs_total",
         "vhost_user_pcache_segments",
         "vhost_user_pcache_segments_used",

@@ -23,7 +23,7 @@
 //! kset written is announced to it before and confirmed after (see `journal`), so a daemon
 //! restarted after a kill finds the keys that completed writes left in open ksets.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,6 +138,8 @@ pub struct Log {
     codec: KsetCodec,
     /// The process-kill journal, when the cache has one.
     journal: Option<Journal>,
+    /// Keys appended while the journal's ring for their kset was full ([`Log::journal_full`]).
+    journal_full: AtomicU64,
 }
 
 /// Buffers every kset close reuses (behind `Log::scratch`), so a close allocates nothing once
@@ -173,6 +175,7 @@ impl Log {
             layout,
             codec,
             journal: None,
+            journal_full: AtomicU64::new(0),
         }
     }
 
@@ -184,6 +187,14 @@ impl Log {
 
     pub fn journal(&self) -> Option<&Journal> {
         self.journal.as_ref()
+    }
+
+    /// Keys appended so far that the journal had no room for (its ring for their kset was
+    /// full, the log being that far behind): each made its writer close the open ksets at
+    /// once, and held its write until that succeeded. Counted per key, which is per write for
+    /// writes within one 4 MiB region.
+    pub fn journal_full(&self) -> u64 {
+        self.journal_full.load(Ordering::Relaxed)
     }
 
     /// The keys waiting in each open kset, oldest first.
@@ -216,6 +227,9 @@ impl Log {
         k.since.get_or_insert_with(Instant::now);
         // Under the open kset's lock: the journal's entries of a slot follow its keys' order.
         let journaled = self.journal.as_ref().map_or(true, |j| j.append(idx, &key));
+        if !journaled {
+            self.journal_full.fetch_add(1, Ordering::Relaxed);
+        }
         Appended {
             full: k.keys.len() >= format::KSET_MAX_KEYS,
             journaled,
@@ -582,6 +596,8 @@ fn fence(media: &dyn Media) -> Result<(), LogError> {
 mod tests {
     use super::INLINE_CLOSING_KSETS;
     use crate::cache::driver::Driver;
+    use crate::cache::format::KeyRecord;
+    use crate::cache::journal;
     use crate::cache::tests::{pattern, Fixture};
     use crate::cache::CacheEngine;
 
@@ -611,5 +627,39 @@ mod tests {
                 "the write at {off} was not durable after the FLUSH"
             );
         }
+    }
+
+    /// A key the process-kill journal has no room for is counted, and `status` (so `ctl
+    /// status` and the metrics) reports how many there were.
+    #[test]
+    fn keys_the_journal_has_no_room_for_are_counted_in_the_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut fx = Fixture::new(64, 1, 0);
+        // The journal is named after the media's file, which must exist.
+        fx.opts.path = dir.path().join("cache");
+        std::fs::write(&fx.opts.path, b"").unwrap();
+        fx.opts.journal_dir = Some(dir.path().to_path_buf());
+        let engine =
+            CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+        let log = &engine.core().log;
+        assert!(log.journal().is_some(), "the cache has a journal");
+        // Appends without a close: the log as far behind as a media that cannot keep up.
+        let over = 5;
+        for n in 0..journal::DEFAULT_CAPACITY as u64 + over {
+            let appended = log.append(KeyRecord {
+                off: (n % 1024) * 4096,
+                len: 4096,
+                flags: 0,
+                seg: 0,
+                seg_off: 0,
+                gen: 0,
+                data_crc: 0,
+            });
+            assert_eq!(appended.journaled, n < journal::DEFAULT_CAPACITY as u64);
+        }
+        assert_eq!(engine.stats().journal_full, over);
+        assert_eq!(engine.status().stats.journal_full, over);
+        // Its open kset names no real data: nothing of it may reach the media.
+        std::mem::forget(engine);
     }
 }

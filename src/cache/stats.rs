@@ -83,6 +83,10 @@ pub struct StatsSnapshot {
     pub read_bytes: u64,
     pub write_bytes: u64,
     pub busy: u64,
+    /// Writes (keys) held because the process-kill journal's ring for their kset was full:
+    /// the key log fell that far behind (absent from older daemons).
+    #[serde(default)]
+    pub journal_full: u64,
     pub crc_errors: u64,
     pub writeback_bytes: u64,
     pub writeback_errors: u64,
@@ -112,6 +116,7 @@ impl Stats {
             read_bytes: self.read_bytes.load(Ordering::Relaxed),
             write_bytes: self.write_bytes.load(Ordering::Relaxed),
             busy: g(&self.busy),
+            journal_full: 0,
             crc_errors: g(&self.crc_errors),
             writeback_bytes: g(&self.writeback_bytes),
             writeback_errors: g(&self.writeback_errors),

@@ -100,6 +100,7 @@ pub(super) fn stats(core: &Core) -> StatsSnapshot {
     StatsSnapshot {
         segments_used: core.segments.count() - free,
         segments_free: free,
+        journal_full: core.log.journal_full(),
         ..core.stats.snapshot()
     }
 }

@@ -144,12 +144,17 @@ impl CacheQueue {
     /// nothing else accesses meanwhile.
     unsafe fn copy_in(&self, segs: &[DataSeg], pos: CachePos, len: u32) {
         let core = &self.core;
+        let mut at = core.media_offset(pos);
         if !self.persist_per_write {
-            // SAFETY: the caller's contract, passed on.
-            unsafe { DataSeg::gather(segs, core.data_ptr(pos, len)) };
+            debug_assert_eq!(DataSeg::total_len(segs), len as u64);
+            for s in segs {
+                // SAFETY: as below (`Media::write_from`: msync mode streams the bytes in).
+                unsafe { core.media.write_from(at, s.ptr, s.len) }
+                    .expect("cache position inside the media");
+                at += s.len as u64;
+            }
             return;
         }
-        let mut at = core.media_offset(pos);
         for s in segs {
             // SAFETY: the caller's contract: `s` is readable and the range at `at` is ours.
             // Its only error is a range outside the media, which `pos` never is (as for

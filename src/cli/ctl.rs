@@ -221,6 +221,10 @@ pub fn human_status(s: &Status) -> String {
     );
     line("busy", format!("{} waits for cache room", st.busy));
     line(
+        "journal full",
+        format!("{} writes held for the key log", st.journal_full),
+    );
+    line(
         "gc",
         format!("{} runs, {} errors", st.gc_runs, st.gc_errors),
     );

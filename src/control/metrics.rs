@@ -169,6 +169,12 @@ const CACHE: &[Metric<CacheValue>] = &[
         value: |_, c| c.stats.busy,
     },
     Metric {
+        name: "journal_full_total",
+        kind: Counter,
+        help: "Writes held because the process-kill journal was full (the key log fell behind).",
+        value: |_, c| c.stats.journal_full,
+    },
+    Metric {
         name: "crc_errors_total",
         kind: Counter,
         help: "Cached extents that failed their data CRC.",

@@ -446,6 +446,20 @@ impl Media for MappedMedia {
         unsafe { self.copy_in(pmem_copy::method_for(len), offset, src, len) }
     }
 
+    unsafe fn write_from(&self, offset: u64, src: *const u8, len: usize) -> Result<(), MediaError> {
+        check_range(offset, len as u64, self.len)?;
+        // SAFETY: the range was bounds-checked against the live mapping.
+        let dst = unsafe { self.base.add(offset as usize) };
+        if self.persistence == Persistence::Msync {
+            // SAFETY: the caller guarantees `src` and that nothing else accesses the range.
+            unsafe { pmem_copy::copy_streaming(dst, src, len) };
+        } else {
+            // SAFETY: as above.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        }
+        Ok(())
+    }
+
     fn slice_ptr(&self, offset: u64, len: u64) -> Result<*mut u8, MediaError> {
         check_range(offset, len, self.len)?;
         // SAFETY: offset is within the mapping (checked above).

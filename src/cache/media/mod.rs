@@ -175,6 +175,20 @@ pub trait Media: Send + Sync {
         Ok(())
     }
 
+    /// Copy `len` bytes from `src` to `offset`, as [`Media::write`] does (not persisted), the
+    /// way the media takes bulk data best: msync mode streams whole cache lines into the page
+    /// cache with non-temporal stores ([`MappedMedia`]); the default is an ordinary copy.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `len` bytes and not overlap the media range; as for
+    /// every write, no other thread may access the range meanwhile.
+    unsafe fn write_from(&self, offset: u64, src: *const u8, len: usize) -> Result<(), MediaError> {
+        let dst = self.slice_ptr(offset, len as u64)?;
+        // SAFETY: `slice_ptr` checked the range; the caller guarantees `src` and exclusivity.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+        Ok(())
+    }
+
     /// Copy `len` bytes from `src` to `offset` and persist them: what [`Media::write`] then
     /// [`Media::persist`] do (durable after this thread's next [`Media::fence`]), in one pass
     /// where the media has one. Pmem mode copies large ranges with non-temporal stores, which

@@ -366,6 +366,61 @@ proptest::proptest! {
     }
 }
 
+/// Msync mode's streaming copy gives memcpy's bytes at every alignment of either end, and
+/// touches nothing outside the range.
+#[test]
+fn streaming_copy_matches_memcpy_at_every_edge() {
+    for dst_at in 0..64 {
+        for src_at in [0, 1, 8, 15, 16, 33] {
+            for len in [0, 1, 15, 63, 64, 65, 127, 128, 129, 4095, 4096, 4097] {
+                let mut src = LineBuf::new(src_at + len + 64, 0);
+                // SAFETY: src_at + len bytes lie inside the buffer.
+                let src_bytes = unsafe { std::slice::from_raw_parts_mut(src.ptr(), src_at + len) };
+                for (i, b) in src_bytes.iter_mut().enumerate() {
+                    *b = (i * 7 + 1) as u8 | 1;
+                }
+                let mut dst = LineBuf::new(dst_at + len + 128, 0);
+                // SAFETY: both ranges lie inside their own buffers, which do not overlap.
+                unsafe {
+                    pmem_copy::copy_streaming(dst.ptr().add(dst_at), src.ptr().add(src_at), len)
+                };
+                let (d, s) = (dst.bytes(), src.bytes());
+                assert_eq!(&d[dst_at..dst_at + len], &s[src_at..src_at + len]);
+                assert!(d[..dst_at]
+                    .iter()
+                    .chain(&d[dst_at + len..])
+                    .all(|&b| b == 0));
+            }
+        }
+    }
+}
+
+/// In msync mode `write_from` puts the bytes in the file (what an msync makes durable and a
+/// reopen reads back), not only in this process's view of it.
+#[test]
+fn mapped_msync_write_from_reaches_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("media");
+    let opts = MediaOptions {
+        create_size: Some(1 << 20),
+        persistence: Some(Persistence::Msync),
+    };
+    let data: Vec<u8> = (0..12_345u32).map(|i| (i * 13 + 5) as u8).collect();
+    {
+        let m = MappedMedia::open(&path, &opts).unwrap();
+        // SAFETY: `data` is a live buffer outside the media.
+        unsafe { m.write_from(4096 + 3, data.as_ptr(), data.len()) }.unwrap();
+        let mut back = vec![0u8; data.len()];
+        m.read(4096 + 3, &mut back).unwrap();
+        assert_eq!(back, data);
+        m.persist(4096 + 3, data.len() as u64).unwrap();
+        m.fence().unwrap();
+    }
+    let file = std::fs::read(&path).unwrap();
+    assert_eq!(&file[4096 + 3..4096 + 3 + data.len()], &data[..]);
+    assert!(file[..4096 + 3].iter().all(|&b| b == 0));
+}
+
 #[test]
 fn pmem_copy_method_follows_the_threshold() {
     assert_eq!(
