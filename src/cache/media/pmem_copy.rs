@@ -87,13 +87,52 @@ unsafe fn copy_cached(flush: FlushInsn, dst: *mut u8, src: *const u8, len: usize
 /// As [`copy_and_write_back`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn copy_non_temporal(flush: FlushInsn, dst: *mut u8, src: *const u8, len: usize) {
+    // SAFETY: the caller's contract, passed on.
+    unsafe { stream_lines(dst, src, len, Some(flush)) }
+}
+
+/// Copy `len` bytes from `src` to `dst` with non-temporal stores for the whole lines (ordinary
+/// stores for a partial line at either end), then a store fence, so the bytes are in memory,
+/// visible to every CPU and device, on return. For msync mode's page-cache pages: the copy
+/// neither reads the destination lines into the cache (they are cold: the page was written
+/// back and is about to be written back again) nor evicts the lines the request path uses.
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, the two must not overlap,
+/// and no other thread may access `dst..dst + len` meanwhile.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
+    // SAFETY: the caller's contract, passed on; the fence orders the non-temporal stores
+    // before every later store of this thread (the key that names the bytes; what makes them
+    // durable is another thread's msync).
+    unsafe {
+        stream_lines(dst, src, len, None);
+        core::arch::x86_64::_mm_sfence();
+    }
+}
+
+/// Non-temporal stores for the whole 64-byte lines of `dst..dst + len`; a partial line at
+/// either end is copied through the cache, and written back with `flush` when it is given.
+///
+/// # Safety
+/// As [`copy_and_write_back`].
+#[cfg(target_arch = "x86_64")]
+unsafe fn stream_lines(dst: *mut u8, src: *const u8, len: usize, flush: Option<FlushInsn>) {
     use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
     const LINE: usize = super::CACHE_LINE as usize;
+    let edge = |d: *mut u8, s: *const u8, n: usize| {
+        // SAFETY: called below only with the head or the tail of the caller's ranges.
+        unsafe {
+            match flush {
+                Some(flush) => copy_cached(flush, d, s, n),
+                None => std::ptr::copy_nonoverlapping(s, d, n),
+            }
+        }
+    };
     let head = ((dst as usize).wrapping_neg() & (LINE - 1)).min(len);
     let lines = (len - head) / LINE;
     let tail = len - head - lines * LINE;
-    // SAFETY: the head is the first `head` bytes of the caller's ranges.
-    unsafe { copy_cached(flush, dst, src, head) };
+    edge(dst, src, head);
     for i in 0..lines {
         let at = head + i * LINE;
         // SAFETY: `at..at + LINE` lies inside both ranges (lines * LINE <= len - head); the
@@ -111,51 +150,9 @@ unsafe fn copy_non_temporal(flush: FlushInsn, dst: *mut u8, src: *const u8, len:
         }
     }
     let at = len - tail;
-    // SAFETY: the tail is the last `tail` bytes of the caller's ranges.
-    unsafe { copy_cached(flush, dst.add(at), src.add(at), tail) };
-}
-
-/// Copy `len` bytes from `src` to `dst` with non-temporal stores for the whole lines (ordinary
-/// stores for a partial line at either end), then a store fence, so the bytes are in memory,
-/// visible to every CPU and device, on return. For msync mode's page-cache pages: the copy
-/// neither reads the destination lines into the cache (they are cold: the page was written
-/// back and is about to be written back again) nor evicts the lines the request path uses.
-///
-/// # Safety
-/// `src` must be valid for reads and `dst` for writes of `len` bytes, the two must not overlap,
-/// and no other thread may access `dst..dst + len` meanwhile.
-#[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
-    use core::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
-    const LINE: usize = super::CACHE_LINE as usize;
-    let head = ((dst as usize).wrapping_neg() & (LINE - 1)).min(len);
-    let lines = (len - head) / LINE;
-    let tail = len - head - lines * LINE;
-    // SAFETY: the head is the first `head` bytes of the caller's ranges.
-    unsafe { std::ptr::copy_nonoverlapping(src, dst, head) };
-    for i in 0..lines {
-        let at = head + i * LINE;
-        // SAFETY: as in `copy_non_temporal`: `at..at + LINE` lies inside both ranges and the
-        // destination is line-aligned.
-        unsafe {
-            let s = src.add(at).cast::<__m128i>();
-            let d = dst.add(at).cast::<__m128i>();
-            let (a, b) = (_mm_loadu_si128(s), _mm_loadu_si128(s.add(1)));
-            let (c, e) = (_mm_loadu_si128(s.add(2)), _mm_loadu_si128(s.add(3)));
-            _mm_stream_si128(d, a);
-            _mm_stream_si128(d.add(1), b);
-            _mm_stream_si128(d.add(2), c);
-            _mm_stream_si128(d.add(3), e);
-        }
-    }
-    let at = len - tail;
-    // SAFETY: the tail is the last `tail` bytes of the caller's ranges; the fence orders the
-    // non-temporal stores before every later store of this thread (the key that names the
-    // bytes, and what makes them durable is another thread's msync).
-    unsafe {
-        std::ptr::copy_nonoverlapping(src.add(at), dst.add(at), tail);
-        _mm_sfence();
-    }
+    // SAFETY: `at <= len`, so both pointers stay inside the caller's ranges.
+    let (dst_tail, src_tail) = unsafe { (dst.add(at), src.add(at)) };
+    edge(dst_tail, src_tail, tail);
 }
 
 /// Targets without non-temporal stores here: an ordinary copy.
