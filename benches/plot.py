@@ -44,7 +44,7 @@ LABELS = {
     "qsd-null": "qsd, null-co (protocol ceiling)",
     "ours-none": "ours, --cache none",
     "ours-msync": "ours, cache file beside the image (msync)",
-    "ours-pmem-shm": "ours, cache on /dev/shm (pmem path)",
+    "ours-pmem-shm": "ours, cache in tmpfs (pmem path)",
 }
 
 
