@@ -8,7 +8,6 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::ops::Deref;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -41,7 +40,6 @@ pub type Vring = VringRwLock<GuestMemAtomic>;
 /// completion, even if the frontend replaces the memory table meanwhile: `mem` holds it, or,
 /// while `None`, the worker's `batch_mem` does (which hands it to `mem` before letting go).
 struct InFlight {
-    head: u16,
     status_addr: GuestAddress,
     used_len: u32,
     mem: Option<Arc<GuestMem>>,
@@ -262,7 +260,7 @@ impl QueueWorker {
             let poll = self.poll.enabled() && queue.in_flight() == 0;
             let empty_at = poll.then(Instant::now);
             if let Some(empty_at) = empty_at {
-                match self.poll_for_work(vring, mem, empty_at) {
+                match self.poll_for_work(vring, empty_at) {
                     PollOutcome::Work => {
                         self.poll.adjust(empty_at.elapsed());
                         continue;
@@ -464,27 +462,31 @@ impl QueueWorker {
     }
 
     /// With notifications still off, watches the avail ring for the current window from
-    /// `empty_at` (the caller polls only while the engine holds no requests).
-    fn poll_for_work(&self, vring: &Vring, mem: &GuestMemAtomic, empty_at: Instant) -> PollOutcome {
+    /// `empty_at` (the caller polls only while the engine holds no requests), through the ring
+    /// the batch mapped.
+    fn poll_for_work(&self, vring: &Vring, empty_at: Instant) -> PollOutcome {
         let deadline = empty_at + self.poll.current();
-        let snapshot = mem.memory();
+        // Not mapped: left to the usual path, which re-checks after enabling notifications.
+        let Some(ring) = &self.ring else {
+            return PollOutcome::Expired;
+        };
         loop {
             if self.stop_polling.load(Ordering::Relaxed) {
                 return PollOutcome::Stopped;
             }
             {
                 let state = vring.get_ref();
-                let ring = state.get_queue();
+                let vq = state.get_queue();
                 // A frontend stopping (GET_VRING_BASE) or disabling the ring takes effect here:
-                // it changes the vring state, which this loop reads every round.
-                if !ring.ready() || !state.is_enabled() {
+                // it changes the vring state, which this loop reads every round. A ring is
+                // only moved while stopped; after a memory-table update the batch's mapping
+                // stays valid (its snapshot is held) for the rest of the window, and the next
+                // batch maps the new table.
+                if !vq.ready() || !state.is_enabled() {
                     return PollOutcome::Stopped;
                 }
-                match ring.avail_idx(snapshot.deref(), Ordering::Acquire) {
-                    Ok(avail) if avail.0 != ring.next_avail() => return PollOutcome::Work,
-                    Ok(_) => {}
-                    // Left to the usual path, which re-checks after enabling notifications.
-                    Err(_) => return PollOutcome::Expired,
+                if ring.avail_idx() != vq.next_avail() {
+                    return PollOutcome::Work;
                 }
             }
             if Instant::now() >= deadline {
@@ -527,7 +529,6 @@ impl QueueWorker {
                     return true;
                 }
                 self.in_flight[slot] = Some(InFlight {
-                    head,
                     status_addr,
                     used_len,
                     mem: pin.cloned(),
@@ -596,11 +597,12 @@ impl QueueWorker {
     }
 
     fn complete(&mut self, tag: u64, result: IoResult) -> bool {
-        let req = usize::try_from(tag)
-            .ok()
-            .and_then(|slot| self.in_flight.get_mut(slot))
+        // The tag is the chain's head (`dispatch`).
+        let head = u16::try_from(tag).ok();
+        let req = head
+            .and_then(|head| self.in_flight.get_mut(usize::from(head)))
             .and_then(Option::take);
-        let Some(req) = req else {
+        let (Some(head), Some(req)) = (head, req) else {
             error!(
                 "queue {}: engine completed unknown request {tag}",
                 self.index
@@ -622,7 +624,7 @@ impl QueueWorker {
         };
         mark_written(mem, &req.data_in);
         write_status(mem, req.status_addr, status);
-        self.used.push((req.head, used_len));
+        self.used.push((head, used_len));
         self.decoder.recycle(req.data_in);
         true
     }
