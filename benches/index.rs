@@ -144,6 +144,16 @@ struct Scale {
     part: u64,
 }
 
+/// `blocks` lookups of one random 4 KiB block each among the first `blocks`.
+fn block_lookups(rng: &mut Rng, blocks: u64) -> Vec<Op> {
+    (0..blocks)
+        .map(|_| Op::Lookup {
+            off: rng.below(blocks) * 4 * K,
+            len: 4 * K,
+        })
+        .collect()
+}
+
 fn insert_all(index: &Index, keys: impl Iterator<Item = IndexKey>) {
     for k in keys {
         index.insert(k, &mut |_| {});
@@ -184,24 +194,14 @@ fn build(name: &'static str, scale: &Scale, rng: &mut Rng) -> Case {
         }
         "read-hit" => {
             insert_all(&index, block_keys(rng.permutation(blocks)).into_iter());
-            (0..blocks)
-                .map(|_| Op::Lookup {
-                    off: rng.below(blocks) * 4 * K,
-                    len: 4 * K,
-                })
-                .collect()
+            block_lookups(rng, blocks)
         }
         "read-in-64k" => {
             let big = scale.part / (64 * K);
             let order = rng.permutation(big);
             let keys = order.into_iter().enumerate();
             insert_all(&index, keys.map(|(n, b)| key(b * 64 * K, 64 * K, n as u64)));
-            (0..blocks)
-                .map(|_| Op::Lookup {
-                    off: rng.below(blocks) * 4 * K,
-                    len: 4 * K,
-                })
-                .collect()
+            block_lookups(rng, blocks)
         }
         "overlap-64k" => {
             insert_all(&index, block_keys(rng.permutation(blocks)).into_iter());
