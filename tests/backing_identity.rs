@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::loop_device::Loop;
 use common::{pattern, tool, Client, Daemon, TestDir};
 
 const DISK: u64 = 64 << 20;
@@ -23,50 +24,6 @@ fn writes() -> Vec<(u64, Vec<u8>)> {
         .enumerate()
         .map(|(i, (off, len))| (off, pattern(500 + i as u64, len)))
         .collect()
-}
-
-/// A loop device, detached on drop.
-struct Loop(PathBuf);
-
-impl Loop {
-    /// Attach `file` to the first free loop device, or to `at`.
-    fn attach(file: &Path, at: Option<&Path>) -> Option<Loop> {
-        let mut cmd = Command::new("losetup");
-        match at {
-            Some(dev) => cmd.arg(dev).arg(file),
-            None => cmd.args(["--find", "--show"]).arg(file),
-        };
-        match cmd.output() {
-            Ok(out) if out.status.success() => {
-                let shown = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                Some(Loop(at.map_or(PathBuf::from(shown), Path::to_owned)))
-            }
-            Ok(out) => {
-                eprintln!(
-                    "skipped: losetup failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("skipped: cannot run losetup: {e}");
-                None
-            }
-        }
-    }
-
-    fn path(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("--detach")
-            .arg(&self.0)
-            .status();
-    }
 }
 
 fn image(dir: &TestDir, name: &str, size: u64) -> PathBuf {
@@ -164,7 +121,7 @@ fn same_size_devices_that_swap_names_are_told_apart() {
             return;
         };
         leave_dirty_cache(&dir, la.path(), cache);
-        (la.0.clone(), lb.0.clone())
+        (la.device().to_owned(), lb.device().to_owned())
     };
     // After a "reboot" the names come up the other way round.
     let Some(now_b) = Loop::attach(&b, Some(&first)) else {
@@ -198,7 +155,7 @@ fn a_device_attached_again_under_another_number_is_still_its_cache() {
             return;
         };
         leave_dirty_cache(&dir, la.path(), cache);
-        la.0.clone()
+        la.device().to_owned()
     };
     // Something else takes the old number first.
     let Some(_taken) = Loop::attach(&filler, Some(&before)) else {
@@ -207,7 +164,7 @@ fn a_device_attached_again_under_another_number_is_still_its_cache() {
     let Some(again) = Loop::attach(&a, None) else {
         return;
     };
-    assert_ne!(again.0, before);
+    assert_ne!(again.device(), before);
     serves_the_writes(&dir, again.path(), cache);
 }
 
@@ -300,7 +257,7 @@ fn a_cache_of_an_earlier_version_opens_by_its_numbers_and_learns_the_identity() 
             .expect("the identity is recorded at the first open")
             .value;
         assert_eq!(recorded.kind.name(), "loop-file");
-        la.0.clone()
+        la.device().to_owned()
     };
     let Some(_taken) = Loop::attach(&filler, Some(&before)) else {
         return;

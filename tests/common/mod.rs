@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod loop_device;
 pub mod ring;
 pub mod vm;
 

@@ -408,30 +408,9 @@ fn device_numbers_parse_as_sysfs_writes_them() {
     assert_eq!(parse_dev("1:-1"), None);
 }
 
-/// Attach a loop device over `file`; `None` (with the reason printed) where that is not
-/// possible: not root, or no loop support.
-fn attach_loop(file: &Path) -> Option<PathBuf> {
-    let out = std::process::Command::new("losetup")
-        .args(["--find", "--show"])
-        .arg(file)
-        .output();
-    match out {
-        Ok(out) if out.status.success() => Some(PathBuf::from(
-            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
-        )),
-        Ok(out) => {
-            eprintln!(
-                "skipped: losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!("skipped: cannot run losetup: {e}");
-            None
-        }
-    }
-}
+/// The loop-device helper the integration tests use; it needs only std.
+#[path = "../../../tests/common/loop_device.rs"]
+mod loop_device;
 
 #[test]
 fn a_real_loop_device_is_known_by_its_file_on_the_real_sysfs() {
@@ -439,15 +418,12 @@ fn a_real_loop_device_is_known_by_its_file_on_the_real_sysfs() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
-    let Some(dev) = attach_loop(&file) else {
+    let Some(dev) = loop_device::Loop::attach(&file, None) else {
         return;
     };
-    let node = std::fs::metadata(&dev).unwrap();
+    let node = std::fs::metadata(dev.device()).unwrap();
     let found = identity_of_rdev(node.rdev());
-    let _ = std::process::Command::new("losetup")
-        .arg("--detach")
-        .arg(&dev)
-        .status();
+    drop(dev);
     assert!(node.file_type().is_block_device());
     let meta = std::fs::metadata(&file).unwrap();
     let want = format!(
