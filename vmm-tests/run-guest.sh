@@ -6,7 +6,7 @@
 #
 #   run-guest.sh --socket SOCK [--mode write|verify-only] [--guest DIR]
 #                [--log FILE] [--timeout SECS] [--queues N] [--reconnect]
-#                [--job NAME] [--write-through]
+#                [--job NAME] [--write-through] [--passes N]
 #
 #   --mode      write: write the region with checksummed blocks and verify
 #               them (default); verify-only: only read back and check what
@@ -19,6 +19,9 @@
 #               (chardev reconnect=1), so the backend can be restarted
 #   --job       fio job file of the guest to run (default disk-verify)
 #   --write-through  the guest turns the disk's write cache off before fio
+#   --passes    run the job as N passes over disjoint regions, each checked
+#               again after every later pass (the restart test; see the
+#               guest's /init)
 #
 # Environment: VMM_ACCEL=tcg (default) or kvm. TCG works everywhere; KVM is
 # much faster where (nested) virtualisation works. VMM_CPU overrides the CPU
@@ -36,8 +39,9 @@ queues=2
 reconnect=""
 job=disk-verify
 wce=""
+passes=""
 
-usage() { sed -n '2,26p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,29p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --socket) socket=$2; shift 2 ;;
@@ -49,6 +53,7 @@ while [[ $# -gt 0 ]]; do
         --reconnect) reconnect=",reconnect=1"; shift ;;
         --job) job=$2; shift 2 ;;
         --write-through) wce=" vmtest.wce=write-through"; shift ;;
+        --passes) passes=" vmtest.passes=$2"; shift 2 ;;
         -h|--help) usage ;;
         *) echo "run-guest: unknown argument $1" >&2; usage ;;
     esac
@@ -88,7 +93,7 @@ timeout --kill-after=10 "$timeout_secs" \
     -object "memory-backend-memfd,id=mem,size=$mem,share=on" -numa node,memdev=mem \
     -nodefaults -display none -monitor none -serial "file:$log" -no-reboot \
     -kernel "$guest/vmlinuz" -initrd "$guest/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 no_timer_check vmtest.mode=$mode vmtest.queues=$queues vmtest.job=$job$wce" \
+    -append "console=ttyS0 panic=-1 loglevel=4 no_timer_check vmtest.mode=$mode vmtest.queues=$queues vmtest.job=$job$wce$passes" \
     -chardev "socket,id=c0,path=$socket$reconnect" \
     -device "vhost-user-blk-pci,chardev=c0,num-queues=$queues"
 qemu_rc=$?
