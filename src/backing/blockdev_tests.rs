@@ -4,42 +4,12 @@
 //! Ignored by default: they need root and a free loop device
 //! (`cargo test --lib backing::blockdev_tests -- --ignored`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
+use super::testutil::loop_device::Loop;
 use super::testutil::{direct_dir, pattern};
 use super::{BackingImage, BackingOptions, BackingQueue};
 use crate::engine::DataSeg;
 
 const SIZE: u64 = 8 << 20;
-
-/// A loop device over a file, detached on drop.
-struct LoopDevice(PathBuf);
-
-impl LoopDevice {
-    fn attach(file: &Path) -> LoopDevice {
-        let out = Command::new("losetup")
-            .args(["--find", "--show", "--sector-size", "4096"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        LoopDevice(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()))
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .arg("--detach")
-            .arg(&self.0)
-            .status();
-    }
-}
 
 #[test]
 #[ignore = "needs root and a free loop device"]
@@ -47,8 +17,9 @@ fn loop_device_with_4k_blocks() {
     let dir = direct_dir();
     let file = dir.path().join("disk");
     BackingImage::create_sparse(&file, SIZE).unwrap();
-    let dev = LoopDevice::attach(&file);
-    let image = BackingImage::open(&dev.0, &BackingOptions::default()).unwrap();
+    let dev = Loop::attach_with_sector_size(&file, 4096)
+        .expect("a loop device with 4 KiB blocks (needs root)");
+    let image = BackingImage::open(dev.device(), &BackingOptions::default()).unwrap();
     assert_eq!(image.size(), SIZE);
     assert_eq!(image.alignment(), 4096);
     assert!(image.is_direct());

@@ -6,6 +6,10 @@ use std::sync::Arc;
 
 use super::{BackingImage, BackingOptions};
 
+/// Loop devices over files: the helper the integration tests use, which needs only std.
+#[path = "../../tests/common/loop_device.rs"]
+pub(crate) mod loop_device;
+
 /// A directory on a file system that does O_DIRECT (the temp dir, or the build directory when
 /// the temp dir is a tmpfs that refuses it).
 pub(crate) fn direct_dir() -> tempfile::TempDir {

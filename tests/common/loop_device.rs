@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! A real loop device over a file, for the tests that need a block device the kernel
-//! describes in sysfs: the integration tests (through `common`) and the backing-identity
-//! unit tests (which include this file by path, as it needs nothing of the test harness).
-//! Attaching needs root and loop support; where either is missing `attach` prints why and
-//! returns `None`, and the test skips.
+//! describes in sysfs or a block size other than the file's: the integration tests (through
+//! `common`) and the backing unit tests (`src/backing/testutil.rs` includes this file by path, as
+//! it needs nothing of the test harness). Attaching needs root and loop support; where either is
+//! missing `attach` prints why and returns `None`.
 
 #![allow(dead_code)]
 
@@ -16,7 +16,19 @@ pub struct Loop(PathBuf);
 impl Loop {
     /// Attach `file` to the first free loop device, or to `at`.
     pub fn attach(file: &Path, at: Option<&Path>) -> Option<Loop> {
+        Loop::attach_with(file, at, None)
+    }
+
+    /// Attach `file` to the first free loop device with logical blocks of `sector_size` bytes.
+    pub fn attach_with_sector_size(file: &Path, sector_size: u32) -> Option<Loop> {
+        Loop::attach_with(file, None, Some(sector_size))
+    }
+
+    fn attach_with(file: &Path, at: Option<&Path>, sector_size: Option<u32>) -> Option<Loop> {
         let mut cmd = Command::new("losetup");
+        if let Some(size) = sector_size {
+            cmd.arg("--sector-size").arg(size.to_string());
+        }
         match at {
             Some(dev) => cmd.arg(dev).arg(file),
             None => cmd.args(["--find", "--show"]).arg(file),

@@ -5,6 +5,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
+use crate::backing::testutil::loop_device::Loop;
 
 /// A temporary sysfs (`sys/`) and udev database (`udev/`).
 struct FakeSys {
@@ -408,17 +409,13 @@ fn device_numbers_parse_as_sysfs_writes_them() {
     assert_eq!(parse_dev("1:-1"), None);
 }
 
-/// The loop-device helper the integration tests use; it needs only std.
-#[path = "../../../tests/common/loop_device.rs"]
-mod loop_device;
-
 #[test]
 fn a_real_loop_device_is_known_by_its_file_on_the_real_sysfs() {
     use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("disk.img");
     std::fs::write(&file, vec![0u8; 1 << 20]).unwrap();
-    let Some(dev) = loop_device::Loop::attach(&file, None) else {
+    let Some(dev) = Loop::attach(&file, None) else {
         return;
     };
     let node = std::fs::metadata(dev.device()).unwrap();
