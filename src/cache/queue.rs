@@ -494,9 +494,17 @@ fn spawn_committer(
     let thread = std::thread::Builder::new()
         .name(format!("pcache-log-{qid}"))
         .spawn(move || {
+            let heads = |out: &mut Vec<_>| {
+                out.extend(
+                    log_core
+                        .heads
+                        .iter()
+                        .filter_map(|h| crate::sync::lock(h).pos()),
+                );
+            };
             log_core
                 .log
-                .run_committer(&flag, &*log_core.media, &log_core.segments)
+                .run_committer(&flag, &*log_core.media, &log_core.segments, &heads)
         })
         .inspect_err(|_| core.log.detach_committer())?;
     Ok((stop, thread))
