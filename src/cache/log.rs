@@ -676,12 +676,113 @@ fn fence(media: &dyn Media) -> Result<(), LogError> {
 
 #[cfg(test)]
 mod tests {
-    use super::INLINE_CLOSING_KSETS;
+    use std::sync::Arc;
+
+    use super::{SyncScope, FOLIO_SIZE, INLINE_CLOSING_KSETS};
     use crate::cache::driver::Driver;
-    use crate::cache::format::KeyRecord;
+    use crate::cache::format::{self, KeyRecord, Layout};
     use crate::cache::journal;
+    use crate::cache::media::RecordingMedia;
+    use crate::cache::replay::min_segments;
     use crate::cache::tests::{pattern, Fixture};
-    use crate::cache::CacheEngine;
+    use crate::cache::{CacheEngine, CachePos};
+
+    /// A committer's close writes the keys whose data lies in folios the data heads have left,
+    /// that data synced first; a key whose data ends in the folio a head still writes into
+    /// stays open, unsynced, with the keys after it in its kset (so the versions of a block
+    /// keep their order), and its kset counts as full again only after a whole kset of new
+    /// keys. A FLUSH's close (every key) then writes them too.
+    #[test]
+    fn a_committer_close_leaves_the_keys_in_a_data_heads_folio_for_later() {
+        let queues = 2;
+        let mut fx = Fixture::new(64, queues, 2);
+        let len = Layout::media_len_for(min_segments(queues) + 2);
+        fx.media = Arc::new(RecordingMedia::new_msync(len).unwrap());
+        let engine =
+            CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+        let core = engine.core();
+        let (log, media) = (&core.log, &*core.media);
+        let seg = if log.head().pos.seg == 2 { 3 } else { 2 };
+        let start = core.layout.media_offset(CachePos { seg, off: 0 });
+        // The offset in the segment where the next folio starts.
+        let boundary = (FOLIO_SIZE - start % FOLIO_SIZE) as u32;
+        let key = |off: u64, seg_off: u32| KeyRecord {
+            off,
+            len: 4096,
+            flags: 0,
+            seg,
+            seg_off,
+            gen: 0,
+            data_crc: 0,
+        };
+        // Kset 0 (region 0): two keys in the folio the head left (one ends at its end), one in
+        // the head's folio, then one naming no data. Kset 1 (region 1): one key, folio left.
+        let keys0 = [
+            key(0, boundary - 8192),
+            key(4096, boundary - 4096),
+            key(8192, boundary),
+            KeyRecord {
+                flags: format::KEY_ZEROES,
+                seg: 0,
+                seg_off: 0,
+                ..key(12288, 0)
+            },
+        ];
+        let key1 = key(4 << 20, boundary - 12288);
+        for k in keys0.iter().chain([&key1]) {
+            if k.flags & format::KEY_ZEROES == 0 {
+                let at = core.layout.media_offset(CachePos {
+                    seg,
+                    off: k.seg_off,
+                });
+                media.write(at, &pattern(k.off, 4096, 1)).unwrap();
+            }
+            assert!(!log.append(*k).full);
+        }
+        let durable_at = |k: &KeyRecord| {
+            let at = core.layout.media_offset(CachePos {
+                seg,
+                off: k.seg_off,
+            }) as usize;
+            fx.media
+                .with_durable(|d| d[at..at + 4096] == pattern(k.off, 4096, 1))
+        };
+        let seq = log.head().seq;
+        let head = [CachePos {
+            seg,
+            off: boundary + 8192,
+        }];
+        log.close_set(
+            &[0, 1],
+            SyncScope::WholeFolios(&head),
+            media,
+            &core.segments,
+        )
+        .unwrap();
+
+        assert_eq!(
+            log.head().seq,
+            seq + 1,
+            "one kset with the three ready keys"
+        );
+        assert_eq!(log.open_keys(), vec![keys0[2..].to_vec(), vec![]]);
+        assert!(durable_at(&keys0[0]) && durable_at(&keys0[1]) && durable_at(&key1));
+        assert!(
+            !durable_at(&keys0[2]),
+            "the data in the head's folio was synced"
+        );
+        // Two keys left: full after 128 more, not before.
+        for n in 1..=format::KSET_MAX_KEYS {
+            let full = log.append(key(16384, 0)).full;
+            assert_eq!(full, n == format::KSET_MAX_KEYS, "after {n} more keys");
+        }
+
+        log.close_all(media, &core.segments).unwrap();
+        assert!(log.open_keys().iter().all(Vec::is_empty));
+        assert!(durable_at(&keys0[2]));
+        // Its keys name data no engine wrote: nothing of it may be replayed or written back.
+        std::mem::forget(engine);
+    }
 
     /// A FLUSH on a device with more queues, so more ksets, than a close holds locks of inline:
     /// the list goes to the heap, and every kset's keys still reach the media.
