@@ -31,7 +31,7 @@ use smallvec::SmallVec;
 
 use super::format::{self, KeyRecord, KsetCodec};
 use super::journal::Journal;
-use super::media::{Media, MediaError, Persistence};
+use super::media::{Media, MediaError, Persistence, FOLIO_SIZE};
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
 use crate::engine::ErrorChain;
@@ -109,12 +109,6 @@ impl CommitState {
 /// log space, 64 queues x 8,192 keys x 40 bytes = 20 MiB, stays within the log reserve (two
 /// 16 MiB segments).
 const COMMIT_BACKLOG: usize = 64 * format::KSET_MAX_KEYS;
-
-/// Size of the page-cache folios a cache file is mapped with (transparent huge pages; see
-/// `MappedMedia`). Writing any byte of a clean folio through the mapping makes the file
-/// system write the whole folio back at the next sync, so committers leave the data of a
-/// folio a data head still writes into for a later close.
-pub const FOLIO_SIZE: u64 = 2 << 20;
 
 /// Which data a close makes durable before writing the keys that name it (msync mode).
 #[derive(Clone, Copy)]

@@ -175,6 +175,58 @@ impl MappedMedia {
         Ok(())
     }
 
+    /// Make the page runs `runs` (ascending, inside the mapping) durable with one device
+    /// flush: the writes of every run are started together (`sync_file_range`), those of all
+    /// but the last waited for, and the `msync` of the last waits for it and flushes the
+    /// device once for all. One `msync` over their span would also write every dirty page
+    /// between them: with two data heads, the folio one of them is still filling, which is
+    /// then written again after its next write.
+    fn sync(&self, runs: &[(usize, usize)]) -> Result<(), MediaError> {
+        let base = self.base as usize;
+        let Some((&last, rest)) = runs.split_last() else {
+            return Ok(());
+        };
+        let failed = |(s, e): (usize, usize)| MediaError::Msync {
+            offset: (s - base) as u64,
+            len: (e - s) as u64,
+            source: io::Error::last_os_error(),
+        };
+        let msync = |(s, e): (usize, usize)| {
+            // SAFETY: [s, e) is page-aligned and inside this live mapping.
+            match unsafe { libc::msync(s as *mut libc::c_void, e - s, libc::MS_SYNC) } {
+                0 => Ok(()),
+                _ => Err(failed((s, e))),
+            }
+        };
+        let range = |(s, e): (usize, usize), flags| {
+            // SAFETY: sync_file_range on the mapped file's fd; no memory is passed.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    (s - base) as libc::off64_t,
+                    (e - s) as libc::off64_t,
+                    flags,
+                )
+            };
+            rc == 0
+        };
+        if !rest.is_empty() {
+            for &run in runs {
+                range(run, libc::SYNC_FILE_RANGE_WRITE);
+            }
+            let wait = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+            for &run in rest {
+                // Where the file cannot do that (not a regular file): an msync of its own.
+                if !range(run, wait) {
+                    msync(run)?;
+                }
+            }
+        }
+        msync(last)
+    }
+
     fn map_end(&self) -> usize {
         let page = msync::page_size();
         (self.base as usize + self.len as usize + page - 1) & !(page - 1)
@@ -416,20 +468,7 @@ impl Media for MappedMedia {
         match self.persistence {
             Persistence::Pmem => cpu_flush::store_fence(),
             Persistence::Msync => {
-                // One msync over the span of everything pending: each msync ends in a cache
-                // flush of the device, and writing back a dirty page early is always allowed.
-                let base = self.base as usize;
-                if let Some((s, e)) = msync::take_span(base, self.map_end()) {
-                    // SAFETY: [s, e) is page-aligned and inside this live mapping.
-                    let rc = unsafe { libc::msync(s as *mut libc::c_void, e - s, libc::MS_SYNC) };
-                    if rc != 0 {
-                        return Err(MediaError::Msync {
-                            offset: (s - base) as u64,
-                            len: (e - s) as u64,
-                            source: io::Error::last_os_error(),
-                        });
-                    }
-                }
+                msync::with_runs(self.base as usize, self.map_end(), |runs| self.sync(runs))?
             }
             Persistence::Volatile => {}
         }
