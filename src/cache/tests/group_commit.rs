@@ -11,6 +11,7 @@ use super::{pattern, wait_until, Fixture};
 use crate::cache::driver::Driver;
 use crate::cache::format::Layout;
 use crate::cache::media::RecordingMedia;
+use crate::cache::queue::data_head_positions;
 use crate::cache::replay::min_segments;
 use crate::cache::CacheEngine;
 use crate::engine::Engine;
@@ -177,4 +178,24 @@ fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
     for &off in &offs {
         assert_eq!(d.read(0, off, BS).unwrap(), pattern(off, BS, 2));
     }
+}
+
+/// The committers learn where the data heads write next from every queue's head.
+#[test]
+fn committers_see_the_data_head_of_every_queue_that_wrote() {
+    let (_fx, engine) = msync_fixture(2);
+    let mut d = Driver::new(&engine);
+    let mut heads = Vec::new();
+    data_head_positions(engine.core(), &mut heads);
+    assert!(heads.is_empty(), "no queue wrote yet: {heads:?}");
+    d.write(0, 0, &pattern(0, 4096, 1)).unwrap();
+    d.write(1, 1 << 20, &pattern(1 << 20, 8192, 1)).unwrap();
+    data_head_positions(engine.core(), &mut heads);
+    let mut offs: Vec<u32> = heads.iter().map(|h| h.off).collect();
+    offs.sort_unstable();
+    assert_eq!(offs, [4096, 8192], "{heads:?}");
+    assert_ne!(
+        heads[0].seg, heads[1].seg,
+        "each queue has a segment of its own"
+    );
 }
