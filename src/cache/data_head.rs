@@ -76,6 +76,11 @@ impl DataHead {
         }
     }
 
+    /// Where the next bytes go, while the head holds a segment.
+    pub fn pos(&self) -> Option<CachePos> {
+        self.seg.map(|seg| CachePos { seg, off: self.off })
+    }
+
     /// Give up the current segment (drop the head's reference).
     pub fn release(
         &mut self,

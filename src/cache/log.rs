@@ -31,7 +31,7 @@ use smallvec::SmallVec;
 
 use super::format::{self, KeyRecord, KsetCodec};
 use super::journal::Journal;
-use super::media::{Media, MediaError, Persistence};
+use super::media::{Media, MediaError, Persistence, FOLIO_SIZE};
 use super::segments::{SegmentKind, SegmentMap};
 use super::{CachePos, REGION_SHIFT};
 use crate::engine::ErrorChain;
@@ -65,6 +65,10 @@ struct OpenKset {
     keys: Vec<KeyRecord>,
     /// When the oldest key still waiting here was appended.
     since: Option<Instant>,
+    /// Keys at the front that a committer's close left here because their data shares a
+    /// page-cache folio with a data head ([`Log::run_committer`]): the kset counts as full
+    /// again only once a whole kset of keys came after them.
+    deferred: usize,
 }
 
 /// One open kset: the keys writers append to, and the lock that orders its closes (holding
@@ -105,6 +109,18 @@ impl CommitState {
 /// log space, 64 queues x 8,192 keys x 40 bytes = 20 MiB, stays within the log reserve (two
 /// 16 MiB segments).
 const COMMIT_BACKLOG: usize = 64 * format::KSET_MAX_KEYS;
+
+/// Which data a close makes durable before writing the keys that name it (msync mode).
+#[derive(Clone, Copy)]
+enum SyncScope<'a> {
+    /// Every key taken: FLUSH, write cache off, the age limit, a writer closing itself.
+    All,
+    /// A committer's close: the keys of each kset up to the first one whose data ends inside
+    /// the folio a data head (at these positions) still writes into; the rest stay open.
+    /// Syncing that folio now would clean it, the head's next write would dirty all of it
+    /// again, and the next sync would write the whole folio once more.
+    WholeFolios(&'a [CachePos]),
+}
 
 /// What [`Log::append`] did with a key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -231,7 +247,7 @@ impl Log {
             self.journal_full.fetch_add(1, Ordering::Relaxed);
         }
         Appended {
-            full: k.keys.len() >= format::KSET_MAX_KEYS,
+            full: k.keys.len() >= k.deferred + format::KSET_MAX_KEYS,
             journaled,
         }
     }
@@ -271,9 +287,18 @@ impl Log {
 
     /// Serve as an attached committer until `stop` is set (and [`Log::wake_committers`]
     /// called): close the ksets [`Log::close_full`] asked for, all those waiting together, so
-    /// their data costs one sync.
-    pub fn run_committer(&self, stop: &AtomicBool, media: &dyn Media, segments: &SegmentMap) {
+    /// their data costs one sync. `data_heads` fills in where the data heads are; the keys
+    /// whose data lies in a folio a head has not left yet stay open for a later close (or
+    /// the next FLUSH, or the age limit), so each folio of data is written back once.
+    pub fn run_committer(
+        &self,
+        stop: &AtomicBool,
+        media: &dyn Media,
+        segments: &SegmentMap,
+        data_heads: &dyn Fn(&mut Vec<CachePos>),
+    ) {
         let mut idxs = Vec::with_capacity(self.ksets.len());
+        let mut heads = Vec::new();
         loop {
             let mut c = lock(&self.committers.state);
             while !c.any_wanted() && !stop.load(Ordering::Acquire) {
@@ -299,7 +324,11 @@ impl Log {
                 }
             }
             drop(c);
-            if let Err(e) = self.close_set(&idxs, media, segments) {
+            // Before any kset lock: a writer may hold its head while it appends.
+            heads.clear();
+            data_heads(&mut heads);
+            let scope = SyncScope::WholeFolios(&heads);
+            if let Err(e) = self.close_set(&idxs, scope, media, segments) {
                 log::debug!("ksets {idxs:?} stay open for now: {}", ErrorChain(&e));
             }
         }
@@ -318,13 +347,13 @@ impl Log {
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
-        self.close_set(&[idx], media, segments)
+        self.close_set(&[idx], SyncScope::All, media, segments)
     }
 
     /// Persist every kset that holds keys (FLUSH, write cache off, shutdown): their keys go out
     /// together, so a FLUSH costs one data sync and one fence per 128 keys, not per queue.
     pub fn close_all(&self, media: &dyn Media, segments: &SegmentMap) -> Result<(), LogError> {
-        self.close_set(&self.all_ksets, media, segments)
+        self.close_set(&self.all_ksets, SyncScope::All, media, segments)
     }
 
     /// Persist the kset holding keys for backing offset `off`.
@@ -354,38 +383,65 @@ impl Log {
     ///
     /// Each kset's closing lock is held from taking its keys until they are on the media, so
     /// the versions of a block (which all go to one kset) reach the log in append order even
-    /// when several threads close. Keys that could not be written go back to the front of
-    /// their kset.
+    /// when several threads close. Keys that could not be written, or that `scope` leaves for
+    /// later, go back to the front of their kset.
     fn close_set(
         &self,
         idxs: &[usize],
+        scope: SyncScope<'_>,
         media: &dyn Media,
         segments: &SegmentMap,
     ) -> Result<(), LogError> {
         let mut closing: SmallVec<[_; INLINE_CLOSING_KSETS]> =
             idxs.iter().map(|&i| lock(&self.ksets[i].closing)).collect();
+        let mut since: SmallVec<[Option<Instant>; INLINE_CLOSING_KSETS]> =
+            SmallVec::from_elem(None, idxs.len());
         let mut taken = 0;
         for (n, &i) in idxs.iter().enumerate() {
             let mut open = lock(&self.ksets[i].open);
             if !open.keys.is_empty() {
                 std::mem::swap(&mut open.keys, &mut *closing[n]);
-                open.since = None;
+                since[n] = open.since.take();
+                open.deferred = 0;
                 taken += closing[n].len();
             }
         }
         if taken == 0 {
             return Ok(());
         }
+        // Per kset, how many of its keys (from the front) go out now.
+        let ready: SmallVec<[usize; INLINE_CLOSING_KSETS]> = closing
+            .iter()
+            .map(|keys| match scope {
+                SyncScope::All => keys.len(),
+                SyncScope::WholeFolios(heads) => keys
+                    .iter()
+                    .take_while(|k| self.data_folio_left(k, heads))
+                    .count(),
+            })
+            .collect();
         let mut written = 0;
-        let result = self.write_keys(idxs, &closing, media, segments, &mut written);
+        let result = if ready.iter().any(|&r| r > 0) {
+            self.write_keys(idxs, &closing, &ready, media, segments, &mut written)
+        } else {
+            Ok(())
+        };
         for (n, &i) in idxs.iter().enumerate() {
             let keys = &mut *closing[n];
-            let done = written.min(keys.len());
+            let done = written.min(ready[n]);
             written -= done;
             if done < keys.len() {
+                let left = keys.len() - done;
                 let mut open = lock(&self.ksets[i].open);
                 open.keys.splice(0..0, keys.drain(done..));
-                open.since = Some(Instant::now());
+                if done < ready[n] {
+                    // Not written (the error is returned): try again a while from now.
+                    open.since = Some(Instant::now());
+                } else {
+                    // Left for later on purpose: the age limit still counts from the oldest.
+                    open.deferred = left;
+                    open.since = since[n].or(open.since);
+                }
             }
             keys.clear();
         }
@@ -394,19 +450,39 @@ impl Log {
         result
     }
 
+    /// Whether no data head writes into the folio that holds the end of `key`'s data any
+    /// more (or the key names no data), so syncing it now writes that folio back only once.
+    fn data_folio_left(&self, key: &KeyRecord, heads: &[CachePos]) -> bool {
+        if key.flags & format::KEY_ZEROES != 0 {
+            return true;
+        }
+        let end = self.layout.media_offset(CachePos {
+            seg: key.seg,
+            off: key.seg_off + key.len,
+        });
+        heads
+            .iter()
+            .filter(|h| h.seg == key.seg)
+            .all(|&h| end <= self.layout.media_offset(h) & !(FOLIO_SIZE - 1))
+    }
+
     /// Sync the data the keys name (msync mode), then write them as ksets at the head.
-    /// `lists` are the keys taken from open ksets `idxs`; `written` counts the keys on the
-    /// media, in the order of `lists`.
+    /// `lists` are the keys taken from open ksets `idxs`, of which the first `ready[n]` of
+    /// each go out; `written` counts the keys on the media, in the order of those prefixes.
     fn write_keys(
         &self,
         idxs: &[usize],
         lists: &[std::sync::MutexGuard<'_, Vec<KeyRecord>>],
+        ready: &[usize],
         media: &dyn Media,
         segments: &SegmentMap,
         written: &mut usize,
     ) -> Result<(), LogError> {
         if media.persistence() == Persistence::Msync {
-            self.sync_data(lists.iter().flat_map(|l| l.iter()), media)?;
+            self.sync_data(
+                lists.iter().zip(ready).flat_map(|(l, &r)| l[..r].iter()),
+                media,
+            )?;
         }
         let mut head = lock(&self.head);
         let mut scratch = lock(&self.scratch);
@@ -426,7 +502,7 @@ impl Log {
         chunk.clear();
         marks.clear();
         for (n, list) in lists.iter().enumerate() {
-            for key in list.iter() {
+            for key in list[..ready[n]].iter() {
                 chunk.push(*key);
                 next[n] += 1;
                 match marks.last_mut() {
@@ -594,12 +670,113 @@ fn fence(media: &dyn Media) -> Result<(), LogError> {
 
 #[cfg(test)]
 mod tests {
-    use super::INLINE_CLOSING_KSETS;
+    use std::sync::Arc;
+
+    use super::{SyncScope, FOLIO_SIZE, INLINE_CLOSING_KSETS};
     use crate::cache::driver::Driver;
-    use crate::cache::format::KeyRecord;
+    use crate::cache::format::{self, KeyRecord, Layout};
     use crate::cache::journal;
+    use crate::cache::media::RecordingMedia;
+    use crate::cache::replay::min_segments;
     use crate::cache::tests::{pattern, Fixture};
-    use crate::cache::CacheEngine;
+    use crate::cache::{CacheEngine, CachePos};
+
+    /// A committer's close writes the keys whose data lies in folios the data heads have left,
+    /// that data synced first; a key whose data ends in the folio a head still writes into
+    /// stays open, unsynced, with the keys after it in its kset (so the versions of a block
+    /// keep their order), and its kset counts as full again only after a whole kset of new
+    /// keys. A FLUSH's close (every key) then writes them too.
+    #[test]
+    fn a_committer_close_leaves_the_keys_in_a_data_heads_folio_for_later() {
+        let queues = 2;
+        let mut fx = Fixture::new(64, queues, 2);
+        let len = Layout::media_len_for(min_segments(queues) + 2);
+        fx.media = Arc::new(RecordingMedia::new_msync(len).unwrap());
+        let engine =
+            CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+        let core = engine.core();
+        let (log, media) = (&core.log, &*core.media);
+        let seg = if log.head().pos.seg == 2 { 3 } else { 2 };
+        let start = core.layout.media_offset(CachePos { seg, off: 0 });
+        // The offset in the segment where the next folio starts.
+        let boundary = (FOLIO_SIZE - start % FOLIO_SIZE) as u32;
+        let key = |off: u64, seg_off: u32| KeyRecord {
+            off,
+            len: 4096,
+            flags: 0,
+            seg,
+            seg_off,
+            gen: 0,
+            data_crc: 0,
+        };
+        // Kset 0 (region 0): two keys in the folio the head left (one ends at its end), one in
+        // the head's folio, then one naming no data. Kset 1 (region 1): one key, folio left.
+        let keys0 = [
+            key(0, boundary - 8192),
+            key(4096, boundary - 4096),
+            key(8192, boundary),
+            KeyRecord {
+                flags: format::KEY_ZEROES,
+                seg: 0,
+                seg_off: 0,
+                ..key(12288, 0)
+            },
+        ];
+        let key1 = key(4 << 20, boundary - 12288);
+        for k in keys0.iter().chain([&key1]) {
+            if k.flags & format::KEY_ZEROES == 0 {
+                let at = core.layout.media_offset(CachePos {
+                    seg,
+                    off: k.seg_off,
+                });
+                media.write(at, &pattern(k.off, 4096, 1)).unwrap();
+            }
+            assert!(!log.append(*k).full);
+        }
+        let durable_at = |k: &KeyRecord| {
+            let at = core.layout.media_offset(CachePos {
+                seg,
+                off: k.seg_off,
+            }) as usize;
+            fx.media
+                .with_durable(|d| d[at..at + 4096] == pattern(k.off, 4096, 1))
+        };
+        let seq = log.head().seq;
+        let head = [CachePos {
+            seg,
+            off: boundary + 8192,
+        }];
+        log.close_set(
+            &[0, 1],
+            SyncScope::WholeFolios(&head),
+            media,
+            &core.segments,
+        )
+        .unwrap();
+
+        assert_eq!(
+            log.head().seq,
+            seq + 1,
+            "one kset with the three ready keys"
+        );
+        assert_eq!(log.open_keys(), vec![keys0[2..].to_vec(), vec![]]);
+        assert!(durable_at(&keys0[0]) && durable_at(&keys0[1]) && durable_at(&key1));
+        assert!(
+            !durable_at(&keys0[2]),
+            "the data in the head's folio was synced"
+        );
+        // Two keys left: full after 128 more, not before.
+        for n in 1..=format::KSET_MAX_KEYS {
+            let full = log.append(key(16384, 0)).full;
+            assert_eq!(full, n == format::KSET_MAX_KEYS, "after {n} more keys");
+        }
+
+        log.close_all(media, &core.segments).unwrap();
+        assert!(log.open_keys().iter().all(Vec::is_empty));
+        assert!(durable_at(&keys0[2]));
+        // Its keys name data no engine wrote: nothing of it may be replayed or written back.
+        std::mem::forget(engine);
+    }
 
     /// A FLUSH on a device with more queues, so more ksets, than a close holds locks of inline:
     /// the list goes to the heap, and every kset's keys still reach the media.

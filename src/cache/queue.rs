@@ -481,6 +481,12 @@ impl Drop for CacheQueue {
     }
 }
 
+/// Where the data heads of every queue that holds a segment write next: a committer leaves
+/// the keys whose data ends in one of their folios for a later close.
+pub(super) fn data_head_positions(core: &Core, out: &mut Vec<CachePos>) {
+    out.extend(core.heads.iter().filter_map(|h| crate::sync::lock(h).pos()));
+}
+
 /// Start queue `qid`'s committer thread (msync mode), which closes full ksets of any queue:
 /// closing syncs the data the keys name and then the kset, and no writer should wait for that.
 fn spawn_committer(
@@ -494,9 +500,10 @@ fn spawn_committer(
     let thread = std::thread::Builder::new()
         .name(format!("pcache-log-{qid}"))
         .spawn(move || {
+            let heads = |out: &mut Vec<_>| data_head_positions(&log_core, out);
             log_core
                 .log
-                .run_committer(&flag, &*log_core.media, &log_core.segments)
+                .run_committer(&flag, &*log_core.media, &log_core.segments, &heads)
         })
         .inspect_err(|_| core.log.detach_committer())?;
     Ok((stop, thread))

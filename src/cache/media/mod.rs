@@ -47,6 +47,13 @@ pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 /// `RecordingMedia` tracks persistence.
 pub const CACHE_LINE: u64 = 64;
 
+/// Size of the page-cache folios a cache file is mapped with in msync mode (transparent huge
+/// pages, see `MappedMedia`). Writing any byte of a clean folio through the mapping makes the
+/// file system write the whole folio back at the next sync: the key log leaves the data of a
+/// folio a data head still writes into for a later close, and a sync's ranges closer than
+/// this are written as one.
+pub const FOLIO_SIZE: u64 = 2 << 20;
+
 /// How writes to the media are made durable.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Persistence {

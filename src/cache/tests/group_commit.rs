@@ -11,6 +11,7 @@ use super::{pattern, wait_until, Fixture};
 use crate::cache::driver::Driver;
 use crate::cache::format::Layout;
 use crate::cache::media::RecordingMedia;
+use crate::cache::queue::data_head_positions;
 use crate::cache::replay::min_segments;
 use crate::cache::CacheEngine;
 use crate::engine::Engine;
@@ -121,12 +122,15 @@ fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
     let engine =
         CacheEngine::open_with_media(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
     let mut d = Driver::with_queues(&engine, 1);
-    // Only odd 4 MiB regions: every key goes to kset 1, whose queue is never started.
+    // Only odd 4 MiB regions: every key goes to kset 1, whose queue is never started. 16 KiB
+    // writes, 6 MiB in all: the data head leaves folios behind, whose keys a committer
+    // writes (it leaves those in the head's folio for later).
+    const BS: usize = 16 << 10;
     let offs: Vec<u64> = (0..3 * 128u64)
-        .map(|i| (2 * (i % 7) + 1) * (4 << 20) + (i / 7) * 4096)
+        .map(|i| (2 * (i % 7) + 1) * (4 << 20) + (i / 7) * BS as u64)
         .collect();
     for &off in &offs {
-        d.write(0, off, &pattern(off, 4096, 1)).unwrap();
+        d.write(0, off, &pattern(off, BS, 1)).unwrap();
     }
     d.flush(0).unwrap();
     let flushed = fx.media.fences();
@@ -140,7 +144,7 @@ fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
         }
     })));
     for &off in &offs {
-        d.write(0, off, &pattern(off, 4096, 2)).unwrap();
+        d.write(0, off, &pattern(off, BS, 2)).unwrap();
     }
     assert_eq!(
         writer_events.load(Ordering::SeqCst),
@@ -159,9 +163,9 @@ fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
         let reopened = CacheEngine::open_stepped(&fx.opts, media, fx.backing.clone()).unwrap();
         let mut c = Driver::new(&reopened);
         for &off in &offs {
-            let got = c.read(0, off, 4096).unwrap();
+            let got = c.read(0, off, BS).unwrap();
             assert!(
-                got == pattern(off, 4096, 1) || got == pattern(off, 4096, 2),
+                got == pattern(off, BS, 1) || got == pattern(off, BS, 2),
                 "crash image {seed}: block {off:#x} is neither the flushed nor the new data"
             );
         }
@@ -172,6 +176,26 @@ fn msync_full_ksets_of_a_queue_never_started_are_closed_by_a_committer() {
     let reopened = reopen_durable(&fx);
     let mut d = Driver::new(&reopened);
     for &off in &offs {
-        assert_eq!(d.read(0, off, 4096).unwrap(), pattern(off, 4096, 2));
+        assert_eq!(d.read(0, off, BS).unwrap(), pattern(off, BS, 2));
     }
+}
+
+/// The committers learn where the data heads write next from every queue's head.
+#[test]
+fn committers_see_the_data_head_of_every_queue_that_wrote() {
+    let (_fx, engine) = msync_fixture(2);
+    let mut d = Driver::new(&engine);
+    let mut heads = Vec::new();
+    data_head_positions(engine.core(), &mut heads);
+    assert!(heads.is_empty(), "no queue wrote yet: {heads:?}");
+    d.write(0, 0, &pattern(0, 4096, 1)).unwrap();
+    d.write(1, 1 << 20, &pattern(1 << 20, 8192, 1)).unwrap();
+    data_head_positions(engine.core(), &mut heads);
+    let mut offs: Vec<u32> = heads.iter().map(|h| h.off).collect();
+    offs.sort_unstable();
+    assert_eq!(offs, [4096, 8192], "{heads:?}");
+    assert_ne!(
+        heads[0].seg, heads[1].seg,
+        "each queue has a segment of its own"
+    );
 }
