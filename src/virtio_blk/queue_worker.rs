@@ -87,6 +87,17 @@ pub struct QueueWorker {
     used: Vec<(u16, u32)>,
     /// The descriptors of the chain being decoded, reused from chain to chain.
     descs: Vec<Desc>,
+    /// How this queue's idle periods ended, logged when the queue stops.
+    idle: IdleCounts,
+}
+
+/// How a queue's idle periods (its ring empty, the engine holding none of its requests) ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdleCounts {
+    /// Polling found the next request: no kick, no wake-up.
+    pub caught: u64,
+    /// The worker turned notifications back on and returned to its event loop to sleep.
+    pub slept: u64,
 }
 
 /// What polling an empty ring came to.
@@ -123,6 +134,7 @@ impl QueueWorker {
             batch_mem: None,
             used: Vec::new(),
             descs: Vec::new(),
+            idle: IdleCounts::default(),
         }
     }
 
@@ -262,6 +274,7 @@ impl QueueWorker {
             if let Some(empty_at) = empty_at {
                 match self.poll_for_work(vring, empty_at) {
                     PollOutcome::Work => {
+                        self.idle.caught += 1;
                         self.poll.adjust(empty_at.elapsed());
                         continue;
                     }
@@ -271,6 +284,7 @@ impl QueueWorker {
             }
             // Re-check after re-enabling: chains that arrived meanwhile sent no kick.
             if !self.enable_notification(vring, mem, &current)? {
+                self.idle.slept += 1;
                 self.idle_since = empty_at;
                 return Ok(());
             }
@@ -678,7 +692,20 @@ impl QueueWorker {
         self.batch_mem = None;
         unregister(&queue.poll_fds());
         drop(queue);
-        debug!("queue {}: stopped", self.index);
+        debug!(
+            "queue {}: stopped; of its idle periods polling caught {}, {} ended in a sleep",
+            self.index, self.idle.caught, self.idle.slept
+        );
+    }
+
+    /// How this queue's idle periods ended so far.
+    pub fn idle_counts(&self) -> IdleCounts {
+        self.idle
+    }
+
+    /// How long this queue polls now once its ring runs empty.
+    pub fn poll_window(&self) -> Duration {
+        self.poll.current()
     }
 
     /// Requests the engine holds for this queue.
