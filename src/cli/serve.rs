@@ -95,7 +95,7 @@ pub struct ServeArgs {
     )]
     queue_size: Option<u16>,
 
-    /// Microseconds a queue polls its ring once it runs empty, 0 for never [default: 64; 0 with --cache none]
+    /// Microseconds a queue polls its ring once it runs empty, 0 for never [default: 32; 0 with --cache none]
     #[arg(
         long,
         value_name = "US",
@@ -107,9 +107,9 @@ pub struct ServeArgs {
                      no thread wake-up, which lowers latency at low queue depths. The window adapts per queue: it shrinks to nothing \
                      once fewer than half of the queue's last 16 idle periods were US or \
                      shorter (a guest gone quiet), and grows back while requests come close \
-                     together. The cost is CPU time: a busy queue's thread can spin for up to \
-                     US microseconds after each burst. 0 turns polling off; at most 1000. \
-                     [default: 64; 0 with --cache none, where every request waits on the \
+                     together. The cost is CPU time: a busy queue's thread can spin for up to US \
+                     microseconds after each burst. 0 turns polling off; at most 1000. \
+                     [default: 32; 0 with --cache none, where every request waits on the \
                      backing image and polling measured slower]"
     )]
     poll_us: Option<u32>,
@@ -258,10 +258,9 @@ pub struct ServeArgs {
 pub const DEFAULT_QUEUES: u16 = 4;
 /// Largest queue size accepted when neither a flag nor the config file says.
 pub const DEFAULT_QUEUE_SIZE: u16 = 1024;
-/// Polling window when neither a flag nor the config file says: twice QEMU's iothread default
-/// (`poll-max-ns` 32768), which a client's round trip at queue depth 32 often outlasts on a
-/// busy host (docs/performance.md, "Polling").
-pub const DEFAULT_POLL_US: u32 = 64;
+/// Polling window when neither a flag nor the config file says: QEMU's iothread default
+/// (`poll-max-ns` 32768).
+pub const DEFAULT_POLL_US: u32 = 32;
 /// Longest polling window accepted: beyond it a queue's thread would hold its lock long
 /// enough to delay the frontend's ring messages noticeably.
 pub const MAX_POLL_US: u32 = 1000;
@@ -336,7 +335,7 @@ impl ServeArgs {
         }
     }
 
-    /// `--poll-us`; by default 64 µs in front of a cache and off with `--cache none`, where
+    /// `--poll-us`; by default 32 µs in front of a cache and off with `--cache none`, where
     /// every request waits on the backing image and polling measured slower
     /// (docs/performance.md, "Polling").
     pub fn poll(&self) -> std::time::Duration {
@@ -565,7 +564,7 @@ mod tests {
             ServeCli::parse_from(argv).args.poll()
         };
         assert_eq!(poll(&[]), Duration::from_micros(u64::from(DEFAULT_POLL_US)));
-        assert_eq!(poll(&["--cache", "c.pcache"]), Duration::from_micros(64));
+        assert_eq!(poll(&["--cache", "c.pcache"]), Duration::from_micros(32));
         assert_eq!(poll(&["--cache", "none"]), Duration::ZERO);
         assert_eq!(
             poll(&["--cache", "none", "--poll-us", "50"]),
