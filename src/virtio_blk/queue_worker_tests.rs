@@ -462,6 +462,12 @@ fn a_polling_worker_takes_a_request_that_arrives_without_a_kick_until_the_ring_i
     // The frontend disables the ring: the worker stops polling and takes nothing more.
     rig.vring.set_enabled(false);
     rig.join_worker(handle.take().unwrap());
+    let idle = rig.worker.idle_counts();
+    assert_eq!(
+        (idle.caught, idle.slept),
+        (1, 0),
+        "the second request was found by polling, and the worker never slept"
+    );
     rig.add(0x3_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
     rig.process();
     assert_eq!(rig.used().len(), 2, "a disabled ring gave out a request");
