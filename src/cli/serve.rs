@@ -105,8 +105,9 @@ pub struct ServeArgs {
                      holds requests, whose completion wakes it) before it turns notifications \
                      back on and sleeps: a request arriving meanwhile costs no guest kick and \
                      no thread wake-up, which lowers latency at low queue depths. The window adapts per queue: it shrinks to nothing \
-                     while the guest is idle and grows back while requests come close together. \
-                     The cost is CPU time: a busy queue's thread can spin for up to US \
+                     once fewer than half of the queue's last 16 idle periods were US or \
+                     shorter (a guest gone quiet), and grows back while requests come close \
+                     together. The cost is CPU time: a busy queue's thread can spin for up to US \
                      microseconds after each burst. 0 turns polling off; at most 1000. \
                      [default: 32; 0 with --cache none, where every request waits on the \
                      backing image and polling measured slower]"

@@ -462,6 +462,12 @@ fn a_polling_worker_takes_a_request_that_arrives_without_a_kick_until_the_ring_i
     // The frontend disables the ring: the worker stops polling and takes nothing more.
     rig.vring.set_enabled(false);
     rig.join_worker(handle.take().unwrap());
+    let idle = rig.worker.idle_counts();
+    assert_eq!(
+        (idle.caught, idle.slept),
+        (1, 0),
+        "the second request was found by polling, and the worker never slept"
+    );
     rig.add(0x3_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
     rig.process();
     assert_eq!(rig.used().len(), 2, "a disabled ring gave out a request");
@@ -545,6 +551,34 @@ fn a_polling_worker_returns_when_the_connection_ends() {
     let mut unregistered = 0;
     rig.worker.stop(|fds| unregistered += fds.len());
     assert_eq!(unregistered, 1);
+}
+
+/// A queue whose idle periods now and then outlast the window keeps polling: one idle
+/// period longer than the maximum does not drop the window to nothing (as QEMU's rule does,
+/// which at QD32 left the worker sleeping between batches). A guest that stays quiet does stop
+/// it, within nine idle periods, and the worker sleeps after each of them.
+#[test]
+fn a_polling_worker_keeps_its_window_after_one_long_idle_period_and_drops_it_when_the_guest_stays_quiet(
+) {
+    let mem = memory();
+    let max = Duration::from_micros(200);
+    let mut rig = Rig::polling(&mem, max, Arc::new(AtomicBool::new(false)));
+    let mut windows = Vec::new();
+    for n in 0..10u64 {
+        // The previous chain was used: its descriptors may be reused.
+        rig.next_desc = 0;
+        rig.add(0x1_0000, VIRTIO_BLK_T_FLUSH, 0, 0, false);
+        rig.process();
+        assert_eq!(rig.used().len() as u64, n + 1);
+        windows.push(rig.worker.poll_window().as_micros());
+        // Quiet for longer than the window: the next request comes after a wake-up.
+        thread::sleep(max * 5);
+    }
+    // The window the worker learned at each wake-up, from the idle period before it.
+    assert_eq!(windows, [200, 200, 200, 200, 200, 200, 200, 200, 200, 0]);
+    let idle = rig.worker.idle_counts();
+    assert_eq!(idle.caught, 0, "no request came while the worker polled");
+    assert_eq!(idle.slept, 10, "the worker slept after every window");
 }
 
 /// With EVENT_IDX the guest kicks only when it passes the avail event the device published:
