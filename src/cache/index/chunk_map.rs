@@ -16,8 +16,12 @@
 //! that leaves a chunk and a neighbour fitting one chunk merges them, so chunks stay about
 //! half full or better even after many removals.
 
-/// Entries per chunk: with the count and the slot bitmap, the words fill one 64-byte line.
-pub(super) const CAP: usize = 15;
+/// Entries per chunk: each value in a 32-byte slot of its own, so that no value straddles two
+/// cache lines, and the whole chunk is 512 bytes.
+pub(super) const CAP: usize = 14;
+/// Words per chunk: with the count and the slot bitmap they fill one 64-byte line; the last
+/// is always [`UNUSED`].
+const WORDS: usize = 15;
 
 /// Low bits of a word: the slot of its value.
 const SLOT_BITS: u32 = 4;
@@ -47,9 +51,14 @@ const _: () = assert!(UNUSED & SLOT_MASK >= CAP as u32);
 struct Chunk<V> {
     len: u16,
     used: u16,
-    words: [u32; CAP],
-    vals: [V; CAP],
+    words: [u32; WORDS],
+    vals: [Slot<V>; CAP],
 }
+
+/// A value, alone in an aligned 32-byte slot (the index's 28-byte entries) or more.
+#[repr(align(32))]
+#[derive(Clone, Copy, Default)]
+struct Slot<V>(V);
 
 /// The least word of `key`, or [`UNUSED`] (above every word) when `key` is beyond the keys.
 fn lowest_word(key: u32) -> u32 {
@@ -81,8 +90,8 @@ impl<V: Copy + Default> Chunk<V> {
         Box::new(Chunk {
             len: 0,
             used: 0,
-            words: [UNUSED; CAP],
-            vals: [V::default(); CAP],
+            words: [UNUSED; WORDS],
+            vals: [Slot::default(); CAP],
         })
     }
 
@@ -99,11 +108,11 @@ impl<V: Copy + Default> Chunk<V> {
     }
 
     fn val(&self, i: usize) -> &V {
-        &self.vals[slot_of(self.words[i])]
+        &self.vals[slot_of(self.words[i])].0
     }
 
     fn val_mut(&mut self, i: usize) -> &mut V {
-        &mut self.vals[slot_of(self.words[i])]
+        &mut self.vals[slot_of(self.words[i])].0
     }
 
     fn set_aux(&mut self, i: usize, aux: u16) {
@@ -124,7 +133,7 @@ impl<V: Copy + Default> Chunk<V> {
     fn below(&self, key: u32) -> usize {
         // A binary search of fixed steps over the 15 words (and an imaginary 16th above
         // them): no branch depends on the keys or on the count.
-        const _: () = assert!(CAP == 15);
+        const _: () = assert!(WORDS == 15 && CAP < WORDS);
         let (bound, w) = (lowest_word(key), &self.words);
         let mut n = 0;
         for step in [8, 4, 2, 1] {
@@ -141,7 +150,7 @@ impl<V: Copy + Default> Chunk<V> {
         let slot = (!self.used).trailing_zeros();
         self.words.copy_within(i..len, i + 1);
         self.words[i] = word(key, aux, slot);
-        self.vals[slot as usize] = val;
+        self.vals[slot as usize] = Slot(val);
         self.used |= 1 << slot;
         self.len += 1;
     }
@@ -159,7 +168,7 @@ impl<V: Copy + Default> Chunk<V> {
         self.words[len - 1] = UNUSED;
         self.used &= !(1 << slot);
         self.len -= 1;
-        self.vals[slot]
+        self.vals[slot].0
     }
 }
 
@@ -294,7 +303,7 @@ impl<V: Copy + Default> ChunkMap<V> {
         self.chunks.iter().flat_map(|c| {
             c.live()
                 .iter()
-                .map(|&w| (key_of(w), aux_of(w), &c.vals[slot_of(w)]))
+                .map(|&w| (key_of(w), aux_of(w), &c.vals[slot_of(w)].0))
         })
     }
 
@@ -332,7 +341,7 @@ impl<V: Copy + Default> ChunkMap<V> {
         let mut upper = Chunk::empty();
         for i in keep..CAP {
             let w = c.words[i];
-            upper.push(key_of(w), aux_of(w), c.vals[slot_of(w)]);
+            upper.push(key_of(w), aux_of(w), c.vals[slot_of(w)].0);
             c.used &= !(1 << slot_of(w));
             c.words[i] = UNUSED;
         }

@@ -130,7 +130,9 @@ fn sparse_survivors_share_chunks() {
         }
     }
     map.check();
-    let survivors = (n / 10) as usize;
+    // The scattered keys need not all be distinct: count what is there.
+    let survivors = map.iter().count();
+    assert!(survivors >= (n / 20) as usize, "{survivors} survivors");
     // Any two neighbouring chunks hold more than one chunk's worth, so at most about two
     // chunks per CAP survivors, and one at least.
     let chunks = map.chunks();
