@@ -206,7 +206,8 @@ impl Index {
         }
     }
 
-    /// Describe `[off, off + len)` as consecutive pieces in `out` (cleared first).
+    /// Describe `[off, off + len)` (multiples of 512, as every offset the index takes) as
+    /// consecutive pieces in `out` (cleared first).
     ///
     /// Data keys whose `gen` is below `gen_of(key.pos.seg)` are stale: they are removed and
     /// their bytes treated as absent. Absent bytes become `Miss` pieces; with `fill` each such

@@ -10,7 +10,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::chunk_map::ChunkMap;
+use super::chunk_map::{ChunkMap, MAX_AUX, MAX_KEY};
 use super::{push_piece, trim, CrcSpan, FillTicket, IndexKey, KeyKind, Piece};
 use crate::cache::{CachePos, REGION_SIZE, SEGMENT_SIZE};
 
@@ -47,6 +47,30 @@ fn to_sectors(bytes: u32) -> u16 {
         "a CRC span of {bytes} bytes is not sectors inside a segment"
     );
     (bytes >> SECTOR_SHIFT) as u16
+}
+
+const _: () = assert!(
+    REGION_SIZE >> SECTOR_SHIFT <= MAX_KEY as u64 + 1,
+    "sectors inside a region must fit the chunk map's keys"
+);
+const _: () = assert!(
+    REGION_SIZE >> SECTOR_SHIFT <= MAX_AUX as u64 + 1,
+    "an entry's sectors less one must fit beside its key"
+);
+
+/// What the map keeps beside an entry's offset: its length, so that a search sees where an
+/// entry ends without reading the entry (entries are sectors, never empty).
+fn aux_of_len(len: u32) -> u16 {
+    ((len >> SECTOR_SHIFT) - 1) as u16
+}
+
+fn len_of_aux(aux: u16) -> u32 {
+    (u32::from(aux) + 1) << SECTOR_SHIFT
+}
+
+/// The backing offset of map key `rel` in the region starting at `base`.
+fn abs(base: u64, rel: u32) -> u64 {
+    base + (u64::from(rel) << SECTOR_SHIFT)
 }
 
 const KIND_SHIFT: u32 = 30;
@@ -208,12 +232,17 @@ impl Subtree {
         let _ = (added, removed);
     }
 
+    /// The map key of backing offset `off` (a sector multiple): sectors into the region.
     fn rel(&self, off: u64) -> u32 {
-        (off - self.base) as u32
+        debug_assert!(
+            off % (1 << SECTOR_SHIFT) == 0,
+            "offset {off} is not a sector's"
+        );
+        ((off - self.base) >> SECTOR_SHIFT) as u32
     }
 
     fn abs(&self, rel: u32) -> u64 {
-        self.base + u64::from(rel)
+        abs(self.base, rel)
     }
 
     /// Offset of the first entry starting in `[from, to)` that satisfies `pred`.
@@ -230,7 +259,9 @@ impl Subtree {
         if entry.kind() != KeyKind::Empty {
             self.count_extents(1, 0);
         }
-        let replaced = self.map.insert(self.rel(off), entry);
+        let replaced = self
+            .map
+            .insert(self.rel(off), aux_of_len(entry.len()), entry);
         debug_assert!(replaced.is_none(), "index entries overlap at {off}");
     }
 
@@ -244,8 +275,9 @@ impl Subtree {
 
     /// The entry starting before `off` and reaching past it, if any.
     fn reaching_into(&self, off: u64) -> Option<u64> {
-        let (rel, entry) = self.map.last_before(self.rel(off))?;
-        (entry.end(self.abs(rel)) > off).then(|| self.abs(rel))
+        let (rel, aux, _) = self.map.last_before(self.rel(off))?;
+        let start = self.abs(rel);
+        (start + u64::from(len_of_aux(aux)) > off).then_some(start)
     }
 
     /// Insert `key` (inside this region), cutting everything it overlaps.
@@ -264,10 +296,11 @@ impl Subtree {
         let base = self.base;
         // The last entry starting before the key's end: any entry the key overlaps is it or
         // lies before it, and those before it end where it starts.
+        // Its length is beside its key: a gap is found without reading the entry.
         let last_before_end = self.map.last_before_mut(self.rel(end));
         match last_before_end {
-            Some((rel, entry)) if entry.end(base + u64::from(rel)) > start => {
-                if base + u64::from(rel) != start || entry.len() != key.len {
+            Some((rel, aux, entry)) if abs(base, rel) + u64::from(len_of_aux(aux)) > start => {
+                if abs(base, rel) != start || len_of_aux(aux) != key.len {
                     return false;
                 }
                 let was_extent = entry.kind() != KeyKind::Empty;
@@ -288,8 +321,9 @@ impl Subtree {
             let whole = self.get(off);
             let rel = self.rel(off);
             // overlap_head: keep the front. Also the front half of overlap_contained.
-            if let Some(entry) = self.map.get_mut(rel) {
-                entry.set_len((start - off) as u32);
+            let front = (start - off) as u32;
+            if let Some(entry) = self.map.get_mut_setting_aux(rel, aux_of_len(front)) {
+                entry.set_len(front);
             }
             // overlap_contained: the back half survives as a new entry, except that a
             // placeholder is only truncated (its fill covers one contiguous prefix).
@@ -353,11 +387,12 @@ impl Subtree {
         gen_of: &dyn Fn(u32) -> u64,
         out: &mut Vec<Piece>,
     ) -> bool {
-        let Some((rel, entry)) = self.map.last_before(self.rel(start) + 1) else {
+        let Some((rel, aux, entry)) = self.map.last_before(self.rel(start) + 1) else {
             return false;
         };
         let off = self.abs(rel);
-        if entry.end(off) < end || entry.is_stale(gen_of) {
+        // The length beside the key settles a miss without reading the entry.
+        if off + u64::from(len_of_aux(aux)) < end || entry.is_stale(gen_of) {
             return false;
         }
         let len = (end - start) as u32;
@@ -385,18 +420,21 @@ impl Subtree {
         on_insert: &mut dyn FnMut(&IndexKey),
     ) -> u64 {
         let (mut kept, mut filled) = (0, 0);
-        let (from, to) = (self.rel(ticket.off), self.rel(ticket.off) + ticket.len);
+        let (from, to) = (
+            self.rel(ticket.off),
+            self.rel(ticket.off + u64::from(ticket.len)),
+        );
         let base = self.base;
         self.map.for_each_in_mut(from, to, |rel, entry| {
             if entry.is_placeholder_of(ticket) {
                 let fragment_pos = CachePos {
                     seg: pos.seg,
-                    off: pos.off.wrapping_add(rel - from),
+                    off: pos.off.wrapping_add((rel - from) << SECTOR_SHIFT),
                 };
                 *entry = Entry::new(entry.len(), KeyKind::Clean, fragment_pos, gen, crc);
                 kept += u64::from(entry.len());
                 filled += 1;
-                on_insert(&entry.key_at(base + u64::from(rel)));
+                on_insert(&entry.key_at(abs(base, rel)));
             }
         });
         self.count_extents(filled, 0);
@@ -449,7 +487,7 @@ impl Subtree {
     }
 
     pub(super) fn for_each(&self, f: &mut dyn FnMut(&IndexKey)) {
-        for (rel, entry) in self.map.iter() {
+        for (rel, _, entry) in self.map.iter() {
             if entry.kind() != KeyKind::Empty {
                 f(&entry.key_at(self.abs(rel)));
             }
@@ -459,8 +497,13 @@ impl Subtree {
     /// Every entry, placeholders included, for tests that check the map's shape.
     #[cfg(test)]
     pub(super) fn all_keys(&self) -> impl Iterator<Item = IndexKey> + '_ {
-        self.map
-            .iter()
-            .map(|(rel, entry)| entry.key_at(self.abs(rel)))
+        self.map.iter().map(|(rel, aux, entry)| {
+            assert_eq!(
+                len_of_aux(aux),
+                entry.len(),
+                "the length beside a key is not its entry's"
+            );
+            entry.key_at(self.abs(rel))
+        })
     }
 }

@@ -80,10 +80,11 @@ fn scattered(n: u64) -> impl Iterator<Item = u64> {
     (0..n).map(move |i| (i.wrapping_mul(0x9E37_79B9) % n) * 4 * K)
 }
 
-/// Each entry is a 28-byte value plus a 4-byte offset in a chunk of 15 slots (512 bytes) of
-/// the region's map. Sequential inserts fill chunks, scattered ones leave them about two
-/// thirds full: measured 36.0 and 56.2 bytes an extent, the chunk arrays included (63.8 and
-/// 52.7 in the `BTreeMap` of 11-slot nodes used before; 70.5 and 58.2 while the CRC span's
+/// Each entry is a 28-byte value in a 32-byte slot plus a 4-byte word (offset, length, slot)
+/// in a chunk of 14 entries (512 bytes) of the region's map. Sequential inserts fill chunks,
+/// scattered ones leave them about two thirds full: measured 38.5 and 57.3 bytes an extent,
+/// the chunk arrays included (36.0 and 56.2 with 15 entries a chunk, values packed across
+/// line boundaries; 63.8 and 52.7 in the `BTreeMap` of 11-slot nodes used before; 70.5 and 58.2 while the CRC span's
 /// offset and length took 32 bits each instead of 16 in sectors; 78.5 and 64.9 before the
 /// span's segment, always the key's own, was dropped from the entry). Both stay under 64
 /// bytes; the bound catches any growth of the entry or a switch to a heavier map.
