@@ -30,7 +30,7 @@ use crate::virtio_blk::features::{
     device_features, has_feature, protocol_features, F_CONFIG_WCE, F_FLUSH,
 };
 use crate::virtio_blk::inflight::InflightArea;
-use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, QueueWorker, Vring};
+use crate::virtio_blk::{DeviceInfo, GuestMemAtomic, PollingCount, QueueWorker, Vring};
 
 /// The epoll handler type of a daemon running this backend.
 pub type EpollHandler = VringEpollHandler<Arc<BlkBackend>>;
@@ -76,10 +76,11 @@ impl BlkBackend {
     ) -> Self {
         let info = Arc::new(info);
         let closed = Arc::new(AtomicBool::new(false));
+        let polling_now = PollingCount::default();
         let workers = (0..usize::from(info.num_queues))
             .map(|i| {
                 let worker = QueueWorker::new(i, engine.clone(), info.clone());
-                Mutex::new(worker.with_polling(poll, closed.clone()))
+                Mutex::new(worker.with_polling(poll, closed.clone(), polling_now.clone()))
             })
             .collect();
         BlkBackend {

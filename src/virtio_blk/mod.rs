@@ -13,7 +13,7 @@ mod resubmit;
 pub mod split_ring;
 
 pub use config::DeviceInfo;
-pub use queue_worker::{GuestMem, GuestMemAtomic, QueueWorker, Vring};
+pub use queue_worker::{GuestMem, GuestMemAtomic, PollingCount, QueueWorker, Vring};
 
 #[cfg(test)]
 mod queue_worker_tests;

@@ -76,6 +76,8 @@ pub struct QueueWorker {
     /// Set when the connection ends: a worker polling a ring the guest keeps busy returns, so
     /// the thread stopping the queue gets the worker's lock.
     stop_polling: Arc<AtomicBool>,
+    /// This device's workers that poll now.
+    polling_now: PollingCount,
     /// The connection's guest memory (set when the ring starts).
     mem: Option<GuestMemAtomic>,
     /// The ring mapped in the guest memory snapshot it holds; the snapshot of a batch.
@@ -100,31 +102,34 @@ pub struct IdleCounts {
     pub slept: u64,
 }
 
-/// How many queue workers of this process poll their rings right now. Two workers on one CPU
-/// (the daemon pinned to one, or more queues than CPUs) that both spin through their windows
-/// keep each other's requests waiting for the CPU, and a window adapted to busy queues stays
-/// open: measured, two queues on one CPU lost up to half their IOPS at QD1. So a worker yields
-/// the CPU between looks at its ring while another polls. Alone it does not: a yield hands the
-/// CPU to any other runnable task, which measured far slower for one queue on a busy host.
-/// One daemon serves one disk, so the count spans that disk's queues.
-struct PollingNow;
+/// Counts the queue workers of one device that poll their rings right now (shared by its
+/// workers). Two workers on one CPU (the daemon pinned to one, or more queues than CPUs) that
+/// both spin through their windows keep each other's requests waiting for the CPU, and a
+/// window adapted to busy queues stays open: measured, two queues on one CPU lost up to half
+/// their IOPS at QD1. So a worker yields the CPU between looks at its ring while another
+/// polls. Alone it does not: a yield hands the CPU to any other runnable task, which measured
+/// far slower for one queue on a busy host.
+#[derive(Clone, Debug, Default)]
+pub struct PollingCount(Arc<AtomicUsize>);
 
-static POLLING_NOW: AtomicUsize = AtomicUsize::new(0);
-
-impl PollingNow {
-    fn enter() -> Self {
-        POLLING_NOW.fetch_add(1, Ordering::Relaxed);
-        PollingNow
+impl PollingCount {
+    /// Counts the caller as polling until the guard drops.
+    fn enter(&self) -> PollingGuard<'_> {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        PollingGuard(self)
     }
 
-    fn others() -> bool {
-        POLLING_NOW.load(Ordering::Relaxed) > 1
+    /// Whether a worker other than the caller (which entered) polls now.
+    fn others(&self) -> bool {
+        self.0.load(Ordering::Relaxed) > 1
     }
 }
 
-impl Drop for PollingNow {
+struct PollingGuard<'a>(&'a PollingCount);
+
+impl Drop for PollingGuard<'_> {
     fn drop(&mut self) {
-        POLLING_NOW.fetch_sub(1, Ordering::Relaxed);
+        (self.0).0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -157,6 +162,7 @@ impl QueueWorker {
             poll: PollWindow::new(Duration::ZERO),
             idle_since: None,
             stop_polling: Arc::new(AtomicBool::new(false)),
+            polling_now: PollingCount::default(),
             mem: None,
             ring: None,
             batch_mem: None,
@@ -167,10 +173,16 @@ impl QueueWorker {
     }
 
     /// Polls the ring for up to `max` after it runs empty (zero: never); `stop` set ends any
-    /// polling for good.
-    pub fn with_polling(mut self, max: Duration, stop: Arc<AtomicBool>) -> Self {
+    /// polling for good. `polling_now` is shared by the device's workers.
+    pub fn with_polling(
+        mut self,
+        max: Duration,
+        stop: Arc<AtomicBool>,
+        polling_now: PollingCount,
+    ) -> Self {
         self.poll = PollWindow::new(max);
         self.stop_polling = stop;
+        self.polling_now = polling_now;
         self
     }
 
@@ -512,7 +524,7 @@ impl QueueWorker {
         let Some(ring) = &self.ring else {
             return PollOutcome::Expired;
         };
-        let _polling = PollingNow::enter();
+        let _polling = self.polling_now.enter();
         loop {
             if self.stop_polling.load(Ordering::Relaxed) {
                 return PollOutcome::Stopped;
@@ -535,7 +547,7 @@ impl QueueWorker {
             if Instant::now() >= deadline {
                 return PollOutcome::Expired;
             }
-            if PollingNow::others() {
+            if self.polling_now.others() {
                 // Another queue's worker polls too, maybe on this CPU: let it look at its
                 // ring instead of spinning through our window while its requests wait.
                 std::thread::yield_now();
@@ -779,13 +791,21 @@ fn wait_readable(fds: &[RawFd]) {
 
 #[cfg(test)]
 mod tests {
-    use super::PollingNow;
+    use super::PollingCount;
 
-    /// Two workers polling at once see each other (and yield), whatever other tests poll.
+    /// Two workers of one device polling at once see each other (and yield); one alone, or
+    /// beside another device's, does not.
     #[test]
     fn a_polling_worker_sees_another_one_polling() {
-        let _first = PollingNow::enter();
-        let _second = PollingNow::enter();
-        assert!(PollingNow::others());
+        let (device, other_device) = (PollingCount::default(), PollingCount::default());
+        let same_device = device.clone();
+        let first = device.enter();
+        let _elsewhere = other_device.enter();
+        assert!(!device.others());
+        let second = same_device.enter();
+        assert!(device.others());
+        drop(first);
+        assert!(!same_device.others());
+        drop(second);
     }
 }

@@ -186,7 +186,8 @@ impl<'a> Rig<'a> {
             event: Arc::new(EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap()),
         });
         let info = Arc::new(DeviceInfo::new(DISK as u64, false, 1, "double"));
-        let mut worker = QueueWorker::new(0, engine, info).with_polling(max, stop);
+        let mut worker =
+            QueueWorker::new(0, engine, info).with_polling(max, stop, Default::default());
         let fds = worker
             .start(&vring, || None, &atomic)
             .unwrap()

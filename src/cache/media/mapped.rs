@@ -483,19 +483,10 @@ impl Media for MappedMedia {
     /// mapping sees the bytes at once. Bulk data still goes through the mapping
     /// ([`Media::write_from`]): there a `pwrite` costs more CPU than the whole copy.
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
-        check_range(offset, data.len() as u64, self.len)?;
         if self.persistence != Persistence::Msync {
-            // SAFETY: the range was bounds-checked against the live mapping; concurrent
-            // writers use disjoint ranges (the contract of every caller of this trait).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    data.as_ptr(),
-                    self.base.add(offset as usize),
-                    data.len(),
-                )
-            };
-            return Ok(());
+            return super::copy_in(self, offset, data);
         }
+        check_range(offset, data.len() as u64, self.len)?;
         self.file
             .write_all_at(data, offset)
             .map_err(|source| MediaError::Io {

@@ -47,6 +47,20 @@ pub use recording::{CrashChoice, EventHook, PendingLines, RecordingMedia};
 /// `RecordingMedia` tracks persistence.
 pub const CACHE_LINE: u64 = 64;
 
+/// [`Media::write`]'s plain copy into the media's memory, for media that override `write`
+/// for some modes only.
+pub(crate) fn copy_in<M: Media + ?Sized>(
+    media: &M,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), MediaError> {
+    let dst = media.slice_ptr(offset, data.len() as u64)?;
+    // SAFETY: `slice_ptr` checked the range; concurrent writers use disjoint ranges (the
+    // contract of every caller of `Media`).
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
+    Ok(())
+}
+
 /// Size of the page-cache folios a cache file is mapped with in msync mode (transparent huge
 /// pages, see `MappedMedia`). Writing any byte of a clean folio through the mapping makes the
 /// file system write the whole folio back at the next sync: the key log leaves the data of a
@@ -175,11 +189,7 @@ pub trait Media: Send + Sync {
 
     /// Copy `data` to `offset`. Not durable until persisted and fenced.
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), MediaError> {
-        let dst = self.slice_ptr(offset, data.len() as u64)?;
-        // SAFETY: `slice_ptr` checked the range; concurrent writers use disjoint ranges (the
-        // contract of every caller of this trait).
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
-        Ok(())
+        copy_in(self, offset, data)
     }
 
     /// Copy `len` bytes from `src` to `offset`, as [`Media::write`] does (not persisted), the
