@@ -1,12 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
-//! Writeback: copy dirty data from the cache to the backing image, one kset at a time.
+//! Writeback: copy dirty data from the cache to the backing image, a batch of ksets at a time.
 //!
-//! The thread walks the log from dirty_tail. For each kset it writes every dirty key to the
-//! backing image straight from the cache mapping (several writes in flight), flushes the
-//! backing image, and only then advances and persists dirty_tail. So the backing image always
-//! holds a state that some prefix of the log explains, and a crash at any point only means
-//! writing some keys again. A failed write leaves dirty_tail where it is: the kset is retried
-//! with a growing pause, the data stays dirty in the cache, and guest I/O goes on.
+//! The thread walks the log from dirty_tail. It gathers the ksets there (up to [`BATCH_KEYS`]
+//! keys, [`BATCH_BYTES`] or [`BATCH_KSETS`] ksets), writes every dirty key to the backing image straight from
+//! the cache mapping (several writes in flight), flushes the backing image, and only then
+//! advances and persists dirty_tail past the batch. So the backing image always holds a state
+//! that some prefix of the log explains, and a crash at any point only means writing some keys
+//! again. A failed write leaves dirty_tail where it is: the batch is retried with a growing
+//! pause, the data stays dirty in the cache, and guest I/O goes on. Batching pays the backing
+//! flush, the dirty_tail store and the wait for the slowest write once per batch instead of once
+//! per kset: when the cache is full, that is what the guest's writes wait for.
 //!
 //! When it runs is `pacing`'s decision, taken before every kset: while the guest is busy and
 //! the cache has room it waits; when the guest is idle or room is short it runs at full speed.
@@ -27,8 +30,16 @@ use crate::backing::BackingQueue;
 use crate::engine::DataSeg;
 use crate::engine::ErrorChain;
 
-/// Longest pause between retries of a failing kset.
+/// Longest pause between retries of a failing batch.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A batch takes no further kset once it holds this many keys (eight full ksets: enough to
+/// keep the backing queue full between flushes, few enough that a batch stays milliseconds).
+pub(super) const BATCH_KEYS: usize = 8 * format::KSET_MAX_KEYS;
+/// Nor more ksets than this (with a FLUSH after every guest write, each kset holds one key).
+pub(super) const BATCH_KSETS: usize = 256;
+/// Nor once its keys name this many bytes: pacing decides between batches whether writeback
+/// goes on (down to the low watermark, say), so a batch stays a small step of the dirty data.
+pub(super) const BATCH_BYTES: u64 = 4 << 20;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -151,8 +162,10 @@ fn look(core: &Core) -> Look {
 /// allocation per kset was one per write).
 #[derive(Default)]
 pub(super) struct Scratch {
-    /// The encoded kset at dirty_tail, as read from the media.
+    /// The encoded kset being read, as read from the media, and its keys.
     kset: Vec<u8>,
+    kset_keys: Vec<KeyRecord>,
+    /// The keys of the batch's ksets, in log order.
     keys: Vec<KeyRecord>,
     /// Per key: its data failed its CRC.
     damaged: Vec<bool>,
@@ -170,12 +183,12 @@ pub(super) fn step(core: &Core, queue: &mut BackingQueue) -> Result<bool, Writeb
     step_with(core, queue, &mut Scratch::default())
 }
 
-/// One turn of writeback without its pauses: write back the kset at dirty_tail and persist
-/// the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail. The
+/// One turn of writeback without its pauses: write back a batch of ksets from dirty_tail and
+/// persist the new dirty_tail. `Ok(false)` when nothing persisted lies beyond dirty_tail. The
 /// writeback thread runs exactly this; stepped tests call it directly.
 ///
-/// The queue defers submission: the writes of a kset enter the kernel together when writeback
-/// waits for them (one system call for the kset instead of one per key).
+/// The queue defers submission: the writes of a batch enter the kernel together when writeback
+/// waits for them (one system call for the batch instead of one per key).
 pub(super) fn step_with(
     core: &Core,
     queue: &mut BackingQueue,
@@ -186,7 +199,7 @@ pub(super) fn step_with(
         return Ok(false);
     }
     queue.defer_submit(usize::MAX);
-    let next = write_back_kset(core, queue, scratch, tail).inspect_err(|_| {
+    let next = write_back_batch(core, queue, scratch, tail).inspect_err(|_| {
         core.stats.writeback_errors.fetch_add(1, Ordering::Relaxed);
     })?;
     core.meta
@@ -203,43 +216,80 @@ fn sleep_unless_stopping(core: &Core, d: Duration) {
     }
 }
 
-/// Write back the kset at `tail`; returns the position after it.
-fn write_back_kset(
+/// Reads the ksets from `tail` into `scratch.keys`, in log order, until the batch is full or
+/// the log's persisted end; returns the position after the last one read. A kset that cannot
+/// be read fails the turn only when it is the first: otherwise the batch ends before it, and
+/// the next turn, which starts there, reports it.
+fn gather(core: &Core, scratch: &mut Scratch, tail: TailPos) -> Result<TailPos, WritebackError> {
+    let Scratch {
+        kset,
+        kset_keys,
+        keys,
+        ..
+    } = scratch;
+    keys.clear();
+    let mut at = tail;
+    let (mut ksets, mut bytes) = (0, 0u64);
+    while ksets < BATCH_KSETS
+        && keys.len() < BATCH_KEYS
+        && bytes < BATCH_BYTES
+        && core.log.head().seq > at.log_seq
+    {
+        let found = match core.read_kset_into(at, kset, kset_keys) {
+            Ok(found) => found,
+            Err(source) if at == tail => {
+                let e = WritebackError::ReadKset {
+                    seg: tail.pos.seg,
+                    off: tail.pos.off,
+                    seq: tail.log_seq,
+                    source,
+                };
+                core.health.writeback_stalled(&ErrorChain(&e).to_string());
+                return Err(e);
+            }
+            Err(_) => break,
+        };
+        ksets += 1;
+        let pos = match found {
+            KsetFound::Last { next_seg, .. } => CachePos {
+                seg: next_seg,
+                off: 0,
+            },
+            KsetFound::Keys { .. } => {
+                keys.extend_from_slice(kset_keys);
+                bytes += kset_keys.iter().map(|k| u64::from(k.len)).sum::<u64>();
+                CachePos {
+                    seg: at.pos.seg,
+                    off: at.pos.off + format::kset_size(kset_keys.len()) as u32,
+                }
+            }
+        };
+        at = TailPos {
+            pos,
+            log_seq: at.log_seq + 1,
+        };
+    }
+    Ok(at)
+}
+
+/// Write back a batch of ksets from `tail`; returns the position after it.
+fn write_back_batch(
     core: &Core,
     queue: &mut BackingQueue,
     scratch: &mut Scratch,
     tail: TailPos,
 ) -> Result<TailPos, WritebackError> {
+    let next = gather(core, scratch, tail)?;
     let Scratch {
-        kset,
         keys,
         damaged,
         parts,
         done,
         data,
         pieces,
+        ..
     } = scratch;
-    let found = core.read_kset_into(tail, kset, keys).map_err(|source| {
-        let e = WritebackError::ReadKset {
-            seg: tail.pos.seg,
-            off: tail.pos.off,
-            seq: tail.log_seq,
-            source,
-        };
-        core.health.writeback_stalled(&ErrorChain(&e).to_string());
-        e
-    })?;
-    if let KsetFound::Last { next_seg, .. } = found {
-        return Ok(TailPos {
-            pos: CachePos {
-                seg: next_seg,
-                off: 0,
-            },
-            log_seq: tail.log_seq + 1,
-        });
-    }
     let keys = &keys[..];
-    let size = format::kset_size(keys.len()) as u32;
     let mut bytes = 0u64;
     let mut issued = 0u64;
     // Keys whose data is not written: damaged in the cache. One that a later write replaced
@@ -270,8 +320,8 @@ fn write_back_kset(
             }
         }
     }
-    // Writes of one kset run concurrently, so only the newest version of each byte in the
-    // kset is written: the backing image then ends up as if the keys had been applied in log
+    // Writes of one batch run concurrently, so only the newest version of each byte in the
+    // batch is written: the backing image then ends up as if the keys had been applied in log
     // order.
     for &(i, off, len) in parts.of(keys) {
         let k = &keys[i];
@@ -327,13 +377,7 @@ fn write_back_kset(
         bytes.min(core.stats.dirty_bytes.load(Ordering::Relaxed)),
         Ordering::Relaxed,
     );
-    Ok(TailPos {
-        pos: CachePos {
-            seg: tail.pos.seg,
-            off: tail.pos.off + size,
-        },
-        log_seq: tail.log_seq + 1,
-    })
+    Ok(next)
 }
 
 /// Bytes of `k`'s extent the index still serves from it: the newest version of those bytes.

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0 OR BSD-3-Clause
 //! The cache engine's backing queues defer submission: the read misses of a batch and the
-//! writes of a kset enter the kernel together. Nothing may wait on an entry that never
+//! writes of a writeback batch enter the kernel together. Nothing may wait on an entry that never
 //! entered: each test here hangs (caught by its bound) or fails if one is left behind.
 
 use std::time::Duration;
@@ -126,4 +126,42 @@ fn writeback_of_a_kset_larger_than_its_ring_completes() {
         "{} calls for 128 writes",
         wb.submissions()
     );
+}
+
+/// With a FLUSH after every write each kset holds one key; writeback takes them in batches:
+/// the writes of many ksets in one call, one backing flush for all of them, and dirty_tail
+/// moved past the whole batch at once. The image holds every block, newest version last.
+#[test]
+fn writeback_writes_a_batch_of_ksets_back_with_one_flush() {
+    let fx = Fixture::new(16, 1, 0);
+    let engine = CacheEngine::open_stepped(&fx.opts, fx.media_dyn(), fx.backing.clone()).unwrap();
+    let mut d = Driver::new(&engine);
+    let blocks = 100u64;
+    for n in 0..blocks {
+        let off = n * 8192;
+        d.write(0, off, &pattern(off, 4096, n)).unwrap();
+        d.flush(0).unwrap();
+    }
+    // Block 0 again, in a later kset of the same batch: its newer version must win.
+    d.write(0, 0, &pattern(0, 4096, 1000)).unwrap();
+    d.flush(0).unwrap();
+    let tail = engine.core().meta.dirty_tail();
+    // A ring that holds the whole batch, so its writes enter in one call.
+    let mut wb = BackingQueue::new(fx.backing.clone(), 256).unwrap();
+    assert!(engine.writeback_step(&mut wb).unwrap());
+    let moved = engine.core().meta.dirty_tail().log_seq - tail.log_seq;
+    assert!(moved > blocks, "one step passed {moved} ksets");
+    assert_eq!(wb.submissions(), 2, "the batch's writes, then its flush");
+    assert!(!engine.writeback_step(&mut wb).unwrap(), "nothing is left");
+    assert_eq!(engine.stats().dirty_bytes, 0);
+    let mut block = vec![0u8; 4096];
+    fx.backing.read_at(0, &mut block).unwrap();
+    assert!(block == pattern(0, 4096, 1000), "block 0's newer version");
+    for n in 1..blocks {
+        let off = n * 8192;
+        fx.backing.read_at(off, &mut block).unwrap();
+        assert!(block == pattern(off, 4096, n), "block {n}");
+    }
+    drop(d);
+    engine.shutdown().unwrap();
 }
