@@ -408,8 +408,8 @@ fn live_bytes(core: &Core, k: &format::KeyRecord, pieces: &mut Vec<Piece>) -> u6
         .sum()
 }
 
-/// The parts of each key that no later key of the same kset overwrites, with the lists that
-/// compute them kept from kset to kset.
+/// The parts of each key that no later key of the same batch overwrites, with the lists that
+/// compute them kept from batch to batch.
 #[derive(Default)]
 pub(super) struct VisibleParts {
     out: Vec<(usize, u64, u32)>,
@@ -467,6 +467,11 @@ impl VisibleParts {
                     }
                 }
                 std::mem::swap(&mut self.parts, &mut self.cut);
+                if self.parts.is_empty() {
+                    // Wholly overwritten (a hot block written again and again): no later key
+                    // can change that, so a batch of them costs no scan of all later keys each.
+                    break;
+                }
             }
             (self.out).extend(self.parts.iter().map(|&(s, e)| (i, s, (e - s) as u32)));
         }
