@@ -36,9 +36,10 @@ pub type GuestMemAtomic = GuestMemoryAtomic<GuestMem>;
 /// The vring type the backend uses.
 pub type Vring = VringRwLock<GuestMemAtomic>;
 
-/// Completions a batch gathers before it publishes them in the used ring (and signals, if the
-/// driver asks) while it goes on taking chains.
-const PUBLISH_EVERY: usize = 8;
+/// A batch takes chains in groups of this many; after each group the engine is reaped and what
+/// is complete is published in the used ring (with a signal if the driver asks), so the driver
+/// takes those completions and resubmits on its CPU while the batch goes on.
+const GROUP: u16 = 8;
 
 /// A request the engine holds. The guest mapping its buffers point into stays alive until
 /// completion, even if the frontend replaces the memory table meanwhile: `mem` holds it, or,
@@ -298,8 +299,20 @@ impl QueueWorker {
                     };
                     completed |= self.dispatch(queue, decoded, &shadow, Some(&shadow));
                 }
-                completed |= self.pop_batch(vring, queue, mem, &current);
-                completed |= self.reap(queue);
+                loop {
+                    let (taken, done) = self.pop_batch(vring, queue, mem, &current, GROUP);
+                    // An engine may complete requests only in its reap (the cache commits the
+                    // writes it staged there), so each group is reaped before it is published.
+                    completed |= done | self.reap(queue);
+                    if taken < GROUP || self.stalled.is_some() {
+                        break;
+                    }
+                    // More chains may wait: the driver gets what is done so far first, so it
+                    // can resubmit while this batch goes on instead of the two taking turns.
+                    if self.publish_used(vring, mem, &current) {
+                        vring.signal_used_queue()?;
+                    }
+                }
             }
             if completed && self.publish_used(vring, mem, &current) {
                 vring.signal_used_queue()?;
@@ -338,40 +351,34 @@ impl QueueWorker {
         }
     }
 
-    /// Takes the chains the driver made available, under one vring lock: checked under it,
-    /// the frontend may stop or disable the ring meanwhile. The queue's next_avail follows
-    /// every chain taken, so the frontend reads an exact position whenever it gets the lock.
-    /// Returns whether something was completed.
+    /// Takes up to `limit` of the chains the driver made available, under one vring lock:
+    /// checked under it, the frontend may stop or disable the ring meanwhile. The queue's
+    /// next_avail follows every chain taken, so the frontend reads an exact position whenever
+    /// it gets the lock. Returns how many chains were taken and whether something was
+    /// completed.
     fn pop_batch(
         &mut self,
         vring: &Vring,
         queue: &mut dyn EngineQueue,
         mem: &GuestMemAtomic,
         current: &GuestMem,
-    ) -> bool {
+        limit: u16,
+    ) -> (u16, bool) {
         let mut state = vring.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
-            return false;
+            return (0, false);
         }
-        let Some(ring) = self.take_ring(state.get_queue_mut(), mem, current) else {
-            return false;
+        let vq = state.get_queue_mut();
+        let Some(ring) = self.take_ring(vq, mem, current) else {
+            return (0, false);
         };
         let size = ring.addrs().size;
-        let mut next_avail = state.get_queue().next_avail();
+        let mut next_avail = vq.next_avail();
         let mut avail = ring.avail_idx();
         let mut descs = std::mem::take(&mut self.descs);
         let mut completed = false;
-        while self.stalled.is_none() {
-            if self.used.len() >= PUBLISH_EVERY {
-                // Hand the driver what is done so far: it can take the completions and
-                // resubmit on its CPU while this batch goes on, instead of the two taking turns.
-                if self.publish_in(state.get_queue_mut(), &ring) {
-                    if let Err(e) = state.signal_used_queue() {
-                        debug!("queue {}: signal within a batch: {e}", self.index);
-                    }
-                }
-            }
-            let vq = state.get_queue_mut();
+        let mut taken = 0;
+        while self.stalled.is_none() && taken < limit {
             if next_avail == avail {
                 avail = ring.avail_idx();
                 if next_avail == avail {
@@ -399,10 +406,11 @@ impl QueueWorker {
                 .decoder
                 .decode_descs(head, &descs, ring.mem().as_ref(), &self.info);
             completed |= self.dispatch(queue, decoded, ring.mem(), None);
+            taken += 1;
         }
         self.descs = descs;
         self.ring = Some(ring);
-        completed
+        (taken, completed)
     }
 
     /// Publishes the completed chains in the used ring with one index store, keeping the
@@ -423,15 +431,6 @@ impl QueueWorker {
             self.used.clear();
             return false;
         };
-        let notify = self.publish_in(vq, &ring);
-        drop(state);
-        self.ring = Some(ring);
-        notify
-    }
-
-    /// Publishes the completed chains through `ring` with one index store, under the vring
-    /// lock the caller holds. Returns whether the guest wants an interrupt for them.
-    fn publish_in(&mut self, vq: &mut Queue, ring: &SplitRing<Arc<GuestMem>>) -> bool {
         let size = ring.addrs().size;
         let old = vq.next_used();
         let mut next_used = old;
@@ -448,8 +447,12 @@ impl QueueWorker {
         if let Some(inflight) = &self.inflight {
             inflight.completed(self.used.iter().map(|&(head, _)| head), next_used);
         }
+        let notify =
+            next_used != old && ring.needs_notification(old, next_used, vq.event_idx_enabled());
+        drop(state);
+        self.ring = Some(ring);
         self.used.clear();
-        next_used != old && ring.needs_notification(old, next_used, vq.event_idx_enabled())
+        notify
     }
 
     /// Whether the ring gives out chains (a ring the frontend disabled with SET_VRING_ENABLE 0
