@@ -164,6 +164,7 @@ struct Rig<'a> {
     shared: Arc<Mutex<Shared>>,
     worker: QueueWorker,
     next_desc: u16,
+    size: u16,
 }
 
 fn memory() -> GuestMem {
@@ -219,6 +220,7 @@ impl<'a> Rig<'a> {
             shared,
             worker,
             next_desc: 0,
+            size,
         }
     }
 
@@ -274,6 +276,21 @@ impl<'a> Rig<'a> {
 
     fn process(&mut self) {
         self.worker.process(&self.atomic).unwrap();
+    }
+
+    /// Turns EVENT_IDX on and gives the vring a call eventfd, returned for counting the
+    /// interrupts; with the address of the driver's used_event.
+    fn with_interrupts(&self) -> (EventFd, GuestAddress) {
+        use std::os::fd::BorrowedFd;
+        self.vring.set_queue_event_idx(true);
+        let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+        // SAFETY: `call` is open for the whole borrow, which only duplicates it.
+        let dup = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) }
+            .try_clone_to_owned()
+            .unwrap();
+        self.vring.set_call(Some(std::fs::File::from(dup)));
+        let used_event = self.mock.avail_addr().0 + 4 + 2 * u64::from(self.size);
+        (call, GuestAddress(used_event))
     }
 }
 
@@ -627,17 +644,9 @@ fn with_event_idx_a_worker_that_stops_polling_asks_for_a_kick_at_the_next_reques
 /// is interrupted once for a batch its used_event falls in, and not for one it does not.
 #[test]
 fn a_batch_is_published_at_once_and_signalled_only_when_used_event_is_in_it() {
-    use std::os::fd::BorrowedFd;
     let mem = memory();
     let mut rig = Rig::new(&mem);
-    rig.vring.set_queue_event_idx(true);
-    let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    // SAFETY: `call` is open for the whole borrow, which only duplicates it.
-    let dup = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) }
-        .try_clone_to_owned()
-        .unwrap();
-    rig.vring.set_call(Some(std::fs::File::from(dup)));
-    let used_event = GuestAddress(rig.mock.avail_addr().0 + 4 + 2 * 16);
+    let (call, used_event) = rig.with_interrupts();
     let signals = || call.read().unwrap_or(0);
 
     // The guest wants an interrupt once element 2 is used.
@@ -674,18 +683,10 @@ fn a_batch_is_published_at_once_and_signalled_only_when_used_event_is_in_it() {
 /// the whole batch; with EVENT_IDX the first group interrupts a waiting guest. Requests that the
 /// engine completes at submission (read hits) and in its reap (the cache's staged writes) alike.
 fn a_long_batch_publishes_completions_group_by_group(complete_at_submit: bool) {
-    use std::os::fd::BorrowedFd;
     let mem = memory();
     let mut rig = Rig::sized(&mem, Duration::ZERO, Arc::new(AtomicBool::new(false)), 64);
-    rig.vring.set_queue_event_idx(true);
-    let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
-    // SAFETY: `call` is open for the whole borrow, which only duplicates it.
-    let dup = unsafe { BorrowedFd::borrow_raw(call.as_raw_fd()) }
-        .try_clone_to_owned()
-        .unwrap();
-    rig.vring.set_call(Some(std::fs::File::from(dup)));
+    let (call, used_event) = rig.with_interrupts();
     // The guest waits for the first completion (used_event 0).
-    let used_event = GuestAddress(rig.mock.avail_addr().0 + 4 + 2 * 64);
     mem.write_obj(0u16, used_event).unwrap();
     {
         let mut s = rig.shared.lock().unwrap();
