@@ -2,14 +2,14 @@
 //! When writeback runs: a write-back cache absorbs a burst at cache speed and writes it back
 //! when the guest is quiet or when room runs short.
 //!
-//! Before each kset the writeback thread takes a `Look` and its `Pacer` decides:
+//! Before each batch of ksets the writeback thread takes a `Look` and its `Pacer` decides:
 //! - a drain waits or drained mode is on: run (the `writeback_unpaced` override);
 //! - room is short: run flat out whatever the guest does. Short means the dirty share of the
 //!   cache's data space reached the high watermark (and then until it falls below the low one,
 //!   as dm-writecache's `high_watermark`/`low_watermark`), or a write waited for room since the
 //!   last look, or no more segments are free than allocation needs to go on;
 //! - the guest made requests (reads or writes) within the idle period: wait;
-//! - otherwise the guest is idle: run at full speed, looking again after every kset.
+//! - otherwise the guest is idle: run at full speed, looking again after every batch.
 //!
 //! Waiting is on a condition variable, not a sleep loop: `Pacing::wake` ends it when the
 //! dirty share crosses the high watermark (the write path sees the crossing in the counter
@@ -194,7 +194,7 @@ impl Pacing {
     }
 }
 
-/// What the writeback thread sees before a kset.
+/// What the writeback thread sees before a batch.
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Look {
     /// A drain waits or drained mode is on.
@@ -208,7 +208,7 @@ pub(super) struct Look {
     pub activity: u64,
 }
 
-/// What to do before the next kset.
+/// What to do before the next batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Verdict {
     Run(WritebackState),

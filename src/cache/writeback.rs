@@ -2,16 +2,17 @@
 //! Writeback: copy dirty data from the cache to the backing image, a batch of ksets at a time.
 //!
 //! The thread walks the log from dirty_tail. It gathers the ksets there (up to [`BATCH_KEYS`]
-//! keys, [`BATCH_BYTES`] or [`BATCH_KSETS`] ksets), writes every dirty key to the backing image straight from
-//! the cache mapping (several writes in flight), flushes the backing image, and only then
-//! advances and persists dirty_tail past the batch. So the backing image always holds a state
-//! that some prefix of the log explains, and a crash at any point only means writing some keys
-//! again. A failed write leaves dirty_tail where it is: the batch is retried with a growing
-//! pause, the data stays dirty in the cache, and guest I/O goes on. Batching pays the backing
-//! flush, the dirty_tail store and the wait for the slowest write once per batch instead of once
-//! per kset: when the cache is full, that is what the guest's writes wait for.
+//! keys, [`BATCH_BYTES`] or [`BATCH_KSETS`] ksets), writes every dirty key to the backing
+//! image straight from the cache mapping (several writes in flight), flushes the backing
+//! image, and only then advances and persists dirty_tail past the batch. So the backing image
+//! always holds a state that some prefix of the log explains, and a crash at any point only
+//! means writing some keys again. A failed write leaves dirty_tail where it is: the batch is
+//! retried with a growing pause, the data stays dirty in the cache, and guest I/O goes on.
+//! Batching pays the backing flush, the dirty_tail store and the wait for the slowest write
+//! once per batch instead of once per kset: when the cache is full, that is what the guest's
+//! writes wait for.
 //!
-//! When it runs is `pacing`'s decision, taken before every kset: while the guest is busy and
+//! When it runs is `pacing`'s decision, taken before every batch: while the guest is busy and
 //! the cache has room it waits; when the guest is idle or room is short it runs at full speed.
 
 use std::io;
@@ -39,12 +40,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const DEPTH: u32 = 128;
 /// A batch takes no further kset once it holds this many keys (eight full ksets: enough to
 /// keep the backing queue full between flushes, few enough that a batch stays milliseconds).
-pub(super) const BATCH_KEYS: usize = 8 * format::KSET_MAX_KEYS;
+const BATCH_KEYS: usize = 8 * format::KSET_MAX_KEYS;
 /// Nor more ksets than this (with a FLUSH after every guest write, each kset holds one key).
-pub(super) const BATCH_KSETS: usize = 256;
+const BATCH_KSETS: usize = 256;
 /// Nor once its keys name this many bytes: pacing decides between batches whether writeback
 /// goes on (down to the low watermark, say), so a batch stays a small step of the dirty data.
-pub(super) const BATCH_BYTES: u64 = 4 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 
 pub(super) fn spawn(core: Arc<Core>) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -149,7 +150,7 @@ fn run(core: &Core) {
     }
 }
 
-/// What pacing looks at before a kset: a few loads, the request counters summed over their
+/// What pacing looks at before a batch: a few loads, the request counters summed over their
 /// per-thread slots.
 fn look(core: &Core) -> Look {
     Look {
@@ -162,7 +163,7 @@ fn look(core: &Core) -> Look {
     }
 }
 
-/// Buffers writeback reuses from kset to kset, so that writing a kset back allocates nothing
+/// Buffers writeback reuses from batch to batch, so that writing a batch back allocates nothing
 /// once they have grown (with a FLUSH after every guest write each kset holds one key, and an
 /// allocation per kset was one per write).
 #[derive(Default)]
