@@ -3,8 +3,8 @@
 //!
 //! `persist` only records the page range in the calling thread's list; `fence` takes the ranges
 //! that belong to one mapping, merged into runs of adjacent pages, and syncs them with one
-//! device flush. Ranges are kept as
-//! absolute addresses, so one thread can work on several mappings without mixing them up.
+//! device flush. Ranges are kept as absolute addresses, so one thread can work on several
+//! mappings without mixing them up.
 
 use std::cell::RefCell;
 
